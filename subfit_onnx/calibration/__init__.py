@@ -1,0 +1,1 @@
+"""Calibration: statistics, fitting, scoring and selection (numpy), plus the PyTorch backend."""

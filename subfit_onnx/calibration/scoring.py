@@ -1,0 +1,58 @@
+"""Unit scores: how much damage removing a unit does, per parameter it frees.
+
+Lower is better (removed first). Each score is computed from ``UnitStats`` alone:
+
+- ``contribution`` (residual-contribution view): how far the unit turns the residual stream
+  (``1 - cos(h_in, h_out)``) plus how much it grows it (``||y|| / ||h_in||``), token-weighted means.
+- ``replaceability`` (the paper's replaceability view): relative error of the unit's best fitted bypass,
+  ``||y - B(x)||^2 / ||y||^2``.
+- ``stream_error``: the same bypass error but relative to the residual stream it lands in,
+  ``||y - B(x)||^2 / ||h_out||^2``, i.e. what the replacement actually perturbs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from .fitting import Bypass, fit_bypass
+from .stats import UnitStats
+
+ScoreKind = Literal["contribution", "replaceability", "stream_error"]
+SCORE_KINDS: tuple[ScoreKind, ...] = ("contribution", "replaceability", "stream_error")
+
+
+@dataclass
+class UnitAssessment:
+    """A unit's fitted bypass and the numbers every score is made of."""
+
+    bypass: Bypass
+    fit_relative: float  # ||y - B(x)||^2 / ||y||^2 (weighted)
+    stream_relative: float  # ||y - B(x)||^2 / ||h_out||^2 (weighted)
+    turn: float
+    growth: float
+    first_token: float
+
+    def damage(self, kind: ScoreKind) -> float:
+        if kind == "contribution":
+            return self.turn + self.growth
+        if kind == "replaceability":
+            return self.fit_relative
+        return self.stream_relative
+
+
+def assess(stats: UnitStats, rank: int | None, ridge: float) -> UnitAssessment:
+    bypass, err = fit_bypass(stats, rank=rank, ridge=ridge)
+    return UnitAssessment(
+        bypass=bypass,
+        fit_relative=err / max(stats.y_energy, 1e-30),
+        stream_relative=err / max(stats.stream_energy, 1e-30),
+        turn=stats.mean_turn,
+        growth=stats.mean_growth,
+        first_token=stats.first_token_max,
+    )
+
+
+def score(assessment: UnitAssessment, kind: ScoreKind, params_removed: int) -> float:
+    """Damage per million parameters removed: the greedy removes the cheapest damage per parameter first."""
+    return assessment.damage(kind) / max(params_removed, 1) * 1e6

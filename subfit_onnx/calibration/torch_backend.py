@@ -1,0 +1,160 @@
+"""PyTorch calibration backend: run a transformers model layer by layer and collect unit statistics.
+
+Each decoder layer is called directly with the arguments the model itself passes it (captured once from a real
+forward, so masks, rotary tables and sliding windows are the model's own), on hidden states read from an
+``ActivationStore``. Forward hooks take each unit's input x (its pre-norm output) and contribution y (what it adds
+to the residual stream, after the post-norm where there is one). With accelerate's ``device_map``/offload the
+layer's own hooks move weights in, so a model larger than one device calibrates the same way.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..architectures import UNIT_KINDS, FamilyLayout, UnitKind
+from ..progress import ProgressFactory, silent
+from .activations import ActivationStore
+from .stats import TokenWeighting, UnitStats
+from ..torch_model import decoder_base, decoder_layers, first_param, model_family
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+def _output_tensor(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class TorchLayerRunner:
+    """Owns the activation store and runs one layer over all calibration tokens at a time."""
+
+    def __init__(self, model: nn.Module, tokens: np.ndarray, batch_size: int = 8,
+                 workdir: str | None = None, progress: ProgressFactory = silent) -> None:
+        self.model = model
+        self.family: FamilyLayout = model_family(model)
+        self.layers = decoder_layers(model, self.family)
+        self.tokens = tokens
+        self.batch_size = batch_size
+        self.progress = progress
+        ref = first_param(self.layers[0])
+        self.device, self.dtype = ref.device, ref.dtype
+        self.base = decoder_base(model, self.family)
+        hidden = model.get_input_embeddings().weight.shape[1]
+        self.store = ActivationStore(tokens.shape[0], tokens.shape[1], hidden, workdir)
+        self.layer_args = self._capture_layer_arguments()
+        self._fill_embeddings()
+
+    def batches(self) -> Iterator[slice]:
+        n = self.tokens.shape[0]
+        for start in range(0, n, self.batch_size):
+            yield slice(start, min(start + self.batch_size, n))
+
+    def _input_ids(self, rows: slice) -> torch.Tensor:
+        return torch.as_tensor(self.tokens[rows], device=self.model.get_input_embeddings().weight.device)
+
+    @torch.no_grad()
+    def _capture_layer_arguments(self) -> list[tuple[tuple, dict]]:
+        """Every layer's call arguments but the hidden states, from one single-sequence forward.
+
+        Captured with batch 1, the masks and position tables broadcast over any calibration batch.
+        """
+        captured: list[tuple[tuple, dict]] = [((), {})] * len(self.layers)
+        handles = []
+        for i, layer in enumerate(self.layers):
+            def grab(module: nn.Module, args: tuple, kwargs: dict, i: int = i) -> None:
+                rest = args[1:] if "hidden_states" not in kwargs else args
+                captured[i] = (rest, {k: v for k, v in kwargs.items() if k != "hidden_states"})
+            handles.append(layer.register_forward_pre_hook(grab, with_kwargs=True))
+        try:
+            self.base(input_ids=self._input_ids(slice(0, 1)), use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        return captured
+
+    @torch.no_grad()
+    def _fill_embeddings(self) -> None:
+        def stop(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            self._caught = _hidden_of(args, kwargs)
+            raise _StopForward
+
+        handle = self.layers[0].register_forward_pre_hook(stop, with_kwargs=True)
+        bar = self.progress("embedding calibration tokens", self.tokens.shape[0])
+        try:
+            for rows in self.batches():
+                try:
+                    self.base(input_ids=self._input_ids(rows), use_cache=False)
+                except _StopForward:
+                    pass
+                self.store.current[rows] = self._caught.float().cpu().numpy()
+                bar.update(rows.stop - rows.start)
+        finally:
+            handle.remove()
+            bar.close()
+        self.store.snapshot()
+
+    @contextmanager
+    def _unit_taps(self, layer: nn.Module, kinds: tuple[UnitKind, ...]) -> Iterator[dict[str, torch.Tensor]]:
+        """Hooks that leave each unit's x and y in a dict for the current batch."""
+        seen: dict[str, torch.Tensor] = {}
+        handles = []
+        for kind in kinds:
+            layout = self.family.unit(kind)
+            module = getattr(layer, layout.module)
+
+            def take_x(m: nn.Module, args: tuple, kwargs: dict, kind: str = kind) -> None:
+                seen[f"{kind}.x"] = _hidden_of(args, kwargs)
+
+            def take_y(m: nn.Module, args: tuple, out: Any, kind: str = kind) -> None:
+                seen[f"{kind}.y"] = _output_tensor(out)
+
+            handles.append(module.register_forward_pre_hook(take_x, with_kwargs=True))
+            out_module = getattr(layer, layout.post_norm) if layout.post_norm else module
+            handles.append(out_module.register_forward_hook(take_y))
+        try:
+            yield seen
+        finally:
+            for h in handles:
+                h.remove()
+
+    @torch.no_grad()
+    def sweep(self, index: int, collect: tuple[UnitKind, ...], weighting: TokenWeighting,
+              desc: str) -> dict[UnitKind, UnitStats]:
+        """Run layer ``index`` on every calibration batch, writing its outputs and collecting unit stats."""
+        layer = self.layers[index]
+        args, kwargs = self.layer_args[index]
+        hidden = self.store.shape[2]
+        stats = {kind: UnitStats(hidden, hidden, weighting) for kind in collect}
+        bar = self.progress(desc, self.tokens.shape[0])
+        try:
+            with self._unit_taps(layer, tuple(UNIT_KINDS)) as seen:
+                for rows in self.batches():
+                    h = torch.from_numpy(np.asarray(self.store.current[rows])).to(self.device, self.dtype)
+                    out = _output_tensor(layer(h, *args, **kwargs))
+                    self.store.next[rows] = out.float().cpu().numpy()
+                    if collect:
+                        self._accumulate(stats, seen, h)
+                    bar.update(rows.stop - rows.start)
+        finally:
+            bar.close()
+        return stats
+
+    @staticmethod
+    def _accumulate(stats: dict[UnitKind, UnitStats], seen: dict[str, torch.Tensor], h: torch.Tensor) -> None:
+        as_np = lambda t: t.detach().to(torch.float64).cpu().numpy()  # noqa: E731
+        h_in = {"attention": h, "mlp": h + seen["attention.y"]}
+        for kind, st in stats.items():
+            st.update(as_np(seen[f"{kind}.x"]), as_np(seen[f"{kind}.y"]), as_np(h_in[kind]))
+
+    def close(self) -> None:
+        self.store.close()

@@ -1,0 +1,158 @@
+"""The plan: the only bridge between calibration (PyTorch or ONNX Runtime) and the ONNX rewrite.
+
+``subfit_plan.json`` says which units go and why; ``subfit_bypass.safetensors`` holds each bypass's tensors in
+float32, named after the unit (``layers.7.mlp.weight``). The rewrite reads only these two files, so it needs no
+torch and one calibration can serve several exports (fp32 and fp16) of the same model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, Field, ValidationError
+
+from .architectures import UnitKind
+from .calibration.fitting import Bypass
+from .errors import PlanMismatchError, SubFitError
+
+PLAN_FILE = "subfit_plan.json"
+BYPASS_FILE = "subfit_bypass.safetensors"
+PLAN_FORMAT = 1
+
+
+class ModelIdentity(BaseModel):
+    """Enough of the model's config to refuse a plan meant for another model."""
+
+    name_or_path: str = ""
+    model_type: str
+    family: str
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    attention_params_per_layer: int
+    mlp_params_per_layer: int
+
+
+class BypassSpec(BaseModel):
+    form: Literal["full", "lowrank", "constant"]
+    rank: int | None = None
+    params: int
+    tensors: dict[str, str]  # role (weight|down|up|bias) -> safetensors key
+
+
+class RemovedUnit(BaseModel):
+    layer: int
+    kind: UnitKind
+    score: float
+    fit_error: float = Field(description="weighted bypass error relative to the unit's own contribution")
+    drop_error: float = Field(1.0, description="the same error with no bypass (always 1 relative)")
+    stream_error: float = Field(description="weighted bypass error relative to the residual stream")
+    params_removed: int
+    bypass: BypassSpec
+
+    @property
+    def key(self) -> str:
+        return f"layers.{self.layer}.{self.kind}"
+
+
+class SparsityReport(BaseModel):
+    target: float
+    achieved: float
+    removed_params: int
+    bypass_params: int
+    net: float
+    block_params: int
+
+
+class Plan(BaseModel):
+    format: int = PLAN_FORMAT
+    model: ModelIdentity
+    removed: list[RemovedUnit]
+    sparsity: SparsityReport
+    method: dict[str, Any] = Field(default_factory=dict)
+    calibration: dict[str, Any] = Field(default_factory=dict)
+    versions: dict[str, str] = Field(default_factory=dict)
+
+    model_config = {"arbitrary_types_allowed": True}
+
+    def removed_units(self, kind: UnitKind | None = None) -> list[RemovedUnit]:
+        return [u for u in self.removed if kind is None or u.kind == kind]
+
+    def removed_attention_layers(self) -> list[int]:
+        return sorted(u.layer for u in self.removed if u.kind == "attention")
+
+    def depth_map(self) -> str:
+        """One character a layer: ``.`` intact, ``A`` attention gone, ``M`` FFN gone, ``X`` both."""
+        gone = {(u.layer, u.kind) for u in self.removed}
+        chars = []
+        for i in range(self.model.num_layers):
+            a, m = (i, "attention") in gone, (i, "mlp") in gone
+            chars.append("X" if a and m else "A" if a else "M" if m else ".")
+        return "".join(chars)
+
+    def check_matches(self, identity: ModelIdentity) -> None:
+        """Refuse a plan calibrated on a model of another shape."""
+        mine = self.model
+        fields = ("family", "num_layers", "hidden_size", "num_key_value_heads", "head_dim")
+        diffs = [f"{f}: plan {getattr(mine, f)} vs model {getattr(identity, f)}" for f in fields
+                 if getattr(mine, f) != getattr(identity, f)]
+        if diffs:
+            raise PlanMismatchError("the plan was made for another model (" + "; ".join(diffs) + ")")
+
+
+def bypass_tensors(unit_key: str, bypass: Bypass) -> dict[str, np.ndarray]:
+    """safetensors entries for one bypass, float32, keyed ``<unit>.<role>``."""
+    roles = {"weight": bypass.weight, "down": bypass.down, "up": bypass.up, "bias": bypass.bias}
+    return {f"{unit_key}.{role}": np.ascontiguousarray(arr, dtype=np.float32)
+            for role, arr in roles.items() if arr is not None}
+
+
+def bypass_spec(unit_key: str, bypass: Bypass) -> BypassSpec:
+    tensors = {k.rsplit(".", 1)[1]: k for k in bypass_tensors(unit_key, bypass)}
+    return BypassSpec(form=bypass.form, rank=bypass.rank, params=bypass.num_params, tensors=tensors)
+
+
+def save_plan(plan: Plan, bypasses: dict[str, np.ndarray], folder: str | os.PathLike) -> Path:
+    """Write both plan files into ``folder`` (created if needed); returns the JSON's path."""
+    from safetensors.numpy import save_file
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(bypasses, str(out / BYPASS_FILE), metadata={"format": str(PLAN_FORMAT)})
+    path = out / PLAN_FILE
+    path.write_text(plan.model_dump_json(indent=2) + "\n")
+    return path
+
+
+def load_plan(path: str | os.PathLike) -> tuple[Plan, dict[str, np.ndarray]]:
+    """Read a plan from its JSON file or its folder; the bypass tensors come from the file beside it."""
+    from safetensors.numpy import load_file
+
+    p = Path(path)
+    json_path = p / PLAN_FILE if p.is_dir() else p
+    if not json_path.is_file():
+        raise SubFitError(f"no SubFit plan at {json_path}")
+    try:
+        plan = Plan.model_validate(json.loads(json_path.read_text()))
+    except (json.JSONDecodeError, ValidationError) as exc:
+        first = str(exc).splitlines()[0]
+        raise SubFitError(f"{json_path} is not a valid SubFit plan: {first}") from None
+    tensor_path = json_path.parent / BYPASS_FILE
+    if not tensor_path.is_file():
+        raise SubFitError(f"the plan {json_path} has no {BYPASS_FILE} beside it")
+    tensors = load_file(str(tensor_path))
+    missing = [k for u in plan.removed for k in u.bypass.tensors.values() if k not in tensors]
+    if missing:
+        raise SubFitError(f"{tensor_path} lacks bypass tensors: {', '.join(missing[:4])}")
+    return plan, tensors
+
+
+def bypass_from_tensors(unit: RemovedUnit, tensors: dict[str, np.ndarray]) -> Bypass:
+    roles = {role: tensors[key] for role, key in unit.bypass.tensors.items()}
+    return Bypass(bias=roles["bias"], weight=roles.get("weight"), down=roles.get("down"), up=roles.get("up"))

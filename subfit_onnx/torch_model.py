@@ -1,0 +1,76 @@
+"""PyTorch side of the architecture table: find layers and units in a loaded transformers model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .architectures import UNIT_KINDS, FamilyLayout, UnitKind, family_for
+from .plan import ModelIdentity
+
+
+def decoder_base(model: nn.Module, family: FamilyLayout) -> nn.Module:
+    """The decoder stack without the LM head (calling it skips the vocabulary projection)."""
+    return getattr(model, family.base) if hasattr(model, family.base) else model
+
+
+def decoder_layers(model: nn.Module, family: FamilyLayout) -> nn.ModuleList:
+    obj: Any = decoder_base(model, family)
+    for part in family.layers_path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def unit_module(layer: nn.Module, family: FamilyLayout, kind: UnitKind) -> nn.Module:
+    return getattr(layer, family.unit(kind).module)
+
+
+def count_unit_params(module: nn.Module) -> int:
+    """Projection weight matrices only: norms (q_norm/k_norm) and biases are not counted."""
+    return sum(p.numel() for name, p in module.named_parameters() if p.ndim >= 2 and "norm" not in name)
+
+
+def model_family(model: nn.Module) -> FamilyLayout:
+    return family_for(getattr(model.config, "model_type", "unknown"))
+
+
+def text_config(config: Any) -> Any:
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def model_identity(model: nn.Module) -> ModelIdentity:
+    family = model_family(model)
+    cfg = text_config(model.config)
+    layers = decoder_layers(model, family)
+    heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
+    hidden = getattr(cfg, "hidden_size", None) or cfg.n_embd
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    first = layers[0]
+    return ModelIdentity(
+        name_or_path=str(getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "")),
+        model_type=cfg.model_type,
+        family=family.name,
+        num_layers=len(layers),
+        hidden_size=int(hidden),
+        num_attention_heads=int(heads),
+        num_key_value_heads=int(kv),
+        head_dim=int(head_dim),
+        attention_params_per_layer=count_unit_params(unit_module(first, family, "attention")),
+        mlp_params_per_layer=count_unit_params(unit_module(first, family, "mlp")),
+    )
+
+
+def unit_param_table(model: nn.Module) -> dict[tuple[int, UnitKind], int]:
+    family = model_family(model)
+    return {
+        (i, kind): count_unit_params(unit_module(layer, family, kind))
+        for i, layer in enumerate(decoder_layers(model, family))
+        for kind in UNIT_KINDS
+    }
+
+
+def first_param(module: nn.Module) -> torch.Tensor:
+    return next(module.parameters())
