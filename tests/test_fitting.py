@@ -1,0 +1,67 @@
+"""Closed-form fits from sufficient statistics: exactness, low-rank optimality, weighting."""
+
+import numpy as np
+import pytest
+
+from subfit_onnx.calibration.fitting import constant_error, fit_bypass
+from subfit_onnx.calibration.stats import UnitStats
+
+
+def _stats(x, y, h, weighting="uniform", batches=2):
+    st = UnitStats(x.shape[-1], y.shape[-1], weighting)
+    for part in np.array_split(np.arange(x.shape[0]), batches):
+        st.update(x[part], y[part], h[part])
+    return st
+
+
+def test_full_fit_recovers_exact_linear_map_and_bias():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 40, 12))
+    w, b = rng.normal(size=(12, 12)), rng.normal(size=12)
+    y = x @ w + b
+    st = _stats(x, y, rng.normal(size=x.shape) * 5)
+    bypass, err = fit_bypass(st, ridge=0.0)
+    np.testing.assert_allclose(bypass.weight, w, atol=1e-8)
+    np.testing.assert_allclose(bypass.bias, b, atol=1e-8)
+    assert err / st.y_energy < 1e-12
+    assert constant_error(st) == pytest.approx(st.y_energy)
+
+
+def test_error_from_statistics_matches_direct_residual():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(4, 30, 8))
+    y = np.tanh(x @ rng.normal(size=(8, 8)))
+    st = _stats(x, y, rng.normal(size=x.shape))
+    for rank in (None, 3):
+        bypass, err = fit_bypass(st, rank=rank, ridge=1e-3)
+        direct = float(((y - bypass.apply(x)) ** 2).sum())
+        assert err == pytest.approx(direct, rel=1e-8)
+
+
+def test_low_rank_fit_matches_truncated_svd_of_fitted_values():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(8, 50, 10))
+    y = x @ rng.normal(size=(10, 10)) + 0.1 * rng.normal(size=(8, 50, 10))
+    st = _stats(x, y, rng.normal(size=x.shape))
+    full, _ = fit_bypass(st, ridge=0.0)
+    low, err = fit_bypass(st, rank=4, ridge=0.0)
+    assert low.rank == 4 and low.num_params == 10 * 4 + 4 * 10 + 10
+    # Reduced-rank regression: best rank-4 approximation of the (centred) fitted values.
+    xc = x.reshape(-1, 10) - x.reshape(-1, 10).mean(0)
+    u, s, vt = np.linalg.svd(xc @ full.weight, full_matrices=False)
+    best = float(((y.reshape(-1, 10) - y.reshape(-1, 10).mean(0) - (u[:, :4] * s[:4]) @ vt[:4]) ** 2).sum())
+    assert err == pytest.approx(best, rel=1e-6)
+
+
+def test_stream_weighting_discounts_a_massive_token():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(4, 32, 6))
+    w = rng.normal(size=(6, 6))
+    y = x @ w
+    h = rng.normal(size=x.shape)
+    y[:, 0] = 1000.0 * rng.normal(size=(4, 6))  # first token: huge, not linear in x
+    h[:, 0] = 1e5
+    uniform, _ = fit_bypass(_stats(x, y, h, "uniform"), ridge=0.0)
+    stream, _ = fit_bypass(_stats(x, y, h, "stream"), ridge=0.0)
+    assert np.abs(stream.weight - w).max() < 0.05 * np.abs(w).max()
+    assert np.abs(uniform.weight - w).max() > 10 * np.abs(stream.weight - w).max()
