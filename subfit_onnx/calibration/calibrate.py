@@ -41,11 +41,19 @@ def package_versions() -> dict[str, str]:
 
 
 @dataclass
+class DensePass:
+    """What pass 1 learns on the dense model; reusable across configs with the same weighting/rank/ridge."""
+
+    assessments: dict[UnitKey, UnitAssessment] = field(default_factory=dict)
+    block_influence: list[float] = field(default_factory=list)
+
+
+@dataclass
 class CalibrationResult:
     plan: Plan
     tensors: dict[str, np.ndarray]
-    dense_scores: dict[UnitKey, float] = field(default_factory=dict)
-    block_influence: list[float] = field(default_factory=list)
+    dense: DensePass
+    dense_scores: dict[UnitKey, float]
 
 
 def _zero_bypass(hidden: int) -> Bypass:
@@ -73,19 +81,21 @@ class Calibrator:
     def _assess(self, kind: UnitKind, stats: UnitStats) -> UnitAssessment:
         return assess(stats, self.config.rank_for(kind, self.identity.hidden_size), self.config.ridge)
 
-    def dense_pass(self) -> tuple[dict[UnitKey, float], list[float]]:
-        """Pass 1: every unit's score on the dense model, and ShortGPT's block influence per layer."""
-        scores: dict[UnitKey, float] = {}
-        influence: list[float] = []
+    def dense_pass(self) -> DensePass:
+        """Pass 1: every unit assessed on the dense model, and ShortGPT's block influence per layer."""
+        dense = DensePass()
         n = len(self.runner.layers)
         for i in range(n):
             stats = self.runner.sweep(i, UNIT_KINDS, self.config.weighting, f"scoring layer {i + 1}/{n}")
             for kind in UNIT_KINDS:
-                scores[(i, kind)] = score(self._assess(kind, stats[kind]), self.config.score, self.params[(i, kind)])
-            influence.append(_block_influence(self.runner.store.current, self.runner.store.next))
+                dense.assessments[(i, kind)] = self._assess(kind, stats[kind])
+            dense.block_influence.append(_block_influence(self.runner.store.current, self.runner.store.next))
             self.runner.store.advance()
         self.runner.store.restore()
-        return scores, influence
+        return dense
+
+    def scores(self, dense: DensePass) -> dict[UnitKey, float]:
+        return {k: score(a, self.config.score, self.params[k]) for k, a in dense.assessments.items()}
 
     def _remove(self, i: int, kind: UnitKind, stats: UnitStats, unit_score: float) -> None:
         a = self._assess(kind, stats)
@@ -160,17 +170,22 @@ def _block_influence(before: np.ndarray, after: np.ndarray) -> float:
 
 def calibrate_model(model: nn.Module, tokens: np.ndarray, config: SubFitConfig,
                     progress: ProgressFactory = silent, calibration_info: dict[str, Any] | None = None,
-                    keep_compressed: bool = False, workdir: str | None = None) -> CalibrationResult:
-    """Score, select and fit; the model is restored afterwards unless ``keep_compressed``."""
+                    keep_compressed: bool = False, workdir: str | None = None,
+                    dense: DensePass | None = None) -> CalibrationResult:
+    """Score, select and fit; the model is restored afterwards unless ``keep_compressed``.
+
+    ``dense`` reuses a previous pass 1 on the same tokens (benchmarks sweep several configs that way).
+    """
     cal = Calibrator(model, tokens, config, progress, workdir)
     try:
-        prior, influence = cal.dense_pass()
+        dense = dense or cal.dense_pass()
+        prior = cal.scores(dense)
         cal.compress_pass(prior)
         info = {"num_samples": int(tokens.shape[0]), "seq_len": int(tokens.shape[1]), **(calibration_info or {})}
         plan = cal.plan(info)
         if not keep_compressed:
             cal.restore_model()
-        return CalibrationResult(plan=plan, tensors=cal.tensors, dense_scores=prior, block_influence=influence)
+        return CalibrationResult(plan=plan, tensors=cal.tensors, dense=dense, dense_scores=prior)
     except BaseException:
         cal.restore_model()
         raise

@@ -1,0 +1,91 @@
+"""Which score, schedule, token weighting and bypass shape SubFit uses by default: measured, not guessed.
+
+SmolLM2-135M-Instruct in PyTorch, calibrated on the first half of exllamav2's c4.utf8 (64 x 256 tokens), perplexity
+on held-out windows of wiki.utf8 and of the second half of c4.utf8 (48 windows x 256 tokens each, from the start of
+each window). Writes benchmarks/results/method_variants.json and prints a table.
+
+    python benchmarks/method_variants.py [--assets assets] [--sparsities 0.125 0.25 0.375] [--variants ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from subfit_onnx.assets import fetch_assets
+from subfit_onnx.calibration.calibrate import calibrate_model
+from subfit_onnx.calibration.text import calibration_tokens, load_documents, token_windows, tokenize_documents
+from subfit_onnx.config import SubFitConfig
+from subfit_onnx.torch_eval import torch_perplexity
+
+VARIANTS: dict[str, dict] = {
+    "default": {},
+    "score=replaceability": {"score": "replaceability"},
+    "score=contribution": {"score": "contribution"},
+    "schedule=oneshot": {"schedule": "oneshot"},
+    "weighting=uniform": {"weighting": "uniform"},
+    "weighting=skip_first": {"weighting": "skip_first"},
+    "attention_rank=full": {"attention_rank": None},
+    "mlp_rank=1/4": {"mlp_rank": 0.25},
+    "no bypass (submodule drop)": {"bypass": False},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--assets", default="assets")
+    ap.add_argument("--sparsities", type=float, nargs="+", default=[0.25])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--num-samples", type=int, default=64)
+    ap.add_argument("--eval-windows", type=int, default=48)
+    ap.add_argument("--out", default="benchmarks/results/method_variants.json")
+    args = ap.parse_args()
+
+    assets = fetch_assets(args.assets)
+    tok = AutoTokenizer.from_pretrained(assets.model)
+    model = AutoModelForCausalLM.from_pretrained(assets.model, dtype=torch.float32).eval()
+    cal = calibration_tokens(tok, assets.c4_calibration, args.num_samples, 256)
+    evals = {name: token_windows(tokenize_documents(tok, load_documents(path)), args.eval_windows, 256)
+             for name, path in (("wiki", assets.wiki), ("c4_heldout", assets.c4_heldout))}
+    dense_ppl = {name: torch_perplexity(model, w) for name, w in evals.items()}
+    out_path = Path(args.out)
+    rows = json.loads(out_path.read_text())["rows"] if out_path.exists() else []
+    done = {(r["variant"], r["sparsity"]) for r in rows}
+    dense_cache: dict[tuple, object] = {}
+    print(f"dense perplexity: {dense_ppl}")
+    for sparsity in args.sparsities:
+        for name in args.variants:
+            if (name, sparsity) in done:
+                continue
+            config = SubFitConfig(sparsity=sparsity, num_samples=args.num_samples, **VARIANTS[name])
+            key = (config.weighting, config.attention_rank, config.mlp_rank, config.ridge)
+            t0 = time.perf_counter()
+            result = calibrate_model(model, cal, config, keep_compressed=True, dense=dense_cache.get(key))
+            seconds = time.perf_counter() - t0
+            dense_cache[key] = result.dense
+            ppl = {n: torch_perplexity(model, w) for n, w in evals.items()}
+            row = {
+                "variant": name, "sparsity": sparsity, "depth_map": result.plan.depth_map(),
+                "achieved": result.plan.sparsity.achieved, "net": result.plan.sparsity.net,
+                "bypass_params": result.plan.sparsity.bypass_params,
+                "wiki_ppl_ratio": ppl["wiki"] / dense_ppl["wiki"],
+                "c4_ppl_ratio": ppl["c4_heldout"] / dense_ppl["c4_heldout"],
+                "calibration_seconds": seconds,
+            }
+            rows.append(row)
+            model = AutoModelForCausalLM.from_pretrained(assets.model, dtype=torch.float32).eval()
+            print(f"{sparsity:6.3f} {name:28s} wiki x{row['wiki_ppl_ratio']:.3f} c4 x{row['c4_ppl_ratio']:.3f} "
+                  f"net {row['net']:.3f} {row['depth_map']} {seconds:.0f}s", flush=True)
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            out_path.write_text(json.dumps({"dense_ppl": dense_ppl, "calibration": {"source": "c4 first half",
+                                "num_samples": args.num_samples, "seq_len": 256},
+                                "eval": {"windows": args.eval_windows, "window": 256}, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
