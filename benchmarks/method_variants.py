@@ -33,6 +33,8 @@ VARIANTS: dict[str, dict] = {
     "attention_rank=full": {"attention_rank": None},
     "mlp_rank=1/4": {"mlp_rank": 0.25},
     "no bypass (submodule drop)": {"bypass": False},
+    "target=dense_stream": {"target": "dense_stream"},
+    "target=dense_stream, attention_rank=full": {"target": "dense_stream", "attention_rank": None},
 }
 
 

@@ -33,6 +33,10 @@ class SubFitConfig(BaseModel):
         0.125, description="bypass rank for attention: None = full, int = rank, float in (0,1) = fraction of hidden"
     )
     mlp_rank: int | float | None = Field(None, description="bypass rank for FFNs (same convention)")
+    target: Literal["contribution", "dense_stream"] = Field(
+        "contribution",
+        description="fit each bypass to the unit's own output, or to what restores the dense model's stream there",
+    )
     ridge: float = Field(1e-4, ge=0.0, description="ridge strength relative to mean diag(X^T X)")
     bypass: bool = Field(True, description="False drops units with no bypass (the 'submodule drop' baseline)")
 

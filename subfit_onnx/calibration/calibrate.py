@@ -25,7 +25,7 @@ from .fitting import Bypass
 from .scoring import UnitAssessment, assess, score
 from .selection import SequentialSelector, UnitKey, check_reachable, target_params
 from .stats import UnitStats
-from .torch_backend import TorchLayerRunner
+from .torch_backend import DenseTargets, TorchLayerRunner
 
 VERSION_PACKAGES = ("subfit-onnx", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnx-ir", "onnxruntime")
 
@@ -113,21 +113,34 @@ class Calibrator:
     def compress_pass(self, prior: dict[UnitKey, float]) -> None:
         """Pass 2: depth order on the compressed upstream; decide, fit and swap each unit in turn."""
         selector = SequentialSelector(prior, self.params, self.target, rescore=self.config.schedule == "sequential")
+        dense = DenseTargets(self.runner) if self.config.target == "dense_stream" else None
+        try:
+            self._compress_layers(selector, dense)
+        finally:
+            if dense is not None:
+                dense.close()
+
+    def _compress_layers(self, selector: SequentialSelector, dense: DenseTargets | None) -> None:
         n = len(self.runner.layers)
+        w = self.config.weighting
         for i in range(n):
-            stats = self.runner.sweep(i, UNIT_KINDS, self.config.weighting, f"fitting layer {i + 1}/{n}")
+            if dense is not None:
+                self.runner.dense_sweep(i, dense, f"dense layer {i + 1}/{n}")
+            stats = self.runner.sweep(i, UNIT_KINDS, w, f"fitting layer {i + 1}/{n}", dense)
             changed = False
             for kind in UNIT_KINDS:
                 if kind == "mlp" and changed:  # the FFN now sees the attention's bypass: measure again
-                    stats = self.runner.sweep(i, ("mlp",), self.config.weighting, f"fitting layer {i + 1}/{n} (FFN)")
+                    stats = self.runner.sweep(i, ("mlp",), w, f"fitting layer {i + 1}/{n} (FFN)", dense)
                     changed = False
                 fresh = score(self._assess(kind, stats[kind]), self.config.score, self.params[(i, kind)])
                 if selector.decide((i, kind), fresh):
                     self._remove(i, kind, stats[kind], fresh)
                     changed = True
             if changed:  # the layer's outputs must come from the bypassed units
-                self.runner.sweep(i, (), self.config.weighting, f"fitting layer {i + 1}/{n} (outputs)")
+                self.runner.sweep(i, (), w, f"fitting layer {i + 1}/{n} (outputs)")
             self.runner.store.advance()
+            if dense is not None:
+                dense.store.advance()
 
     def plan(self, calibration_info: dict[str, Any]) -> Plan:
         removed_params = sum(u.params_removed for u in self.removed)

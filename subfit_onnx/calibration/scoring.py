@@ -28,7 +28,7 @@ class UnitAssessment:
 
     bypass: Bypass
     fit_relative: float  # ||y - B(x)||^2 / ||y||^2 (weighted)
-    stream_relative: float  # ||y - B(x)||^2 / ||h_out||^2 (weighted)
+    stream_relative: float  # (||y - B(x)||^2 - error left when kept) / ||h_out||^2 (weighted)
     turn: float
     growth: float
     first_token: float
@@ -46,7 +46,7 @@ def assess(stats: UnitStats, rank: int | None, ridge: float) -> UnitAssessment:
     return UnitAssessment(
         bypass=bypass,
         fit_relative=err / max(stats.y_energy, 1e-30),
-        stream_relative=err / max(stats.stream_energy, 1e-30),
+        stream_relative=(err - stats.kept_error) / max(stats.stream_energy, 1e-30),
         turn=stats.mean_turn,
         growth=stats.mean_growth,
         first_token=stats.first_token_max,

@@ -35,13 +35,18 @@ class UnitStats:
     turn_sum: float = 0.0  # sum w (1 - cos(h_in, h_out))
     growth_sum: float = 0.0  # sum w ||y|| / ||h_in||
     first_token_rel: list[float] = field(default_factory=list)  # per-sequence ||y_0||/||h_out,0||
+    kept_error: float = 0.0  # sum w ||y_actual - y||^2: the stream error left if the unit is *kept*
 
     def __post_init__(self) -> None:
         self.gram = np.zeros((self.dim_in + 1, self.dim_in + 1), dtype=np.float64)
         self.cross = np.zeros((self.dim_in + 1, self.dim_out), dtype=np.float64)
 
-    def update(self, x: np.ndarray, y: np.ndarray, h_in: np.ndarray) -> None:
-        """Add one batch; ``x``, ``y``, ``h_in`` are [batch, seq, dim] (any float dtype)."""
+    def update(self, x: np.ndarray, y: np.ndarray, h_in: np.ndarray, y_actual: np.ndarray | None = None) -> None:
+        """Add one batch; ``x``, ``y``, ``h_in`` are [batch, seq, dim] (any float dtype).
+
+        ``y`` is the fit target. When it is the correction that restores the dense stream rather than the unit's
+        own output, ``y_actual`` (the unit's output) gives the error that keeping the unit leaves.
+        """
         x = np.asarray(x, dtype=np.float64)
         y = np.asarray(y, dtype=np.float64)
         h_in = np.asarray(h_in, dtype=np.float64)
@@ -64,6 +69,9 @@ class UnitStats:
         self.tokens += int(keep.sum())
         self.weight_sum += float(wk.sum())
         self.y_energy += float((wk * y_sq.reshape(-1)[keep]).sum())
+        if y_actual is not None:
+            gap = np.asarray(y_actual, dtype=np.float64) - y
+            self.kept_error += float((wk * np.einsum("bsd,bsd->bs", gap, gap).reshape(-1)[keep]).sum())
         self.stream_energy += float((wk * out_sq.reshape(-1)[keep]).sum())
         dot = np.einsum("bsd,bsd->bs", h_in, h_out).reshape(-1)[keep]
         denom = np.sqrt(in_sq.reshape(-1)[keep] * out_sq.reshape(-1)[keep])

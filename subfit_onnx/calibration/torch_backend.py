@@ -129,8 +129,12 @@ class TorchLayerRunner:
 
     @torch.no_grad()
     def sweep(self, index: int, collect: tuple[UnitKind, ...], weighting: TokenWeighting,
-              desc: str) -> dict[UnitKind, UnitStats]:
-        """Run layer ``index`` on every calibration batch, writing its outputs and collecting unit stats."""
+              desc: str, dense: "DenseTargets | None" = None) -> dict[UnitKind, UnitStats]:
+        """Run layer ``index`` on every calibration batch, writing its outputs and collecting unit stats.
+
+        With ``dense``, each unit's fit target is what restores the dense model's stream after that unit
+        (``h_dense_after - h_in``) instead of the unit's own output.
+        """
         layer = self.layers[index]
         args, kwargs = self.layer_args[index]
         hidden = self.store.shape[2]
@@ -143,18 +147,59 @@ class TorchLayerRunner:
                     out = _output_tensor(layer(h, *args, **kwargs))
                     self.store.next[rows] = out.float().cpu().numpy()
                     if collect:
-                        self._accumulate(stats, seen, h)
+                        self._accumulate(stats, seen, h, dense.batch(rows) if dense else None)
                     bar.update(rows.stop - rows.start)
         finally:
             bar.close()
         return stats
 
     @staticmethod
-    def _accumulate(stats: dict[UnitKind, UnitStats], seen: dict[str, torch.Tensor], h: torch.Tensor) -> None:
+    def _accumulate(stats: dict[UnitKind, UnitStats], seen: dict[str, torch.Tensor], h: torch.Tensor,
+                    dense_after: dict[UnitKind, np.ndarray] | None) -> None:
         as_np = lambda t: t.detach().to(torch.float64).cpu().numpy()  # noqa: E731
-        h_in = {"attention": h, "mlp": h + seen["attention.y"]}
+        h_in = {"attention": as_np(h), "mlp": as_np(h + seen["attention.y"])}
         for kind, st in stats.items():
-            st.update(as_np(seen[f"{kind}.x"]), as_np(seen[f"{kind}.y"]), as_np(h_in[kind]))
+            y = as_np(seen[f"{kind}.y"])
+            if dense_after is None:
+                st.update(as_np(seen[f"{kind}.x"]), y, h_in[kind])
+            else:
+                st.update(as_np(seen[f"{kind}.x"]), dense_after[kind] - h_in[kind], h_in[kind], y_actual=y)
+
+    @torch.no_grad()
+    def dense_sweep(self, index: int, dense: "DenseTargets", desc: str) -> None:
+        """Advance the dense reference stream through layer ``index`` (its original modules)."""
+        layer = self.layers[index]
+        args, kwargs = self.layer_args[index]
+        bar = self.progress(desc, self.tokens.shape[0])
+        try:
+            with self._unit_taps(layer, ("attention",)) as seen:
+                for rows in self.batches():
+                    h = torch.from_numpy(np.asarray(dense.store.current[rows])).to(self.device, self.dtype)
+                    out = _output_tensor(layer(h, *args, **kwargs))
+                    dense.after_attention[rows] = (h + seen["attention.y"]).float().cpu().numpy()
+                    dense.store.next[rows] = out.float().cpu().numpy()
+                    bar.update(rows.stop - rows.start)
+        finally:
+            bar.close()
 
     def close(self) -> None:
+        self.store.close()
+
+
+class DenseTargets:
+    """The dense model's stream, advanced beside the compressed one, for fits that restore it."""
+
+    def __init__(self, runner: TorchLayerRunner, workdir: str | None = None) -> None:
+        n, seq, hidden = runner.store.shape
+        self.store = ActivationStore(n, seq, hidden, workdir)
+        self.store.current[:] = runner.store.current
+        self.after_attention = np.lib.format.open_memmap(self.store._dir / "mid.npy", mode="w+", dtype=np.float32,
+                                                         shape=runner.store.shape)
+
+    def batch(self, rows: slice) -> dict[UnitKind, np.ndarray]:
+        return {"attention": np.asarray(self.after_attention[rows], dtype=np.float64),
+                "mlp": np.asarray(self.store.next[rows], dtype=np.float64)}
+
+    def close(self) -> None:
+        del self.after_attention
         self.store.close()
