@@ -70,6 +70,19 @@ class SparsityReport(BaseModel):
     block_params: int
 
 
+def sparsity_report(removed: list[RemovedUnit], block_params: int, target: float) -> SparsityReport:
+    removed_params = sum(u.params_removed for u in removed)
+    bypass_params = sum(u.bypass.params for u in removed)
+    return SparsityReport(
+        target=target,
+        achieved=removed_params / block_params,
+        removed_params=removed_params,
+        bypass_params=bypass_params,
+        net=(removed_params - bypass_params) / block_params,
+        block_params=block_params,
+    )
+
+
 class Plan(BaseModel):
     format: int = PLAN_FORMAT
     model: ModelIdentity

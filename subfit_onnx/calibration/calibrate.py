@@ -17,7 +17,7 @@ from torch import nn
 
 from ..architectures import UNIT_KINDS, UnitKind
 from ..config import SubFitConfig
-from ..plan import ModelIdentity, Plan, RemovedUnit, SparsityReport, bypass_spec, bypass_tensors
+from ..plan import ModelIdentity, Plan, RemovedUnit, bypass_spec, bypass_tensors, sparsity_report
 from ..progress import ProgressFactory, silent
 from ..reference import UnitSwap, install_bypass
 from ..torch_model import model_identity, unit_param_table
@@ -143,19 +143,10 @@ class Calibrator:
                 dense.store.advance()
 
     def plan(self, calibration_info: dict[str, Any]) -> Plan:
-        removed_params = sum(u.params_removed for u in self.removed)
-        bypass_params = sum(u.bypass.params for u in self.removed)
         return Plan(
             model=self.identity,
             removed=sorted(self.removed, key=lambda u: (u.layer, UNIT_KINDS.index(u.kind))),
-            sparsity=SparsityReport(
-                target=self.config.sparsity,
-                achieved=removed_params / self.block_params,
-                removed_params=removed_params,
-                bypass_params=bypass_params,
-                net=(removed_params - bypass_params) / self.block_params,
-                block_params=self.block_params,
-            ),
+            sparsity=sparsity_report(self.removed, self.block_params, self.config.sparsity),
             method=self.config.model_dump(exclude={"calibration", "num_samples", "seq_len", "batch_size"}),
             calibration=calibration_info,
             versions=package_versions(),
