@@ -2,8 +2,10 @@
 
 A removed unit's module is swapped for ``BypassModule`` (``y = x W + b`` on the pre-norm output it already
 receives) and its post-norm, where the family has one, for ``nn.Identity``: exactly the ``MatMul`` + ``Add`` the
-ONNX pass inserts. A removed attention keeps a zero-width entry in the KV cache (head_dim 0), so the cache still
-counts positions for masks and ``generate`` while holding no bytes, as in the rewritten graph.
+ONNX pass inserts. A removed attention keeps a one-wide entry in the KV cache (head_dim 1), so the cache still
+counts positions for masks and ``generate`` while holding almost no bytes, as in the rewritten graph (head_dim 0
+would hold none, but transformers' ``DynamicLayer.get_seq_length`` reports 0 for an empty tensor, which restarts
+positions at 0 on every decode step when layer 0's attention is removed).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ class BypassModule(nn.Module):
             return y
         cache = kwargs.get("past_key_values", kwargs.get("past_key_value"))
         if cache is not None and hasattr(cache, "update"):
-            empty = x.new_zeros(x.shape[0], self.num_kv_heads, x.shape[1], 0)
+            empty = x.new_zeros(x.shape[0], self.num_kv_heads, x.shape[1], 1)
             cache.update(empty, empty, self.layer_idx, {"cache_position": kwargs.get("cache_position")})
         return y, None
 
