@@ -42,7 +42,7 @@ class SubFitConfig(BaseModel):
 
     @field_validator("attention_rank", "mlp_rank")
     @classmethod
-    def _rank(cls, v: int | float | None) -> int | float | None:
+    def _rank(cls, v: float | None) -> int | float | None:
         if v is not None and (v <= 0 or (isinstance(v, float) and v >= 1.0 and not float(v).is_integer())):
             raise ValueError("rank must be None, a positive int, or a fraction in (0, 1)")
         return v

@@ -32,7 +32,7 @@ class BypassModule(nn.Module):
         self.kind = kind
         self.layer_idx = layer_idx
         self.num_kv_heads = num_kv_heads
-        as_param = lambda a: nn.Parameter(torch.as_tensor(np.asarray(a), dtype=dtype, device=device), requires_grad=False)  # noqa: E731
+        as_param = lambda a: nn.Parameter(torch.as_tensor(np.asarray(a), dtype=dtype, device=device), requires_grad=False)
         self.bias = as_param(bypass.bias)
         self.weight = as_param(bypass.weight) if bypass.weight is not None else None
         self.down = as_param(bypass.down) if bypass.down is not None else None

@@ -17,6 +17,7 @@ import numpy as np
 class ActivationStore:
     def __init__(self, num_samples: int, seq_len: int, hidden: int, workdir: str | Path | None = None) -> None:
         self.shape = (num_samples, seq_len, hidden)
+        self.workdir = workdir
         self._dir = Path(tempfile.mkdtemp(prefix="subfit-acts-", dir=workdir))
         self.current = self._open("a")
         self.next = self._open("b")
@@ -24,6 +25,10 @@ class ActivationStore:
 
     def _open(self, name: str) -> np.memmap:
         return np.lib.format.open_memmap(self._dir / f"{name}.npy", mode="w+", dtype=np.float32, shape=self.shape)
+
+    def extra(self, name: str) -> np.memmap:
+        """Another array of the same shape, deleted with the store."""
+        return self._open(name)
 
     def advance(self) -> None:
         """The layer's outputs become the next layer's inputs."""

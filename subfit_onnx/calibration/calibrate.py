@@ -19,13 +19,12 @@ from ..architectures import UNIT_KINDS, UnitKind
 from ..config import SubFitConfig
 from ..plan import ModelIdentity, Plan, RemovedUnit, bypass_spec, bypass_tensors, sparsity_report
 from ..progress import ProgressFactory, silent
-from ..reference import UnitSwap, install_bypass
-from ..torch_model import model_identity, unit_param_table
 from .fitting import Bypass
+from .runner import LayerRunner
 from .scoring import UnitAssessment, assess, score
 from .selection import SequentialSelector, UnitKey, check_reachable, target_params
 from .stats import UnitStats
-from .torch_backend import DenseTargets, TorchLayerRunner
+from .torch_backend import TorchLayerRunner
 
 VERSION_PACKAGES = ("subfit-onnx", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnx-ir", "onnxruntime")
 
@@ -61,20 +60,20 @@ def _zero_bypass(hidden: int) -> Bypass:
 
 
 class Calibrator:
-    """Holds the runner, the selector and the growing list of removals for one calibration."""
+    """Holds the runner, the selector and the growing list of removals for one calibration.
 
-    def __init__(self, model: nn.Module, tokens: np.ndarray, config: SubFitConfig,
-                 progress: ProgressFactory = silent, workdir: str | None = None) -> None:
-        self.model = model
+    The runner is the backend (PyTorch here, ONNX Runtime in ``onnx_backend``); everything else is shared.
+    """
+
+    def __init__(self, runner: LayerRunner, config: SubFitConfig) -> None:
         self.config = config
-        self.progress = progress
-        self.identity: ModelIdentity = model_identity(model)
-        self.params = unit_param_table(model)
+        self.runner = runner
+        self.identity: ModelIdentity = runner.identity
+        self.params = runner.unit_params
         self.block_params = sum(self.params.values())
         self.target = target_params(self.block_params, config.sparsity)
         check_reachable(self.params, self.target, config.sparsity)
-        self.runner = TorchLayerRunner(model, tokens, config.batch_size, workdir, progress)
-        self.swaps: list[UnitSwap] = []
+        self.swaps: list[Any] = []
         self.removed: list[RemovedUnit] = []
         self.tensors: dict[str, np.ndarray] = {}
 
@@ -84,7 +83,7 @@ class Calibrator:
     def dense_pass(self) -> DensePass:
         """Pass 1: every unit assessed on the dense model, and ShortGPT's block influence per layer."""
         dense = DensePass()
-        n = len(self.runner.layers)
+        n = self.runner.num_layers
         for i in range(n):
             stats = self.runner.sweep(i, UNIT_KINDS, self.config.weighting, f"scoring layer {i + 1}/{n}")
             for kind in UNIT_KINDS:
@@ -102,7 +101,7 @@ class Calibrator:
         bypass = a.bypass if self.config.bypass else _zero_bypass(self.identity.hidden_size)
         fit_rel = a.fit_relative if self.config.bypass else 1.0
         key = f"layers.{i}.{kind}"
-        self.swaps.append(install_bypass(self.model, self.runner.family, i, kind, bypass))
+        self.swaps.append(self.runner.install_bypass(i, kind, bypass))
         self.tensors.update(bypass_tensors(key, bypass))
         self.removed.append(RemovedUnit(
             layer=i, kind=kind, score=unit_score, fit_error=fit_rel,
@@ -113,15 +112,15 @@ class Calibrator:
     def compress_pass(self, prior: dict[UnitKey, float]) -> None:
         """Pass 2: depth order on the compressed upstream; decide, fit and swap each unit in turn."""
         selector = SequentialSelector(prior, self.params, self.target, rescore=self.config.schedule == "sequential")
-        dense = DenseTargets(self.runner) if self.config.target == "dense_stream" else None
+        dense = self.runner.dense_targets() if self.config.target == "dense_stream" else None
         try:
             self._compress_layers(selector, dense)
         finally:
             if dense is not None:
                 dense.close()
 
-    def _compress_layers(self, selector: SequentialSelector, dense: DenseTargets | None) -> None:
-        n = len(self.runner.layers)
+    def _compress_layers(self, selector: SequentialSelector, dense: Any) -> None:
+        n = self.runner.num_layers
         w = self.config.weighting
         for i in range(n):
             if dense is not None:
@@ -156,8 +155,6 @@ class Calibrator:
         for swap in reversed(self.swaps):
             swap.undo()
 
-    def close(self) -> None:
-        self.runner.close()
 
 
 def _block_influence(before: np.ndarray, after: np.ndarray) -> float:
@@ -172,20 +169,16 @@ def _block_influence(before: np.ndarray, after: np.ndarray) -> float:
     return 1.0 - total / count
 
 
-def calibrate_model(model: nn.Module, tokens: np.ndarray, config: SubFitConfig,
-                    progress: ProgressFactory = silent, calibration_info: dict[str, Any] | None = None,
-                    keep_compressed: bool = False, workdir: str | None = None,
-                    dense: DensePass | None = None) -> CalibrationResult:
-    """Score, select and fit; the model is restored afterwards unless ``keep_compressed``.
-
-    ``dense`` reuses a previous pass 1 on the same tokens (benchmarks sweep several configs that way).
-    """
-    cal = Calibrator(model, tokens, config, progress, workdir)
+def run_calibration(runner: LayerRunner, config: SubFitConfig, calibration_info: dict[str, Any] | None = None,
+                    keep_compressed: bool = False, dense: DensePass | None = None) -> CalibrationResult:
+    """Score, select and fit with any backend; its model is restored afterwards unless ``keep_compressed``."""
+    cal = Calibrator(runner, config)
     try:
         dense = dense or cal.dense_pass()
         prior = cal.scores(dense)
         cal.compress_pass(prior)
-        info = {"num_samples": int(tokens.shape[0]), "seq_len": int(tokens.shape[1]), **(calibration_info or {})}
+        n, seq, _ = runner.store.shape
+        info = {"num_samples": int(n), "seq_len": int(seq), "backend": runner.backend, **(calibration_info or {})}
         plan = cal.plan(info)
         if not keep_compressed:
             cal.restore_model()
@@ -193,5 +186,18 @@ def calibrate_model(model: nn.Module, tokens: np.ndarray, config: SubFitConfig,
     except BaseException:
         cal.restore_model()
         raise
+
+
+def calibrate_model(model: nn.Module, tokens: np.ndarray, config: SubFitConfig,
+                    progress: ProgressFactory = silent, calibration_info: dict[str, Any] | None = None,
+                    keep_compressed: bool = False, workdir: str | None = None,
+                    dense: DensePass | None = None) -> CalibrationResult:
+    """Calibrate a transformers model (PyTorch backend).
+
+    ``dense`` reuses a previous pass 1 on the same tokens (benchmarks sweep several configs that way).
+    """
+    runner = TorchLayerRunner(model, tokens, config.batch_size, workdir, progress)
+    try:
+        return run_calibration(runner, config, calibration_info, keep_compressed, dense)
     finally:
-        cal.close()
+        runner.close()

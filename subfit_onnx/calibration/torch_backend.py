@@ -9,8 +9,9 @@ layer's own hooks move weights in, so a model larger than one device calibrates 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,9 +19,18 @@ from torch import nn
 
 from ..architectures import UNIT_KINDS, FamilyLayout, UnitKind
 from ..progress import ProgressFactory, silent
+from ..reference import UnitSwap, install_bypass
+from ..torch_model import (
+    decoder_base,
+    decoder_layers,
+    first_param,
+    model_family,
+    model_identity,
+    unit_param_table,
+)
 from .activations import ActivationStore
+from .fitting import Bypass
 from .stats import TokenWeighting, UnitStats
-from ..torch_model import decoder_base, decoder_layers, first_param, model_family
 
 
 class _StopForward(Exception):
@@ -38,6 +48,8 @@ def _output_tensor(out: Any) -> torch.Tensor:
 class TorchLayerRunner:
     """Owns the activation store and runs one layer over all calibration tokens at a time."""
 
+    backend = "torch"
+
     def __init__(self, model: nn.Module, tokens: np.ndarray, batch_size: int = 8,
                  workdir: str | None = None, progress: ProgressFactory = silent) -> None:
         self.model = model
@@ -53,6 +65,18 @@ class TorchLayerRunner:
         self.store = ActivationStore(tokens.shape[0], tokens.shape[1], hidden, workdir)
         self.layer_args = self._capture_layer_arguments()
         self._fill_embeddings()
+        self.identity = model_identity(model)
+        self.unit_params = unit_param_table(model)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def install_bypass(self, index: int, kind: UnitKind, bypass: Bypass) -> UnitSwap:
+        return install_bypass(self.model, self.family, index, kind, bypass)
+
+    def dense_targets(self) -> DenseTargets:
+        return DenseTargets(self.store)
 
     def batches(self) -> Iterator[slice]:
         n = self.tokens.shape[0]
@@ -129,7 +153,7 @@ class TorchLayerRunner:
 
     @torch.no_grad()
     def sweep(self, index: int, collect: tuple[UnitKind, ...], weighting: TokenWeighting,
-              desc: str, dense: "DenseTargets | None" = None) -> dict[UnitKind, UnitStats]:
+              desc: str, dense: DenseTargets | None = None) -> dict[UnitKind, UnitStats]:
         """Run layer ``index`` on every calibration batch, writing its outputs and collecting unit stats.
 
         With ``dense``, each unit's fit target is what restores the dense model's stream after that unit
@@ -156,7 +180,7 @@ class TorchLayerRunner:
     @staticmethod
     def _accumulate(stats: dict[UnitKind, UnitStats], seen: dict[str, torch.Tensor], h: torch.Tensor,
                     dense_after: dict[UnitKind, np.ndarray] | None) -> None:
-        as_np = lambda t: t.detach().to(torch.float64).cpu().numpy()  # noqa: E731
+        as_np = lambda t: t.detach().to(torch.float64).cpu().numpy()
         h_in = {"attention": as_np(h), "mlp": as_np(h + seen["attention.y"])}
         for kind, st in stats.items():
             y = as_np(seen[f"{kind}.y"])
@@ -166,7 +190,7 @@ class TorchLayerRunner:
                 st.update(as_np(seen[f"{kind}.x"]), dense_after[kind] - h_in[kind], h_in[kind], y_actual=y)
 
     @torch.no_grad()
-    def dense_sweep(self, index: int, dense: "DenseTargets", desc: str) -> None:
+    def dense_sweep(self, index: int, dense: DenseTargets, desc: str) -> None:
         """Advance the dense reference stream through layer ``index`` (its original modules)."""
         layer = self.layers[index]
         args, kwargs = self.layer_args[index]
@@ -189,12 +213,11 @@ class TorchLayerRunner:
 class DenseTargets:
     """The dense model's stream, advanced beside the compressed one, for fits that restore it."""
 
-    def __init__(self, runner: TorchLayerRunner, workdir: str | None = None) -> None:
-        n, seq, hidden = runner.store.shape
-        self.store = ActivationStore(n, seq, hidden, workdir)
-        self.store.current[:] = runner.store.current
-        self.after_attention = np.lib.format.open_memmap(self.store._dir / "mid.npy", mode="w+", dtype=np.float32,
-                                                         shape=runner.store.shape)
+    def __init__(self, compressed: ActivationStore) -> None:
+        n, seq, hidden = compressed.shape
+        self.store = ActivationStore(n, seq, hidden, compressed.workdir)
+        self.store.current[:] = compressed.current
+        self.after_attention = self.store.extra("mid")
 
     def batch(self, rows: slice) -> dict[UnitKind, np.ndarray]:
         return {"attention": np.asarray(self.after_attention[rows], dtype=np.float64),

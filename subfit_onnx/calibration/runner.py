@@ -1,0 +1,46 @@
+"""What a calibration backend provides, so scoring, selection and fitting are written once.
+
+``TorchLayerRunner`` (transformers) and the ONNX Runtime runner both implement it: they run one decoder layer
+over every calibration token, return each unit's ``UnitStats``, and can swap a unit for its bypass so that the
+following layers are measured on the compressed upstream.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from ..architectures import UnitKind
+from ..plan import ModelIdentity
+from .activations import ActivationStore
+from .fitting import Bypass
+from .stats import TokenWeighting, UnitStats
+
+
+class Undoable(Protocol):
+    def undo(self) -> None: ...
+
+
+class LayerRunner(Protocol):
+    backend: str
+    identity: ModelIdentity
+    unit_params: dict[tuple[int, UnitKind], int]
+    store: ActivationStore
+
+    @property
+    def num_layers(self) -> int: ...
+
+    def sweep(self, index: int, collect: tuple[UnitKind, ...], weighting: TokenWeighting, desc: str,
+              dense: Any = None) -> dict[UnitKind, UnitStats]:
+        """Run layer ``index`` over all tokens from ``store.current`` into ``store.next``; stats for ``collect``.
+
+        With ``dense`` (from ``dense_targets``), fit targets restore the dense stream (see ``TorchLayerRunner``).
+        """
+        ...
+
+    def dense_sweep(self, index: int, dense: Any, desc: str) -> None: ...
+
+    def dense_targets(self) -> Any: ...
+
+    def install_bypass(self, index: int, kind: UnitKind, bypass: Bypass) -> Undoable: ...
+
+    def close(self) -> None: ...
