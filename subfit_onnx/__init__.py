@@ -1,0 +1,53 @@
+"""SubFit for ONNX: remove Attention/FFN units of a decoder LLM, fit linear bypasses, rewrite the Optimum export.
+
+The public API is re-exported lazily (PEP 562) so ``import subfit_onnx`` and ``subfit_onnx.passes`` stay free of
+torch and transformers; they load only when ``optimize``/``calibrate`` actually calibrate.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "optimize": "api",
+    "calibrate": "api",
+    "rewrite": "api",
+    "Result": "api",
+    "CalibratedPlan": "api",
+    "DEFAULT_CALIBRATION": "api",
+    "SubFitConfig": "config",
+    "Plan": "plan",
+    "load_plan": "plan",
+    "save_plan": "plan",
+    "SubFitError": "errors",
+    "UnsupportedModelError": "errors",
+    "CalibrationDataError": "errors",
+    "PlanMismatchError": "errors",
+    "silent": "progress",
+    "tqdm_progress": "progress",
+}
+
+__all__ = [*sorted(_EXPORTS), "__version__"]  # noqa: PLE0605 - built from the lazy table
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .api import DEFAULT_CALIBRATION, CalibratedPlan, Result, calibrate, optimize, rewrite  # noqa: F401
+    from .config import SubFitConfig  # noqa: F401
+    from .errors import CalibrationDataError, PlanMismatchError, SubFitError, UnsupportedModelError  # noqa: F401
+    from .plan import Plan, load_plan, save_plan  # noqa: F401
+    from .progress import silent, tqdm_progress  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'subfit_onnx' has no attribute {name!r}")
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,0 +1,185 @@
+"""Where calibration statistics come from: the seam between "which model" and "how it is run".
+
+Today the only backend runs the PyTorch checkpoint layer by layer (``calibration.torch_backend``). An ONNX Runtime
+backend, which would calibrate from the export alone, plugs in here: ``choose_backend`` picks a name and
+``BACKENDS`` maps it to a function with the same ``CalibrationJob -> CalibrationResult`` shape, so the API,
+the CLI and the Optimum integration do not change when it lands.
+
+Everything that can be checked without weights runs first, on a meta-device copy of the model: family,
+reachable sparsity and the match with the ONNX graph, so mistakes surface before minutes of loading and export.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from .errors import SubFitError
+from .hub import require_hub
+from .plan import ModelIdentity
+from .progress import ProgressFactory, silent
+from .sources import Source, recorded_checkpoint, resolve_source
+
+BackendName = Literal["auto", "torch", "onnx"]
+BACKEND_NAMES: tuple[str, ...] = ("auto", "torch", "onnx")
+
+NEEDS_MODEL = (
+    "{export} does not name a local PyTorch checkpoint{why}; pass --model with the checkpoint the export was made "
+    "from (calibration runs it), or --plan with a saved plan"
+)
+
+
+@dataclass
+class ModelRef:
+    """The PyTorch checkpoint to calibrate from: a local folder or hub id, or a model already in memory."""
+
+    ref: str | None = None
+    module: Any = None
+
+    @property
+    def label(self) -> str:
+        if self.ref is not None:
+            return self.ref
+        return str(getattr(getattr(self.module, "config", None), "_name_or_path", "") or "<in-memory model>")
+
+
+@dataclass
+class CalibrationJob:
+    """Everything a backend needs; built and checked by ``prepare`` before any export or weight loading."""
+
+    checkpoint: ModelRef | None
+    backend: str
+    tokens: np.ndarray
+    identity: ModelIdentity
+    unit_params: dict[tuple[int, str], int]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_checkpoint(source: Source, model: Any) -> ModelRef | None:
+    """``model`` if given, else SOURCE when it is a model, else the checkpoint the export records (or None)."""
+    if model is not None and not isinstance(model, (str, Path)):
+        return ModelRef(module=model)
+    if model is not None:
+        ref = resolve_source(model)
+        if ref.kind in ("onnx", "export"):
+            raise SubFitError(f"--model {model} is an ONNX export; it must be the PyTorch checkpoint")
+        return ModelRef(ref.model_ref)
+    if source.needs_export:
+        return ModelRef(source.model_ref)
+    found = recorded_checkpoint(source.export_dir)
+    return ModelRef(str(found)) if found is not None else None
+
+
+def choose_backend(name: str, checkpoint: ModelRef | None, export_dir: Path | None) -> str:
+    """The backend that will run: ``auto`` means torch when a checkpoint is known."""
+    if name not in BACKEND_NAMES:
+        raise SubFitError(f"unknown calibration backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
+    if name == "onnx":
+        raise SubFitError("the ONNX Runtime calibration backend is not available yet; calibrate from the PyTorch "
+                          "checkpoint (--model) or reuse a plan (--plan)")
+    if checkpoint is None:
+        where = str(export_dir) if export_dir is not None else "the export"
+        raise SubFitError("--model is needed: " + NEEDS_MODEL.format(export=where, why=_recorded_why(export_dir)))
+    return "torch"
+
+
+def _recorded_why(export_dir: Path | None) -> str:
+    if export_dir is None:
+        return ""
+    from .sources import read_config
+
+    name = (read_config(export_dir) or {}).get("_name_or_path")
+    return f" (its config says {name!r}, which is not a local folder with weights)" if name else " (its config.json has no _name_or_path)"
+
+
+def _hub_check(ref: ModelRef) -> None:
+    if ref.ref is not None and not Path(ref.ref).expanduser().exists():
+        require_hub(f"model {ref.ref!r}", "pass a local model folder instead")
+
+
+def meta_identity(ref: ModelRef) -> tuple[ModelIdentity, dict[tuple[int, str], int], Any]:
+    """Identity, unit parameter table and config of the checkpoint, built on the meta device (no weights read)."""
+    from .torch_model import model_identity, unit_param_table
+
+    if ref.module is not None:
+        return model_identity(ref.module), unit_param_table(ref.module), ref.module.config
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .architectures import family_for
+
+    _hub_check(ref)
+    try:
+        config = AutoConfig.from_pretrained(ref.ref)
+    except (OSError, ValueError) as exc:
+        raise SubFitError(f"cannot read the model config of {ref.ref} ({str(exc).splitlines()[0][:160]})") from None
+    family_for(getattr(config, "model_type", "unknown"))  # unsupported families stop here, by name
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    skeleton.config._name_or_path = str(ref.ref)
+    return model_identity(skeleton), unit_param_table(skeleton), config
+
+
+def load_tokenizer(ref: ModelRef | None, export_dir: Path | None) -> Any:
+    """The checkpoint's tokenizer, else the export's (Optimum copies tokenizer files into exports)."""
+    from transformers import AutoTokenizer
+
+    candidates = []
+    if ref is not None:
+        candidates.append(ref.ref or getattr(ref.module, "name_or_path", None))
+    if export_dir is not None:
+        candidates.append(str(export_dir))
+    errors = []
+    for candidate in [c for c in candidates if c]:
+        try:
+            return AutoTokenizer.from_pretrained(candidate)
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            errors.append(f"{candidate}: {str(exc).splitlines()[0][:100]}")
+    raise SubFitError("no tokenizer found for the calibration text; put the tokenizer files beside the model"
+                      + (f" ({'; '.join(errors)})" if errors else ""))
+
+
+def is_dataset_spec(source: str) -> bool:
+    """Mirrors ``calibration.text.load_documents``: what is not a local path is a ``datasets`` spec."""
+    from .calibration.text import JSONL_SUFFIXES, TEXT_SUFFIXES
+
+    if Path(source).expanduser().exists() or source.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES):
+        return False
+    return not ("/" in source and ":" not in source)
+
+
+def load_tokens(tokenizer: Any, source: str, num_samples: int, seq_len: int) -> np.ndarray:
+    from .calibration.text import calibration_tokens
+
+    if is_dataset_spec(source):
+        require_hub(f"calibration source {source!r}", "pass a local .txt/.jsonl file or folder with --calibration")
+    return calibration_tokens(tokenizer, source, num_samples, seq_len)
+
+
+def load_weights(ref: ModelRef) -> Any:
+    """The checkpoint in float32 on CPU, eval mode (calibration always runs in fp32, whatever the export dtype)."""
+    if ref.module is not None:
+        return ref.module
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ref.ref, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise SubFitError(f"cannot load the model {ref.ref} ({str(exc).splitlines()[0][:160]})") from None
+    return model.eval()
+
+
+def run_torch(job: CalibrationJob, config: Any, progress: ProgressFactory = silent) -> Any:
+    from .calibration.calibrate import calibrate_model
+
+    assert job.checkpoint is not None
+    model = load_weights(job.checkpoint)
+    return calibrate_model(model, job.tokens, config, progress=progress, calibration_info=job.info)
+
+
+BACKENDS: dict[str, Callable[..., Any]] = {"torch": run_torch}

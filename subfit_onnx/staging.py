@@ -1,0 +1,86 @@
+"""All-or-nothing output folders: write into a hidden temp folder beside OUT, then rename.
+
+A crash, Ctrl-C or a full disk must never leave a half-written OUT that ``from_pretrained`` would half-load.
+The temp folder sits in OUT's parent so the final ``rename`` stays on one file system (atomic, no copy), and a
+full disk (ENOSPC, EDQUOT) becomes one ``SubFitError`` line instead of a traceback from deep inside a writer.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import SubFitError
+
+_DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def check_output_free(out: Path, overwrite: bool) -> None:
+    """Fail before any work if OUT is taken (and ``overwrite`` is off) or cannot be created."""
+    if out.exists() and not overwrite:
+        raise SubFitError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it")
+    if out.exists() and not out.is_dir():
+        raise SubFitError(f"{out} exists and is not a folder")
+    parent = out.resolve().parent
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise SubFitError(f"cannot write into {parent} (permission denied)")
+
+
+def disk_error(exc: OSError, where: Path) -> SubFitError | None:
+    """A user-facing error for OS errors a user can fix (full disk, permissions); None for anything else."""
+    if exc.errno in _DISK_FULL:
+        return SubFitError(f"no space left on the device while writing {where}; free some space or choose another output")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return SubFitError(f"cannot write {where} ({os.strerror(exc.errno)})")
+    return None
+
+
+STAGED = "out"  # inside the work folder: what becomes OUT; siblings (a temporary export) are scratch
+
+
+@contextmanager
+def staged_output(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp work folder beside ``out``; on success its ``out`` subfolder becomes ``out``.
+
+    Writers create ``work / STAGED`` themselves (the ONNX rewrite refuses an existing folder); anything else in
+    the work folder, such as an intermediate export, is deleted with it.
+    """
+    final = Path(out)
+    check_output_free(final, overwrite)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        try:
+            yield work
+            staged = work / STAGED
+            if not staged.is_dir():
+                raise SubFitError(f"internal error: nothing was staged for {final}")
+            _replace(staged, final, overwrite)
+        except OSError as exc:
+            mapped = disk_error(exc, final)
+            if mapped is None:
+                raise
+            raise mapped from exc
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _replace(stage: Path, final: Path, overwrite: bool) -> None:
+    if final.exists():
+        if not overwrite:  # appeared while we worked
+            raise SubFitError(f"{final} appeared while SubFit was running; nothing was replaced")
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        final.rename(old)
+        try:
+            stage.rename(final)
+        except BaseException:
+            old.rename(final)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        stage.rename(final)
