@@ -30,14 +30,18 @@ _EXPORTS = {
     "tqdm_progress": "progress",
 }
 
-__all__ = [*sorted(_EXPORTS), "__version__"]  # noqa: PLE0605 - built from the lazy table
+__all__ = [
+    "DEFAULT_CALIBRATION", "CalibratedPlan", "CalibrationDataError", "Plan", "PlanMismatchError", "Result",
+    "SubFitConfig", "SubFitError", "UnsupportedModelError", "__version__", "calibrate", "load_plan", "optimize",
+    "rewrite", "save_plan", "silent", "tqdm_progress",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .api import DEFAULT_CALIBRATION, CalibratedPlan, Result, calibrate, optimize, rewrite  # noqa: F401
-    from .config import SubFitConfig  # noqa: F401
-    from .errors import CalibrationDataError, PlanMismatchError, SubFitError, UnsupportedModelError  # noqa: F401
-    from .plan import Plan, load_plan, save_plan  # noqa: F401
-    from .progress import silent, tqdm_progress  # noqa: F401
+    from .api import DEFAULT_CALIBRATION, CalibratedPlan, Result, calibrate, optimize, rewrite
+    from .config import SubFitConfig
+    from .errors import CalibrationDataError, PlanMismatchError, SubFitError, UnsupportedModelError
+    from .plan import Plan, load_plan, save_plan
+    from .progress import silent, tqdm_progress
 
 
 def __getattr__(name: str) -> Any:
