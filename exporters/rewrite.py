@@ -1,0 +1,235 @@
+"""Apply a plan to an Optimum decoder export and write the compressed model folder.
+
+The graph is loaded with ``onnx_ir``, whose external tensors stay on disk until the save streams them into the
+new data file, so rewriting a model stored with external data needs memory for the graph's structure and the
+bypass weights, not for the model. Output is assembled in a hidden folder beside ``out`` and renamed into place
+only when complete; the input is only ever read.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+from pydantic import BaseModel
+
+from ..architectures import UnitKind
+from ..calibration.fitting import Bypass
+from ..errors import PlanMismatchError, SubFitError
+from ..passes.bypass import InsertBypassPass
+from ..passes.external_data import LoadExternalTensorsPass
+from ..passes.kv_cache import DropPastInputsPass, DropPresentOutputsPass
+from ..passes.metadata import RecordSubFitMetadataPass
+from ..passes.structure import DecoderStructure, find_decoder_structure
+from ..plan import Plan, bypass_from_tensors
+from ..progress import ProgressFactory, silent
+from .hf_config import read_config, subfit_config, write_config
+
+ONNX_FILE = "model.onnx"
+DATA_FILE = "model.onnx_data"
+PROTOBUF_LIMIT = 2 * 1024**3
+INLINE_MARGIN = 64 * 1024**2  # graph structure and metadata beside the weights
+EXTERNAL_THRESHOLD = 1024  # bytes: smaller tensors stay inline in model.onnx
+
+
+class RewriteReport(BaseModel):
+    """What a rewrite changed, for the CLI, benchmarks and tests."""
+
+    source: str
+    output: str
+    family: str
+    removed_units: list[str]
+    nodes_before: int
+    nodes_after: int
+    initializers_before: int
+    initializers_after: int
+    kv_inputs_before: int
+    kv_inputs_after: int
+    removed_kv_layers: list[int]
+    unit_params_removed: int
+    bypass_params: int
+    file_bytes_before: int
+    file_bytes_after: int
+    kv_bytes_per_token_before: int | None
+    kv_bytes_per_token_after: int | None
+    external_data: bool
+    config_overrides: dict[str, int]
+    wall_seconds: float
+
+
+def _source_file(export: str | os.PathLike) -> Path:
+    path = Path(export)
+    if path.is_dir():
+        path = path / ONNX_FILE
+    if not path.is_file():
+        raise SubFitError(f"no ONNX model at {path}; pass an Optimum export folder or its {ONNX_FILE}")
+    return path
+
+
+def _check_out(out: Path, source: Path, overwrite: bool) -> None:
+    src_dir = source.parent.resolve()
+    target = out.resolve()
+    if target == src_dir or target in src_dir.parents:
+        raise SubFitError(f"{out} holds the input export; write the rewritten model to another folder")
+    if out.exists() and not overwrite:
+        raise SubFitError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
+    if out.exists() and not out.is_dir():
+        raise SubFitError(f"{out} exists and is not a folder")
+
+
+def _model_bytes(model: ir.Model, path: Path) -> int:
+    """The ONNX file plus every external data file its tensors name."""
+    locations = {t.location for g in model.graphs() for v in g.initializers.values()
+                 if isinstance((t := v.const_value), ir.ExternalTensor)}
+    return path.stat().st_size + sum((path.parent / loc).stat().st_size for loc in locations
+                                     if (path.parent / loc).is_file())
+
+
+def _tensor_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for g in model.graphs() for v in g.initializers.values()
+               if v.const_value is not None)
+
+
+def check_plan_matches(plan: Plan, structure: DecoderStructure, tensors: Mapping[str, np.ndarray]) -> None:
+    """Refuse a plan made for another model, naming the first fields that differ."""
+    mine = plan.model
+    diffs = []
+    if mine.num_layers != structure.num_layers:
+        diffs.append(f"layers: plan {mine.num_layers} vs graph {structure.num_layers}")
+    if mine.hidden_size != structure.hidden_size:
+        diffs.append(f"hidden size: plan {mine.hidden_size} vs graph {structure.hidden_size}")
+    allowed = (structure.family,) if structure.family_from_config else structure.family_candidates
+    if mine.family not in allowed:
+        diffs.append(f"family: plan {mine.family} vs graph {'/'.join(allowed)}")
+    if structure.num_kv_heads is not None and structure.kv_layers() and mine.num_key_value_heads != structure.num_kv_heads:
+        diffs.append(f"KV heads: plan {mine.num_key_value_heads} vs graph {structure.num_kv_heads}")
+    if diffs:
+        raise PlanMismatchError("the plan was made for another model (" + "; ".join(diffs) + ")")
+    missing = [k for u in plan.removed for k in u.bypass.tensors.values() if k not in tensors]
+    if missing:
+        raise PlanMismatchError(f"the bypass tensors lack {', '.join(missing[:4])}")
+    for unit in plan.removed:
+        if structure.unit(unit.layer, unit.kind).bypassed:
+            raise PlanMismatchError(f"layer {unit.layer} {unit.kind} is already a bypass in this graph")
+
+
+def plan_bypasses(plan: Plan, tensors: Mapping[str, np.ndarray]) -> dict[tuple[int, UnitKind], Bypass]:
+    return {(u.layer, u.kind): bypass_from_tensors(u, dict(tensors)) for u in plan.removed}
+
+
+def rewrite_model(model: ir.Model, bypasses: Mapping[tuple[int, UnitKind], Bypass],
+                  metadata: Mapping | None = None) -> int:
+    """Run the rewrite passes on ``model`` in place; returns the bypass parameter count."""
+    attention = sorted(layer for layer, kind in bypasses if kind == "attention")
+    insert = InsertBypassPass(bypasses)
+    steps: list[ir.passes.PassBase] = [insert]
+    if attention:
+        steps += [DropPresentOutputsPass(attention), RemoveUnusedNodesPass(), DropPastInputsPass(attention)]
+    steps += [RemoveUnusedNodesPass(), RecordSubFitMetadataPass(bypasses.keys(), metadata)]
+    for step in steps:
+        step(model)
+    return insert.bypass_params
+
+
+def _copy_companions(src_dir: Path, dest: Path, skip: set[str]) -> None:
+    """Tokenizer, generation config and anything else the export folder ships, except the graph and config."""
+    for item in src_dir.iterdir():
+        if item.name in skip or item.suffix in (".onnx", ".onnx_data") or item.name.startswith("."):
+            continue
+        if item.is_file():
+            shutil.copy2(item, dest / item.name)
+
+
+def _finish(tmp: Path, out: Path) -> None:
+    """Rename the finished folder into place; an old ``out`` is moved aside first and deleted after."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+        out.rename(old / out.name)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def rewrite_export(export: str | os.PathLike, plan: Plan, tensors: Mapping[str, np.ndarray],
+                   out: str | os.PathLike, *, external_data: bool | None = None, overwrite: bool = False,
+                   progress: ProgressFactory = silent) -> RewriteReport:
+    """Write ``out``: the export with the plan's units replaced by bypasses and their KV cache dropped.
+
+    ``external_data=None`` stores weights in ``model.onnx_data`` when they would not fit a 2 GB protobuf;
+    True or False forces either layout.
+    """
+    start = time.perf_counter()
+    source = _source_file(export)
+    out = Path(out)
+    _check_out(out, source, overwrite)
+    export_config = read_config(source.parent)
+    model_type = export_config.get("model_type") if export_config else None
+
+    bar = progress("rewriting", 5)
+    try:
+        model = ir.load(source)
+        before = find_decoder_structure(model, model_type)
+        check_plan_matches(plan, before, tensors)
+        counts = (model.graph.num_nodes(), len(model.graph.initializers),
+                  sum(v.name.startswith("past_key_values.") for v in model.graph.inputs))
+        bytes_before = _model_bytes(model, source)
+        bar.update(1)
+
+        removed = [f"layers.{u.layer}.{u.kind}" for u in plan.removed]
+        bypass_params = rewrite_model(model, plan_bypasses(plan, tensors),
+                                      {"format": 1, "sparsity": plan.sparsity.achieved})
+        after = find_decoder_structure(model, model_type)
+        bar.update(1)
+
+        external = external_data if external_data is not None else \
+            _tensor_bytes(model) > PROTOBUF_LIMIT - INLINE_MARGIN
+        LoadExternalTensorsPass(EXTERNAL_THRESHOLD if external else None)(model)
+        bar.update(1)
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            target = tmp / ONNX_FILE
+            if external:
+                ir.save(model, target, external_data=DATA_FILE, size_threshold_bytes=EXTERNAL_THRESHOLD)
+            else:
+                ir.save(model, target)
+            bar.update(1)
+            section = {"format": 1, "removed": [{"layer": u.layer, "kind": u.kind} for u in plan.removed],
+                       "kv_layers": after.kv_layers(), "sparsity": plan.sparsity.model_dump()}
+            config = subfit_config(export_config or {}, section, after.num_kv_heads, after.head_dim,
+                                   has_kv_cache=bool(after.kv_layers()))
+            write_config(tmp, config)
+            _copy_companions(source.parent, tmp, skip={"config.json"})
+            bytes_after = sum(p.stat().st_size for p in (target, tmp / DATA_FILE) if p.is_file())
+            _finish(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        bar.update(1)
+    finally:
+        bar.close()
+
+    unit_params = sum(before.unit(u.layer, u.kind).params for u in plan.removed)
+    return RewriteReport(
+        source=str(source), output=str(out), family=after.family, removed_units=removed,
+        nodes_before=counts[0], nodes_after=model.graph.num_nodes(),
+        initializers_before=counts[1], initializers_after=len(model.graph.initializers),
+        kv_inputs_before=counts[2],
+        kv_inputs_after=sum(v.name.startswith("past_key_values.") for v in model.graph.inputs),
+        removed_kv_layers=sorted(set(before.kv_layers()) - set(after.kv_layers())),
+        unit_params_removed=unit_params, bypass_params=bypass_params,
+        file_bytes_before=bytes_before, file_bytes_after=bytes_after,
+        kv_bytes_per_token_before=before.kv_bytes_per_token(), kv_bytes_per_token_after=after.kv_bytes_per_token(),
+        external_data=external, config_overrides={k: v for k, v in config.items()
+                                                  if k in config["subfit"].get("original_config", {})},
+        wall_seconds=time.perf_counter() - start,
+    )
