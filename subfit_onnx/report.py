@@ -107,7 +107,7 @@ def format_summary(report: dict[str, Any]) -> str:
     if "file_bytes" in report:
         lines.append(f"  file size    {_change(report['file_bytes'], _bytes)}")
     if "kv_bytes_per_token" in report:
-        lines.append(f"  KV cache     {_change(report['kv_bytes_per_token'], lambda b: f'{b:,}')} bytes per token")
+        lines.append(f"  KV cache     {_change(report['kv_bytes_per_token'], lambda b: f'{b:,} bytes/token')}")
     secs = report.get("seconds", {})
     if secs:
         parts = ", ".join(f"{k} {v:.1f} s" for k, v in secs.items() if k != "total")

@@ -70,7 +70,22 @@ def staged_output(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publishable(folder: Path) -> None:
+    """Temp folders are created private (0700/0600); the result gets the modes the user's umask asks for."""
+    mask = _umask()
+    folder.chmod(0o777 & ~mask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def _replace(stage: Path, final: Path, overwrite: bool) -> None:
+    _publishable(stage)
     if final.exists():
         if not overwrite:  # appeared while we worked
             raise SubFitError(f"{final} appeared while SubFit was running; nothing was replaced")

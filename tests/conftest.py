@@ -17,3 +17,61 @@ def smollm2_assets():
     from subfit_onnx.assets import fetch_assets
 
     return fetch_assets(os.environ.get("SUBFIT_ASSETS", REPO / "assets"))
+
+
+# ---- tiny checkpoints and exports for the CLI, API and Optimum tests (built once per session) -------------------
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """``get(family="llama")``: a saved tiny HF folder (weights + character tokenizer), one per family."""
+    from tiny_checkpoints import save_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny-checkpoints")
+    made: dict[str, Path] = {}
+
+    def get(family: str = "llama") -> Path:
+        if family not in made:
+            made[family] = save_checkpoint(family, root / family)
+        return made[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory, tiny_checkpoint):
+    """``get(family="llama", dtype="fp32")``: the Optimum text-generation-with-past export of a tiny checkpoint."""
+    from subfit_onnx.exporters.optimum_export import export_decoder
+
+    root = tmp_path_factory.mktemp("tiny-exports")
+    made: dict[tuple[str, str], Path] = {}
+
+    def get(family: str = "llama", dtype: str = "fp32") -> Path:
+        if (family, dtype) not in made:
+            made[family, dtype] = export_decoder(tiny_checkpoint(family), root / f"{family}-{dtype}", dtype=dtype).parent
+        return made[family, dtype]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_calibration_text(tmp_path_factory):
+    """A text file of about 9,000 characters (= tokens for the character tokenizer)."""
+    from tiny_checkpoints import write_text
+
+    return write_text(tmp_path_factory.mktemp("text") / "calibration.txt")
+
+
+# ---- SmolLM2 exported once and cached beside the assets (rewrite and evaluation tests share it) ----------------
+@pytest.fixture(scope="session")
+def smollm2_onnx(smollm2_assets):
+    """The fp32 Optimum export of SmolLM2-135M-Instruct, cached at ``<assets>/onnx/smollm2-fp32`` across sessions."""
+    from subfit_onnx.errors import SubFitError
+    from subfit_onnx.exporters.optimum_export import export_decoder
+
+    folder = smollm2_assets.root / "onnx" / "smollm2-fp32"
+    if not (folder / "model.onnx").is_file():
+        try:
+            export_decoder(smollm2_assets.model, folder)
+        except (SubFitError, OSError):
+            if not (folder / "model.onnx").is_file():  # another session may have finished it meanwhile
+                raise
+    return folder
