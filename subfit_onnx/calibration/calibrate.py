@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import importlib.metadata as md
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from torch import nn
 
 from ..architectures import UNIT_KINDS, UnitKind
 from ..config import SubFitConfig
@@ -24,7 +23,9 @@ from .runner import LayerRunner
 from .scoring import UnitAssessment, assess, score
 from .selection import SequentialSelector, UnitKey, check_reachable, target_params
 from .stats import UnitStats
-from .torch_backend import TorchLayerRunner
+
+if TYPE_CHECKING:  # torch stays out of run_calibration's imports: the ONNX Runtime backend has no torch
+    from torch import nn
 
 VERSION_PACKAGES = ("subfit-onnx", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnx-ir", "onnxruntime")
 
@@ -196,6 +197,8 @@ def calibrate_model(model: nn.Module, tokens: np.ndarray, config: SubFitConfig,
 
     ``dense`` reuses a previous pass 1 on the same tokens (benchmarks sweep several configs that way).
     """
+    from .torch_backend import TorchLayerRunner
+
     runner = TorchLayerRunner(model, tokens, config.batch_size, workdir, progress)
     try:
         return run_calibration(runner, config, calibration_info, keep_compressed, dense)

@@ -29,6 +29,7 @@ from ..torch_model import (
     unit_param_table,
 )
 from .activations import ActivationStore
+from .dense_targets import DenseTargets
 from .fitting import Bypass
 from .stats import TokenWeighting, UnitStats
 
@@ -207,22 +208,4 @@ class TorchLayerRunner:
             bar.close()
 
     def close(self) -> None:
-        self.store.close()
-
-
-class DenseTargets:
-    """The dense model's stream, advanced beside the compressed one, for fits that restore it."""
-
-    def __init__(self, compressed: ActivationStore) -> None:
-        n, seq, hidden = compressed.shape
-        self.store = ActivationStore(n, seq, hidden, compressed.workdir)
-        self.store.current[:] = compressed.current
-        self.after_attention = self.store.extra("mid")
-
-    def batch(self, rows: slice) -> dict[UnitKind, np.ndarray]:
-        return {"attention": np.asarray(self.after_attention[rows], dtype=np.float64),
-                "mlp": np.asarray(self.store.next[rows], dtype=np.float64)}
-
-    def close(self) -> None:
-        del self.after_attention
         self.store.close()
