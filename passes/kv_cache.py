@@ -98,16 +98,17 @@ def _replace_shape_readers(graph: ir.Graph, past: ir.Value) -> None:
         start = reader.attributes["start"].as_int() if "start" in reader.attributes else 0
         end = reader.attributes["end"].as_int() if "end" in reader.attributes else None
         if (start, end) in ((0, None), (0, 4), (-4, None)):
-            reader.outputs[0].replace_all_uses_with(full, replace_graph_outputs=True)
-            continue
-        stop = 4 if end is None else end
-        name = f"{_SUBSTITUTE_SCOPE}{past.name}/{reader.name.strip('/').replace('/', '_')}"
-        starts = _int64(graph, f"{name}.starts", [start])
-        ends = _int64(graph, f"{name}.ends", [stop])
-        node = ir.Node("", "Slice", [full, starts, ends], name=f"{name}/Slice", num_outputs=1)
-        node.outputs[0].name = f"{name}/Slice_output_0"
-        graph.insert_after(full.producer(), node)
-        reader.outputs[0].replace_all_uses_with(node.outputs[0], replace_graph_outputs=True)
+            replacement = full
+        else:
+            name = f"{_SUBSTITUTE_SCOPE}{past.name}/{reader.name.strip('/').replace('/', '_')}"
+            starts = _int64(graph, f"{name}.starts", [start])
+            ends = _int64(graph, f"{name}.ends", [4 if end is None else end])
+            node = ir.Node("", "Slice", [full, starts, ends], name=f"{name}/Slice", num_outputs=1)
+            node.outputs[0].name = f"{name}/Slice_output_0"
+            graph.insert_after(full.producer(), node)
+            replacement = node.outputs[0]
+        reader.outputs[0].replace_all_uses_with(replacement, replace_graph_outputs=True)
+        graph.remove(reader, safe=True)
 
 
 class DropPastInputsPass(ir.passes.InPlacePass):
