@@ -75,3 +75,7 @@ def smollm2_onnx(smollm2_assets):
             if not (folder / "model.onnx").is_file():  # another session may have finished it meanwhile
                 raise
     return folder
+
+
+# ---- evaluation/runtime tests: KV-gap, no-KV, Phi-3 and SubFit-compressed tiny exports (see onnx_exports.py) -----
+from onnx_exports import tiny_compressed, tiny_exports  # noqa: E402,F401
