@@ -21,7 +21,7 @@ _EXPORTS = {
     "benchmark_runtimes": "runtimes", "DecoderSignature": "signature", "KVLayer": "signature",
     "read_signature": "signature",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
