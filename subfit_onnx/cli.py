@@ -118,7 +118,7 @@ def _errors(debug: bool, where: Path | None = None) -> Iterator[None]:
     except MemoryError:
         _fail("out of memory; lower --num-samples/--seq-len or use a machine with more memory", EXIT_USER_ERROR, debug)
     except OSError as exc:
-        mapped = disk_error(exc, where or Path(getattr(exc, "filename", None) or "the output"))
+        mapped = disk_error(exc, where or Path(exc.filename or "the output"))
         if mapped is not None:
             _fail(str(mapped), EXIT_USER_ERROR, debug)
         _fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", EXIT_USER_ERROR, debug)
@@ -272,11 +272,16 @@ def fetch_assets_command(
 
 
 def _register_optional_commands() -> None:
-    """``evaluate`` and ``benchmark`` live in ``cli_eval`` (optional extra); absent module, absent commands."""
-    try:
-        from . import cli_eval  # type: ignore[attr-defined]
-    except ImportError:
+    """``evaluate`` and ``benchmark`` live in ``cli_eval``; when that module is absent, so are the commands.
+
+    Only absence is tolerated: a ``cli_eval`` that exists but fails to import is a bug and must show.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec(f"{__package__}.cli_eval") is None:
         return
+    from . import cli_eval  # type: ignore[attr-defined]
+
     cli_eval.register(app)
 
 

@@ -32,11 +32,9 @@ def check_output_free(out: Path, overwrite: bool) -> None:
 
 
 def disk_error(exc: OSError, where: Path) -> SubFitError | None:
-    """A user-facing error for OS errors a user can fix (full disk, permissions); None for anything else."""
+    """A user-facing error for a full disk or quota; None for any other OS error (those keep their own text)."""
     if exc.errno in _DISK_FULL:
         return SubFitError(f"no space left on the device while writing {where}; free some space or choose another output")
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return SubFitError(f"cannot write {where} ({os.strerror(exc.errno)})")
     return None
 
 
