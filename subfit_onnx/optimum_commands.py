@@ -48,6 +48,8 @@ def _add_click_params(parser: argparse.ArgumentParser, command: Any) -> None:
         kwargs: dict[str, Any] = {"dest": param.name, "default": argparse.SUPPRESS, "help": param.help}
         if param.is_flag:
             kwargs["action"] = "store_true"
+        elif getattr(param, "multiple", False):
+            kwargs.update(action="append", metavar=param.name.upper())
         else:
             kwargs["metavar"] = param.name.upper()
         parser.add_argument(*param.opts, **kwargs)
@@ -67,6 +69,9 @@ def _argv(command: Any, namespace: argparse.Namespace) -> list[str]:
             if param.is_flag:
                 if value:
                     argv.append(param.opts[0])
+            elif isinstance(value, list):
+                for item in value:
+                    argv += [param.opts[0], str(item)]
             else:
                 argv += [param.opts[0], str(value)]
     return argv
@@ -110,8 +115,24 @@ SUBCOMMANDS: tuple[tuple[str, str], ...] = (
 )
 
 
+OPTIONAL_SUBCOMMANDS = ("evaluate", "benchmark")  # registered on the typer app by cli_eval when installed
+
+
+def _subcommand_infos() -> tuple[CommandInfo, ...]:
+    infos = [_leaf(name, text) for name, text in SUBCOMMANDS]
+    try:
+        group = _click_group()
+    except Exception:  # noqa: BLE001 - never break optimum-cli itself; the core commands still register
+        return tuple(infos)
+    for name in OPTIONAL_SUBCOMMANDS:
+        command = group.commands.get(name)
+        if command is not None:
+            infos.append(_leaf(name, (command.help or name).strip().splitlines()[0]))
+    return tuple(infos)
+
+
 class SubFitCommand(BaseOptimumCLICommand):
     """``optimum-cli subfit``: remove attention/FFN units with fitted bypasses (subfit-onnx)."""
 
     COMMAND = CommandInfo(name="subfit", help="SubFit: remove attention/FFN units of a decoder LLM export.")
-    SUBCOMMANDS = tuple(_leaf(name, text) for name, text in SUBCOMMANDS)
+    SUBCOMMANDS = _subcommand_infos()
