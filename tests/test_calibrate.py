@@ -7,7 +7,8 @@ import torch
 from subfit_onnx.calibration.calibrate import calibrate_model
 from subfit_onnx.config import SubFitConfig
 from subfit_onnx.errors import PlanMismatchError, SubFitError, UnsupportedModelError
-from subfit_onnx.plan import load_plan, save_plan
+from subfit_onnx.calibration.fitting import Bypass
+from subfit_onnx.plan import RemovedUnit, bypass_spec, bypass_tensors, load_plan, save_plan
 from subfit_onnx.reference import apply_plan
 from subfit_onnx.torch_model import decoder_layers, model_family
 from tiny_models import FAMILY_CONFIGS, tiny_model
@@ -87,16 +88,26 @@ def test_apply_plan_equals_hand_built_reference():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_removed_attention_keeps_no_kv_but_generates():
+def test_removed_attention_keeps_a_one_wide_kv_entry_and_generates():
+    """Layer 0's and 2's attention go: their cache entries are one wide (positions still counted), decoding with
+    the cache equals recomputing the whole sequence."""
     model = tiny_model("llama")
-    result = calibrate_model(model, TOKENS, SubFitConfig(sparsity=0.5, num_samples=8, seq_len=32, score="contribution"))
-    ref = apply_plan(tiny_model("llama"), result.plan, result.tensors)
+    result = calibrate_model(model, TOKENS, SubFitConfig(sparsity=0.1, num_samples=8, seq_len=32))
+    rng = np.random.default_rng(5)
+    units, tensors = [], {}
+    for layer in (0, 2):
+        bypass = Bypass(weight=rng.normal(size=(64, 64)) / 8, bias=rng.normal(size=64))
+        key = f"layers.{layer}.attention"
+        tensors.update(bypass_tensors(key, bypass))
+        units.append(RemovedUnit(layer=layer, kind="attention", score=0, fit_error=0.5, stream_error=0.1,
+                                 params_removed=result.plan.model.attention_params_per_layer,
+                                 bypass=bypass_spec(key, bypass)))
+    plan = result.plan.model_copy(update={"removed": units})
+    ref = apply_plan(tiny_model("llama"), plan, tensors)
     prompt = torch.as_tensor(TOKENS[:1, :6])
     out = ref.generate(prompt, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
-    removed = set(result.plan.removed_attention_layers())
-    for i, layer in enumerate(out.past_key_values.layers):
-        assert (layer.keys.shape[-1] == 0) == (i in removed)
-    # Greedy decoding with the cache equals recomputing the whole sequence without it.
+    widths = [layer.keys.shape[-1] for layer in out.past_key_values.layers]
+    assert widths == [1, 16, 1, 16]
     seq = out.sequences
     full = ref(seq[:, :-1]).logits.argmax(-1)[:, prompt.shape[1] - 1:]
     assert torch.equal(full, seq[:, prompt.shape[1]:])
