@@ -1,0 +1,317 @@
+"""ONNX Runtime calibration backend: calibrate from an Optimum export alone, no PyTorch checkpoint and no torch.
+
+``OrtLayerRunner`` implements ``LayerRunner`` the way ``TorchLayerRunner`` does, so ``run_calibration`` (scoring,
+selection, fitting) is shared. The export is loaded once into a private in-memory copy (the user's file is only
+read) and cut per layer (``onnx_cut``): a prelude computes the embeddings ``B_0`` and the values every layer
+shares (RoPE tables, causal mask), and each layer runs as its own small session from the residual stream at its
+boundary, read from and written to the ``ActivationStore``, with each unit's bypass input and contribution as
+extra outputs. One sweep is therefore one layer's share of a forward pass, and pass 1 plus pass 2 cost about what
+the PyTorch backend's do.
+
+Installing a bypass applies ``InsertBypassPass`` to the private copy, the same rewrite the final export gets, and
+re-cuts only that layer, so later layers are measured on the compressed upstream as the deployed graph computes
+it (fp16 exports included: the bypass runs in the graph's own dtype). Statistics are float64 whatever the graph
+dtype, and bypass tensors leave as float32 in the plan.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+from onnx_ir.passes.common import ShapeInferencePass
+
+from ..architectures import UNIT_KINDS, UnitKind
+from ..config import SubFitConfig
+from ..errors import SubFitError
+from ..exporters.hf_config import read_config
+from ..passes.bypass import InsertBypassPass, bypass_initializer_name
+from ..passes.structure import BYPASS_SCOPE, DecoderStructure, find_decoder_structure
+from ..progress import ProgressFactory, silent
+from .activations import ActivationStore
+from .calibrate import CalibrationResult, DensePass, run_calibration
+from .dense_targets import DenseTargets
+from .fitting import Bypass
+from .onnx_cut import GraphCutter, LayerGraph
+from .onnx_identity import export_identity, export_unit_params, text_config
+from .onnx_session import SessionFactory, prefill_inputs
+from .stats import TokenWeighting, UnitStats
+
+ONNX_FILE = "model.onnx"
+_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+          "tensor(bfloat16)": np.float32}
+
+
+def export_file(path: str | os.PathLike) -> Path:
+    """``model.onnx`` of an export folder, or the file itself."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / ONNX_FILE
+    if not p.is_file():
+        raise SubFitError(f"no ONNX model at {p}; pass an Optimum export folder or its {ONNX_FILE}")
+    return p
+
+
+def check_tokens(tokens: np.ndarray, vocab: int | None) -> np.ndarray:
+    arr = np.asarray(tokens)
+    if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 2 or not np.issubdtype(arr.dtype, np.integer):
+        raise SubFitError(f"calibration tokens must be an integer array [samples, seq_len >= 2], got {arr.dtype} "
+                          f"{list(arr.shape)}")
+    if arr.min() < 0 or (vocab is not None and arr.max() >= vocab):
+        raise SubFitError(f"calibration token ids must lie in [0, {vocab}); tokenize with the export's own tokenizer")
+    return arr.astype(np.int64, copy=False)
+
+
+@dataclass
+class _LayerSession:
+    """One cut layer and its session; ``run`` feeds a batch of the stream and returns the named outputs."""
+
+    graph: LayerGraph
+    session: ort.InferenceSession
+
+    @property
+    def index(self) -> int:
+        return self.graph.index
+
+    def run(self, h: np.ndarray, shared: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        dtypes = {i.name: _NUMPY.get(i.type, np.float32) for i in self.session.get_inputs()}
+        feed = {self.graph.stream_in: np.ascontiguousarray(h, dtype=dtypes[self.graph.stream_in])}
+        feed.update({name: shared[name] for name in self.graph.shared})
+        return dict(zip(outputs, self.session.run(outputs, feed)))
+
+
+@dataclass
+class BypassSwap:
+    """Undoes one ``install_bypass`` on the runner's private graph (the residual Add gets its unit back)."""
+
+    runner: OrtLayerRunner
+    layer: int
+    kind: UnitKind
+    add: ir.Node
+    operand: int
+    original: ir.Value
+
+    def undo(self) -> None:
+        self.runner.remove_bypass(self)
+
+
+class OrtLayerRunner:
+    """Owns a private copy of the export, the activation store and one layer session at a time."""
+
+    backend = "onnx"
+
+    def __init__(self, export: str | os.PathLike, tokens: np.ndarray, batch_size: int = 8,
+                 workdir: str | None = None, progress: ProgressFactory = silent,
+                 providers: list[str] | None = None, threads: int = 0) -> None:
+        self.path = export_file(export)
+        config = read_config(self.path.parent)
+        if config is None:
+            raise SubFitError(f"{self.path.parent} has no config.json; the ONNX backend reads the model's shape from it")
+        self.model_type = str(text_config(config).get("model_type") or config.get("model_type") or "") or None
+        self.sessions = SessionFactory.create(self.path.parent, providers, threads)
+        self.model = ir.load(self.path)
+        ShapeInferencePass(strict_mode=False)(self.model)  # element types for the values the cuts expose
+        self.structure = find_decoder_structure(self.model, self.model_type)
+        bypassed = [f"layer {u.layer} {u.kind}" for u in self.structure.units() if u.bypassed]
+        if bypassed:
+            raise SubFitError(f"{self.path} is already compressed by SubFit ({', '.join(bypassed[:3])}); "
+                              "calibrate the original export")
+        self.identity = export_identity(config, self.structure, self.path.parent)
+        self.unit_params = export_unit_params(self.structure)
+        self.tokens = check_tokens(tokens, text_config(config).get("vocab_size"))
+        self.batch_size = batch_size
+        self.progress = progress
+        self.cutter = GraphCutter(self.model, self.structure)
+        self.store = ActivationStore(self.tokens.shape[0], self.tokens.shape[1], self.structure.hidden_size, workdir)
+        self._layer: _LayerSession | None = None
+        self._shared: dict[int, dict[str, np.ndarray]] = {}
+        self._prelude: _Prelude | None = None
+        try:
+            self._fill_embeddings()
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- LayerRunner ------------------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return self.structure.num_layers
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self.sessions.providers)
+
+    def dense_targets(self) -> DenseTargets:
+        return DenseTargets(self.store)
+
+    def install_bypass(self, index: int, kind: UnitKind, bypass: Bypass) -> BypassSwap:
+        unit = self.structure.unit(index, kind)
+        original = unit.residual_add.inputs[unit.unit_operand]
+        assert original is not None
+        InsertBypassPass({(index, kind): bypass})(self.model)
+        self._refresh(index)
+        return BypassSwap(self, index, kind, unit.residual_add, unit.unit_operand, original)
+
+    def remove_bypass(self, swap: BypassSwap) -> None:
+        scope = self.structure.unit(swap.layer, swap.kind).scope + BYPASS_SCOPE
+        graph = self.model.graph
+        swap.add.replace_input_with(swap.operand, swap.original)
+        graph.remove([n for n in graph if n.name and n.name.startswith(scope)], safe=True)
+        for role in ("weight", "down", "up", "bias"):
+            graph.initializers.pop(bypass_initializer_name(swap.layer, swap.kind, role), None)
+        self._refresh(swap.layer)
+
+    def sweep(self, index: int, collect: tuple[UnitKind, ...], weighting: TokenWeighting, desc: str,
+              dense: DenseTargets | None = None) -> dict[UnitKind, UnitStats]:
+        """Run layer ``index`` on every calibration batch, writing its outputs and collecting unit stats.
+
+        With ``dense``, each unit's fit target restores the dense stream (``h_dense_after - h_in``), as in
+        ``TorchLayerRunner.sweep``.
+        """
+        layer = self._session(index)
+        hidden = self.store.shape[2]
+        stats = {kind: UnitStats(hidden, hidden, weighting) for kind in collect}
+        taps = self._tap_names(layer, collect)
+        bar = self.progress(desc, self.tokens.shape[0])
+        try:
+            for rows in self.batches():
+                h = np.asarray(self.store.current[rows])
+                out = layer.run(h, self._shared_values(rows), [layer.graph.stream_out, *taps])
+                self.store.next[rows] = out[layer.graph.stream_out]
+                if collect:
+                    self._accumulate(stats, layer, out, h, dense.batch(rows) if dense else None)
+                bar.update(rows.stop - rows.start)
+        finally:
+            bar.close()
+        return stats
+
+    def dense_sweep(self, index: int, dense: DenseTargets, desc: str) -> None:
+        """Advance the dense reference stream through layer ``index`` (not yet bypassed when this runs)."""
+        layer = self._session(index)
+        y_att = layer.graph.taps["attention.y"]
+        bar = self.progress(desc, self.tokens.shape[0])
+        try:
+            for rows in self.batches():
+                h = np.asarray(dense.store.current[rows])
+                out = layer.run(h, self._shared_values(rows), [layer.graph.stream_out, y_att])
+                dense.after_attention[rows] = h + np.asarray(out[y_att], dtype=np.float32)
+                dense.store.next[rows] = out[layer.graph.stream_out]
+                bar.update(rows.stop - rows.start)
+        finally:
+            bar.close()
+
+    def close(self) -> None:
+        self._layer = None
+        self._prelude = None
+        self._shared.clear()
+        if hasattr(self, "store"):
+            self.store.close()
+
+    # ---- internals --------------------------------------------------------------------------------------------
+    def batches(self) -> Iterator[slice]:
+        n = self.tokens.shape[0]
+        for start in range(0, n, self.batch_size):
+            yield slice(start, min(start + self.batch_size, n))
+
+    def _refresh(self, changed: int) -> None:
+        """Re-read the structure after a graph change; only the changed layer's session is rebuilt."""
+        self.structure = find_decoder_structure(self.model, self.model_type)
+        self.cutter = GraphCutter(self.model, self.structure)
+        if self._layer is not None and self._layer.index == changed:
+            self._layer = None
+
+    def _session(self, index: int) -> _LayerSession:
+        if self._layer is None or self._layer.index != index:
+            self._layer = None  # free the previous layer's session before building the next
+            graph = self.cutter.layer(index)
+            self._layer = _LayerSession(graph, self.sessions.session(graph.model))
+        return self._layer
+
+    @staticmethod
+    def _tap_names(layer: _LayerSession, collect: tuple[UnitKind, ...]) -> list[str]:
+        if not collect:
+            return []
+        names = [layer.graph.taps["attention.y"]]
+        for kind in collect:
+            key = f"{kind}.x"
+            if key not in layer.graph.taps:
+                raise SubFitError(f"layer {layer.index} {kind} is a constant bypass; it has no input to measure")
+            names += [layer.graph.taps[key], layer.graph.taps[f"{kind}.y"]]
+        return list(dict.fromkeys(names))
+
+    @staticmethod
+    def _accumulate(stats: dict[UnitKind, UnitStats], layer: _LayerSession, out: dict[str, np.ndarray],
+                    h: np.ndarray, dense_after: dict[UnitKind, np.ndarray] | None) -> None:
+        taps = layer.graph.taps
+        h64 = np.asarray(h, dtype=np.float64)
+        as64 = lambda name: np.broadcast_to(np.asarray(out[name], dtype=np.float64), h64.shape)  # noqa: E731
+        h_in = {"attention": h64, "mlp": h64 + as64(taps["attention.y"])}
+        for kind, st in stats.items():
+            x, y = as64(taps[f"{kind}.x"]), as64(taps[f"{kind}.y"])
+            if dense_after is None:
+                st.update(x, y, h_in[kind])
+            else:
+                st.update(x, dense_after[kind] - h_in[kind], h_in[kind], y_actual=y)
+
+    def _fill_embeddings(self) -> None:
+        """Run the prelude on every batch: ``B_0`` into the store, shared values kept per batch size."""
+        self._prelude = _Prelude(self.cutter, self.sessions, self.structure)
+        bar = self.progress("embedding calibration tokens", self.tokens.shape[0])
+        try:
+            for rows in self.batches():
+                stream, shared = self._prelude.run(self.tokens[rows])
+                self.store.current[rows] = stream
+                self._shared.setdefault(rows.stop - rows.start, shared)
+                bar.update(rows.stop - rows.start)
+        finally:
+            bar.close()
+        self.store.snapshot()
+        if not self._prelude.per_batch:
+            self._prelude = None  # its embedding table is no longer needed
+
+    def _shared_values(self, rows: slice) -> dict[str, np.ndarray]:
+        if self._prelude is not None:  # shared values that depend on the token ids: recompute per batch
+            return self._prelude.run(self.tokens[rows])[1]
+        return self._shared[rows.stop - rows.start]
+
+
+class _Prelude:
+    """The graph inputs' share of the model: embeddings ``B_0`` and every value the layers share."""
+
+    def __init__(self, cutter: GraphCutter, sessions: SessionFactory, structure: DecoderStructure) -> None:
+        self.graph = cutter.prelude()
+        self.session = sessions.session(self.graph.model)
+        self.graph_inputs = list(cutter.model.graph.inputs)
+        self.kv = (structure.num_kv_heads, structure.head_dim)
+        self.per_batch = cutter.depends_on_token_values(self.graph.shared)
+
+    def run(self, ids: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        batch, seq = ids.shape
+        inputs = prefill_inputs(self.graph_inputs, batch, seq, *self.kv)
+        inputs["input_ids"] = ids
+        feed = {name: inputs[name] for name in self.graph.inputs}
+        names = [self.graph.stream, *self.graph.shared]
+        values = dict(zip(names, self.session.run(names, feed)))
+        shared = {name: values[name] for name in self.graph.shared}
+        shared.update({k: v for k, v in inputs.items() if k != "input_ids"})  # past KV, mask: graph inputs
+        return np.asarray(values[self.graph.stream], dtype=np.float32), shared
+
+
+def calibrate_export(export: str | os.PathLike, tokens: np.ndarray, config: SubFitConfig,
+                     progress: ProgressFactory = silent, calibration_info: dict[str, Any] | None = None,
+                     workdir: str | None = None, providers: list[str] | None = None, threads: int = 0,
+                     dense: DensePass | None = None) -> CalibrationResult:
+    """Calibrate from an Optimum export with ONNX Runtime (no checkpoint, no torch); same result type as
+    ``calibrate_model``. ``providers`` defaults to CUDA when available, else CPU."""
+    runner = OrtLayerRunner(export, tokens, config.batch_size, workdir, progress, providers, threads)
+    try:
+        info = {"export": str(runner.path), "onnx_providers": runner.providers, **(calibration_info or {})}
+        return run_calibration(runner, config, info, dense=dense)
+    finally:
+        runner.close()

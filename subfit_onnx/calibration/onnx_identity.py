@@ -1,0 +1,59 @@
+"""``ModelIdentity`` and per-unit parameter counts from an export's graph and config.json, without torch.
+
+Plans must be interchangeable between backends, so these follow ``torch_model.model_identity`` field by field:
+head counts and head size come from config.json the way transformers reads them, layer count and hidden size from
+the graph, and a unit's parameters are the weight matrices its MatMul/Gemm nodes read (norms and biases are not
+counted, as in the PyTorch count).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..architectures import UNIT_KINDS, UnitKind, family_for
+from ..errors import PlanMismatchError, SubFitError
+from ..passes.structure import DecoderStructure
+from ..plan import ModelIdentity
+
+
+def text_config(config: dict[str, Any]) -> dict[str, Any]:
+    return config["text_config"] if isinstance(config.get("text_config"), dict) else config
+
+
+def _first(cfg: dict[str, Any], *keys: str) -> Any:
+    return next((cfg[k] for k in keys if cfg.get(k) is not None), None)
+
+
+def export_identity(config: dict[str, Any], structure: DecoderStructure, export_dir: Path) -> ModelIdentity:
+    cfg = text_config(config)
+    model_type = cfg.get("model_type") or config.get("model_type")
+    if not model_type:
+        raise SubFitError(f"{export_dir}/config.json has no model_type")
+    family = family_for(str(model_type))
+    heads = _first(cfg, "num_attention_heads", "n_head")
+    hidden = _first(cfg, "hidden_size", "n_embd")
+    if heads is None:
+        raise SubFitError(f"{export_dir}/config.json gives no num_attention_heads")
+    if hidden is not None and int(hidden) != structure.hidden_size:
+        raise PlanMismatchError(f"{export_dir}/config.json says hidden size {hidden}, the graph has {structure.hidden_size}")
+    hidden = structure.hidden_size
+    kv = _first(cfg, "num_key_value_heads") or heads
+    head_dim = _first(cfg, "head_dim") or hidden // int(heads)
+    first = structure.layers[0]
+    return ModelIdentity(
+        name_or_path=str(config.get("_name_or_path") or export_dir),
+        model_type=str(model_type),
+        family=family.name,
+        num_layers=structure.num_layers,
+        hidden_size=int(hidden),
+        num_attention_heads=int(heads),
+        num_key_value_heads=int(kv),
+        head_dim=int(head_dim),
+        attention_params_per_layer=first.attention.params,
+        mlp_params_per_layer=first.mlp.params,
+    )
+
+
+def export_unit_params(structure: DecoderStructure) -> dict[tuple[int, UnitKind], int]:
+    return {(layer.index, kind): layer.unit(kind).params for layer in structure.layers for kind in UNIT_KINDS}
