@@ -11,6 +11,7 @@ Optimum finds KV inputs by name and never counts layers, so the gaps this leaves
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import numpy as np
@@ -22,6 +23,7 @@ from .graph_tools import consumers, in_scope
 from .structure import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
 
 _SUBSTITUTE_SCOPE = "/subfit/past_shape/"
+_PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
 
 
 class DropPresentOutputsPass(ir.passes.InPlacePass):
@@ -141,10 +143,11 @@ class DropPastInputsPass(ir.passes.InPlacePass):
                         f"{past.name} still feeds its own layer ({own[0]}); bypass the attention, drop its present "
                         "outputs and remove dead nodes first"
                     )
-                kept = next((inputs[template.format(i=i)] for i in range(len(inputs))
-                             if template.format(i=i) in inputs and template.format(i=i) not in dropped), None)
-                if kept is not None:
-                    past.replace_all_uses_with(kept)
+                role = template.rsplit(".", 1)[1]
+                kept = sorted(int(m.group(1)) for name in inputs if name not in dropped
+                              and (m := _PAST.fullmatch(name)) and m.group(2) == role)
+                if kept:  # the lowest kept layer's past of the same role (key or value)
+                    past.replace_all_uses_with(inputs[template.format(i=kept[0])])
                 else:
                     _replace_shape_readers(graph, past)
         remaining = [v for v in graph.inputs if v.name not in dropped]
