@@ -56,10 +56,12 @@ class ContinuationScorer:
         ctx = list(context)
         if not ctx:
             raise ValueError("a continuation needs at least one context token (pass a BOS/EOS prefix)")
-        if self.max_length and len(ctx) + len(cont) > self.max_length:  # keep the end, like lm-eval's models
-            keep = max(self.max_length - len(cont), 1)
-            ctx = ctx[-keep:]
-            cont = cont[-(self.max_length - len(ctx)):]
+        if self.max_length and len(ctx) + len(cont) - 1 > self.max_length:
+            # the model reads ctx + cont[:-1]; keep its last max_length tokens (lm-eval's HF model does the same),
+            # with at least one context token, dropping leading continuation tokens only if they cannot fit
+            full = (ctx + cont)[-(self.max_length + 1):]
+            n_ctx = max(len(full) - len(cont), 1)
+            ctx, cont = full[:n_ctx], full[n_ctx:]
         if self.decoder.signature.has_kv:
             return self._score_with_past(tuple(ctx), cont)
         logits = self.decoder.forward(np.asarray([ctx + cont], dtype=np.int64)).logits[0, len(ctx) - 1 : -1]
