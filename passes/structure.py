@@ -353,8 +353,10 @@ def find_decoder_structure(model: ir.Model, model_type: str | None = None) -> De
             if resolved is None or (wanted is not None and family.name == wanted.name):
                 resolved = outcome
     if resolved is None:
-        reason = next(v for v in tried.values() if isinstance(v, str))
-        raise UnsupportedModelError(f"unexpected decoder structure: {reason}")
+        reasons = [v for v in tried.values() if isinstance(v, str)]
+        if wanted is not None and wanted.onnx_layer_scope == template:  # the family config.json names
+            reasons.insert(0, tried[(wanted.attention, wanted.mlp, wanted.onnx_attention_scope, wanted.onnx_mlp_scope)])
+        raise UnsupportedModelError(f"unexpected decoder structure: {reasons[0]}")
     if wanted is not None and wanted.name not in candidates:
         raise UnsupportedModelError(
             f"config.json says {model_type}, but the graph's layers match {', '.join(candidates)}, not {wanted.name}"
