@@ -114,6 +114,26 @@ def _quiet_optimum():
             logging.getLogger(n).setLevel(level)
 
 
+_TORCH_DEFAULT_THREADS: int | None = None
+
+
+def set_torch_threads(n: int) -> None:
+    """``torch.set_num_threads(n)``, remembering torch's own default the first time (see ``torch_default_threads``)."""
+    import torch
+
+    global _TORCH_DEFAULT_THREADS
+    if _TORCH_DEFAULT_THREADS is None:
+        _TORCH_DEFAULT_THREADS = torch.get_num_threads()
+    torch.set_num_threads(n)
+
+
+def torch_default_threads() -> int:
+    """torch's thread count before ``load_for_generation`` changed it: what "Optimum with defaults" runs with."""
+    import torch
+
+    return _TORCH_DEFAULT_THREADS if _TORCH_DEFAULT_THREADS is not None else torch.get_num_threads()
+
+
 def fix_kv_layout(model: Any, session: Any, config: Any = None) -> Any:
     """Make an ``ORTModelForCausalLM`` size its empty past from the graph, not from its model-type table.
 
@@ -149,9 +169,7 @@ def load_for_generation(model_dir: str | os.PathLike, provider: Provider = "cpu"
     """
     root, _ = export_paths(model_dir)
     if torch_threads is not None:
-        import torch
-
-        torch.set_num_threads(int(torch_threads))
+        set_torch_threads(int(torch_threads))
     ep = ort_provider(provider)
     so = session_options or ort_session_options(allow_spinning=allow_spinning, intra_op_threads=intra_op_threads)
     with _quiet_optimum():

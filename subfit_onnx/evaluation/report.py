@@ -107,7 +107,8 @@ def runtimes_table(report: dict[str, Any]) -> str:
         rows.append(row)
     errors = [f"{r['runtime']}: {r['error']}" for r in report["results"] if r["error"]]
     head = (f"tokens/s, {report['new_tokens']} greedy tokens after {report['prompt_tokens']}, medians of "
-            f"{report['repeats']} interleaved repeats (ratio = first / second model)")
+            f"{report['repeats']} interleaved repeats (ratio = first / second model); optimum-default with "
+            f"{report['torch_default_threads']} torch threads, optimum-tuned with 1")
     return "\n".join([head, "", table(headers, rows)] + (["", "errors:"] + errors if errors else []))
 
 

@@ -26,7 +26,14 @@ import numpy as np
 
 from ..errors import SubFitError
 from ..progress import ProgressFactory, silent
-from ..runtime import export_paths, load_for_generation, ort_provider, read_config
+from ..runtime import (
+    export_paths,
+    load_for_generation,
+    ort_provider,
+    read_config,
+    set_torch_threads,
+    torch_default_threads,
+)
 from .benchmark import alternating
 from .decoder import OnnxDecoder
 from .latency import prompt_ids, time_generate
@@ -51,6 +58,7 @@ class RuntimeReport:
     provider: str
     models: list[str]
     results: list[RuntimeResult]
+    torch_default_threads: int  # what optimum-default ran with (optimum-tuned: 1)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,9 +67,9 @@ class RuntimeReport:
 class _Runner:
     """Load one runtime for one model; ``run(ids, n)`` returns seconds for n new tokens."""
 
-    def __init__(self, kind: str, model_dir: Path, provider: str, torch_default_threads: int):
+    def __init__(self, kind: str, model_dir: Path, provider: str, default_threads: int):
         self.kind, self.model_dir, self.provider = kind, model_dir, provider
-        self.torch_threads = torch_default_threads if kind == "optimum-default" else 1
+        self.torch_threads = default_threads if kind == "optimum-default" else 1
         self._tmp: str | None = None
         self.model = self._load()
 
@@ -100,9 +108,7 @@ class _Runner:
         return og.Model(self._tmp)
 
     def run(self, ids: np.ndarray, n: int) -> float:
-        import torch
-
-        torch.set_num_threads(self.torch_threads)
+        set_torch_threads(self.torch_threads)
         if self.kind == "ort-loop":
             t0 = time.perf_counter()
             produced = len(self.model.greedy(ids[0].tolist(), n))
@@ -141,14 +147,15 @@ def benchmark_runtimes(candidate_dir: str | os.PathLike, reference_dir: str | os
                        provider: str = "cpu", prompt_tokens: int = 32, new_tokens: int = 64, repeats: int = 3,
                        runtimes: tuple[str, ...] = RUNTIMES, progress: ProgressFactory = silent) -> RuntimeReport:
     """Tokens/s of every runtime for the candidate (and the reference, interleaved); see module docstring."""
-    import torch
-
     ort_provider(provider)
     dirs = [Path(candidate_dir)] + ([Path(reference_dir)] if reference_dir is not None else [])
     names = _unique_names(dirs)
     vocab = min(int(read_config(d).get("vocab_size") or 32000) for d in dirs)
     ids = prompt_ids(vocab, prompt_tokens, seed=3)
-    default_threads = torch.get_num_threads()
+    import torch
+
+    before = torch.get_num_threads()  # restored at the end: the runners switch it per runtime
+    default_threads = torch_default_threads()
     results = []
     bar = progress("runtimes", len(runtimes) * repeats * len(dirs))
     try:
@@ -156,9 +163,9 @@ def benchmark_runtimes(candidate_dir: str | os.PathLike, reference_dir: str | os
             results.append(_one_runtime(kind, dirs, names, provider, default_threads, ids, new_tokens, repeats, bar))
     finally:
         bar.close()
-        torch.set_num_threads(default_threads)
+        torch.set_num_threads(before)
     return RuntimeReport(prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats, provider=provider,
-                         models=names, results=results)
+                         models=names, results=results, torch_default_threads=default_threads)
 
 
 def _one_runtime(kind: str, dirs: list[Path], names: list[str], provider: str, default_threads: int,
