@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "rewrite_scale.json"
-STAGES = ("build", "export", "plan", "rewrite", "verify")
+STAGES = ("build", "export", "plan", "rewrite", "verify", "parity")
 
 
 def _peak_rss_mb() -> float:
@@ -55,6 +55,19 @@ def stage_build(args: argparse.Namespace, work: Path) -> dict:
 def stage_export(args: argparse.Namespace, work: Path) -> dict:
     from subfit_onnx.exporters.optimum_export import export_decoder
 
+    if args.export and args.external_input:  # the same export, weights moved into model.onnx_data
+        import onnx_ir as ir
+
+        src = Path(args.export)
+        (work / "export").mkdir()
+        for item in src.iterdir():
+            if item.is_file() and "onnx" not in item.name:
+                shutil.copy2(item, work / "export" / item.name)
+        ir.save(ir.load(src / "model.onnx"), work / "export" / "model.onnx", external_data="model.onnx_data")
+        return {"converted_to_external_data": str(src)}
+    if args.export:  # reuse an existing export (e.g. the tests' cached SmolLM2 one) through a symlink
+        (work / "export").symlink_to(Path(args.export).resolve(), target_is_directory=True)
+        return {"reused": str(args.export)}
     source = Path(args.model) if args.model else work / "hf"
     path = export_decoder(source, work / "export")
     files = {p.name: p.stat().st_size for p in path.parent.iterdir() if "onnx" in p.name}
@@ -166,6 +179,38 @@ def stage_verify(args: argparse.Namespace, work: Path) -> dict:
             "logits_shape": list(logits.shape), "kv_inputs": sum(i.name.startswith("past") for i in sess.get_inputs())}
 
 
+def stage_parity(args: argparse.Namespace, work: Path) -> dict:
+    """With --model: ORT prefill/decode logits and 20 greedy tokens against the PyTorch reference."""
+    import numpy as np
+    import torch
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from subfit_onnx.plan import load_plan
+    from subfit_onnx.reference import apply_plan
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+    from rewrite_helpers import ort_prefill_decode, rel_diff, torch_prefill_decode
+
+    plan, tensors = load_plan(work / "plan")
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
+    reference = apply_plan(model.eval(), plan, tensors)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    enc = tokenizer("The history of the printing press begins in", return_tensors="pt")
+    ids = enc["input_ids"].numpy()
+    got = ort_prefill_decode(work / "rewritten" / "model.onnx", ids, ids[:, -1:])
+    want = torch_prefill_decode(reference, ids, ids[:, -1:])
+    kwargs = {"max_new_tokens": 20, "min_new_tokens": 20, "do_sample": False, "pad_token_id": tokenizer.eos_token_id}
+    ort_tokens = ORTModelForCausalLM.from_pretrained(work / "rewritten").generate(**enc, **kwargs)
+    ref_tokens = reference.generate(**enc, **kwargs)
+    return {"prefill_rel_diff": rel_diff(got[0], want[0]), "decode_rel_diff": rel_diff(got[1], want[1]),
+            "prefill_max_abs_diff": float(np.max(np.abs(got[0] - want[0]))),
+            "decode_max_abs_diff": float(np.max(np.abs(got[1] - want[1]))),
+            "logit_scale": float(np.max(np.abs(want[0]))),
+            "greedy_20_identical": bool(torch.equal(ort_tokens, ref_tokens)),
+            "continuation": tokenizer.decode(ort_tokens[0, ids.shape[1]:])}
+
+
 # ---- driver ---------------------------------------------------------------------------------------------------
 def run_stage(name: str, argv: list[str], work: Path) -> dict:
     """Run one stage in a fresh interpreter; returns its result with wall seconds and peak RSS."""
@@ -192,6 +237,10 @@ def _table(label: str, stages: dict) -> str:
     rows = [f"{label}", f"{'stage':<8} {'seconds':>9} {'peak RSS MB':>12}"]
     for name, r in stages.items():
         rows.append(f"{name:<8} {r['seconds']:>9.1f} {r['peak_rss_mb']:>12.0f}")
+    parity = stages.get("parity")
+    if parity:
+        rows.append(f"parity: prefill {parity['prefill_rel_diff']:.1e}, decode {parity['decode_rel_diff']:.1e} of the "
+                    f"logit scale; 20 greedy tokens identical: {parity['greedy_20_identical']}")
     rep = stages.get("rewrite", {}).get("report")
     if rep:
         rows.append(f"nodes {rep['nodes_before']} -> {rep['nodes_after']}, initializers {rep['initializers_before']} -> "
@@ -206,6 +255,9 @@ def main() -> None:
     p.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
     p.add_argument("--work", default="/tmp/subfit-rewrite-scale", help="scratch folder (needs ~10 GB for 1B)")
     p.add_argument("--model", help="an HF folder to use instead of the random Llama")
+    p.add_argument("--export", help="with --model: its existing Optimum export folder (skips the export stage)")
+    p.add_argument("--external-input", action="store_true",
+                   help="with --export: rewrite a copy stored with external data (the lazy-loading path)")
     p.add_argument("--calibrate", action="store_true", help="with --model: calibrate on --text instead of a synthetic plan")
     p.add_argument("--text", default=str(Path(__file__).parents[1] / "assets" / "text" / "c4_first_half.txt"))
     p.add_argument("--label", default=None)
@@ -232,7 +284,7 @@ def main() -> None:
     stages = {}
     try:
         for name in STAGES:
-            if name == "build" and args.model:
+            if (name == "build" and args.model) or (name == "parity" and not args.model):
                 continue
             stages[name] = run_stage(name, argv, work)
     finally:

@@ -116,12 +116,16 @@ def check_plan_matches(plan: Plan, structure: DecoderStructure, tensors: Mapping
     if missing:
         raise PlanMismatchError(f"the bypass tensors lack {', '.join(missing[:4])}")
     for unit in plan.removed:
+        if not 0 <= unit.layer < structure.num_layers:
+            raise PlanMismatchError(f"the plan removes layer {unit.layer} {unit.kind}, but the graph has "
+                                    f"{structure.num_layers} layers")
         if structure.unit(unit.layer, unit.kind).bypassed:
             raise PlanMismatchError(f"layer {unit.layer} {unit.kind} is already a bypass in this graph")
 
 
 def plan_bypasses(plan: Plan, tensors: Mapping[str, np.ndarray]) -> dict[tuple[int, UnitKind], Bypass]:
-    return {(u.layer, u.kind): bypass_from_tensors(u, dict(tensors)) for u in plan.removed}
+    available = dict(tensors)
+    return {(u.layer, u.kind): bypass_from_tensors(u, available) for u in plan.removed}
 
 
 def rewrite_model(model: ir.Model, bypasses: Mapping[tuple[int, UnitKind], Bypass],
@@ -163,7 +167,8 @@ def rewrite_export(export: str | os.PathLike, plan: Plan, tensors: Mapping[str, 
                    progress: ProgressFactory = silent) -> RewriteReport:
     """Write ``out``: the export with the plan's units replaced by bypasses and their KV cache dropped.
 
-    ``external_data=None`` stores weights in ``model.onnx_data`` when they would not fit a 2 GB protobuf;
+    ``external_data=None`` stores weights in ``model.onnx_data`` when they would not fit a 2 GB protobuf or the
+    input keeps them outside too (an inline save would load every weight, losing the lazy path's low memory);
     True or False forces either layout.
     """
     start = time.perf_counter()
@@ -181,6 +186,7 @@ def rewrite_export(export: str | os.PathLike, plan: Plan, tensors: Mapping[str, 
         counts = (model.graph.num_nodes(), len(model.graph.initializers),
                   sum(v.name.startswith("past_key_values.") for v in model.graph.inputs))
         bytes_before = _model_bytes(model, source)
+        input_external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
         bar.update(1)
 
         removed = [f"layers.{u.layer}.{u.kind}" for u in plan.removed]
@@ -190,7 +196,7 @@ def rewrite_export(export: str | os.PathLike, plan: Plan, tensors: Mapping[str, 
         bar.update(1)
 
         external = external_data if external_data is not None else \
-            _tensor_bytes(model) > PROTOBUF_LIMIT - INLINE_MARGIN
+            input_external or _tensor_bytes(model) > PROTOBUF_LIMIT - INLINE_MARGIN
         LoadExternalTensorsPass(EXTERNAL_THRESHOLD if external else None)(model)
         bar.update(1)
 

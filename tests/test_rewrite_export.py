@@ -107,10 +107,14 @@ def test_external_data_layout_gives_identical_logits(exports, plan, tmp_path):
     a = ort_prefill_decode(tmp_path / "inline" / "model.onnx", ids, ids[:, :1])
     b = ort_prefill_decode(tmp_path / "external" / "model.onnx", ids, ids[:, :1])
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
-    # and back: an external-data input (here the output above, one more unit removed) saved as one file
-    rewrite_export(tmp_path / "external", *hand_plan(tiny_model("llama"), [(2, "mlp", "full")]), tmp_path / "again")
-    assert sorted(p.name for p in (tmp_path / "again").iterdir() if "onnx" in p.name) == ["model.onnx"]
-    assert ort_prefill_decode(tmp_path / "again" / "model.onnx", ids, ids[:, :1])[0].shape == (1, 4, 256)
+    # an external-data input (the output above, one more unit removed) stays external unless asked otherwise
+    more = hand_plan(tiny_model("llama"), [(2, "mlp", "full")])
+    kept = rewrite_export(tmp_path / "external", *more, tmp_path / "kept")
+    assert kept.external_data and (tmp_path / "kept" / "model.onnx_data").is_file()
+    rewrite_export(tmp_path / "external", *more, tmp_path / "inline-again", external_data=False)
+    assert sorted(p.name for p in (tmp_path / "inline-again").iterdir() if "onnx" in p.name) == ["model.onnx"]
+    for folder in ("kept", "inline-again"):
+        assert ort_prefill_decode(tmp_path / folder / "model.onnx", ids, ids[:, :1])[0].shape == (1, 4, 256)
 
 
 def test_existing_output_needs_overwrite(exports, plan, tmp_path):
