@@ -7,8 +7,8 @@ from subfit_onnx.calibration.fitting import constant_error, fit_bypass
 from subfit_onnx.calibration.stats import UnitStats
 
 
-def _stats(x, y, h, weighting="uniform", batches=2):
-    st = UnitStats(x.shape[-1], y.shape[-1], weighting)
+def _stats(x, y, h, weighting="uniform", batches=2, product_dtype=np.float64):
+    st = UnitStats(x.shape[-1], y.shape[-1], weighting, product_dtype=product_dtype)
     for part in np.array_split(np.arange(x.shape[0]), batches):
         st.update(x[part], y[part], h[part])
     return st
@@ -65,3 +65,15 @@ def test_stream_weighting_discounts_a_massive_token():
     stream, _ = fit_bypass(_stats(x, y, h, "stream"), ridge=0.0)
     assert np.abs(stream.weight - w).max() < 0.05 * np.abs(w).max()
     assert np.abs(uniform.weight - w).max() > 10 * np.abs(stream.weight - w).max()
+
+
+def test_float32_batch_products_stay_within_1e_4_of_float64():
+    """The default (float32 products per batch, float64 sums) against exact float64 arithmetic."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(8, 64, 16))
+    y = np.tanh(x @ rng.normal(size=(16, 16))) + 0.1 * rng.normal(size=(8, 64, 16))
+    h = rng.normal(size=x.shape) * 30
+    exact, err64 = fit_bypass(_stats(x, y, h, "stream", batches=4), ridge=1e-4)
+    fast, err32 = fit_bypass(_stats(x, y, h, "stream", batches=4, product_dtype=np.float32), ridge=1e-4)
+    assert np.abs(fast.weight - exact.weight).max() < 1e-4 * np.abs(exact.weight).max()
+    assert err32 == pytest.approx(err64, rel=1e-4)

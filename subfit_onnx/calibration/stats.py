@@ -26,6 +26,7 @@ class UnitStats:
     dim_in: int
     dim_out: int
     weighting: TokenWeighting = "stream"
+    product_dtype: type = np.float32  # per-batch products; float64 for exact arithmetic in tests
     tokens: int = 0
     weight_sum: float = 0.0
     gram: np.ndarray = field(init=False)  # sum w [x,1]^T [x,1]
@@ -62,10 +63,13 @@ class UnitStats:
         xs = x.reshape(-1, x.shape[-1])[keep]
         ys = y.reshape(-1, y.shape[-1])[keep]
         wk = w_flat[keep]
-        xa = np.concatenate([xs, np.ones((xs.shape[0], 1))], axis=1)
-        xw = xa * wk[:, None]
-        self.gram += xw.T @ xa
-        self.cross += xw.T @ ys
+        # One batch's products in float32 (2x faster on CPU BLAS; ~1e-5 relative effect on fitted weights,
+        # measured on SmolLM2), summed across batches in float64 so long calibrations don't lose precision.
+        dt = self.product_dtype
+        xa = np.concatenate([xs, np.ones((xs.shape[0], 1))], axis=1).astype(dt)
+        xw = xa * wk[:, None].astype(dt)
+        self.gram += (xw.T @ xa).astype(np.float64)
+        self.cross += (xw.T @ ys.astype(dt)).astype(np.float64)
         self.tokens += int(keep.sum())
         self.weight_sum += float(wk.sum())
         self.y_energy += float((wk * y_sq.reshape(-1)[keep]).sum())
