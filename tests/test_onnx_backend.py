@@ -1,0 +1,306 @@
+"""The ONNX Runtime calibration backend against the PyTorch one, on tiny exports of every family.
+
+Tolerance: with the same tokens and config, both backends must remove the same units, and every bypass matrix
+(W, or down @ up) and bias must agree within a relative Frobenius error of 1e-3 in fp32 (measured: below 5e-6,
+2e-5 for GPT-2). The reference for Gemma-2 runs PyTorch's sdpa attention, which is what Optimum exports (it
+drops the attention-logit soft-capping that eager applies, a 1.2e-3 logit gap); against eager the selection
+must still agree and the weights within 1e-2. An fp16 export must select the same units as fp32 PyTorch with
+weights within 2e-2 (measured: 4e-3).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx_ir.passes.common import ShapeInferencePass
+
+from subfit_onnx.calibration.calibrate import calibrate_model
+from subfit_onnx.calibration.onnx_backend import OrtLayerRunner, calibrate_export
+from subfit_onnx.calibration.onnx_cut import GraphCutter
+from subfit_onnx.calibration.onnx_session import CPU, CUDA, SessionFactory, default_providers, prefill_inputs
+from subfit_onnx.config import SubFitConfig
+from subfit_onnx.errors import SubFitError
+from subfit_onnx.exporters.rewrite import rewrite_model
+from subfit_onnx.passes.structure import find_decoder_structure
+from tiny_models import FAMILY_CONFIGS, tiny_model
+from rewrite_helpers import random_bypass
+
+TOKENS = np.random.default_rng(0).integers(3, 256, size=(8, 32))
+FP32_TOL = 1e-3
+CONFIG = SubFitConfig(sparsity=0.7, num_samples=8, seq_len=32, batch_size=4, attention_rank=8)
+
+
+def torch_reference(family: str):
+    model = tiny_model(family)
+    if family == "gemma2":
+        model.set_attn_implementation("sdpa")  # the attention Optimum exports (no soft-capping)
+    return model
+
+
+def matrix(tensors: dict[str, np.ndarray], key: str) -> np.ndarray | None:
+    if f"{key}.weight" in tensors:
+        return tensors[f"{key}.weight"]
+    if f"{key}.down" in tensors:
+        return tensors[f"{key}.down"] @ tensors[f"{key}.up"]
+    return None
+
+
+def rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def worst_errors(result, reference) -> tuple[float, float]:
+    """Largest relative error of the bypass matrices and of the biases over the removed units."""
+    w_err = b_err = 0.0
+    for unit in reference.plan.removed:
+        w_ref, w = matrix(reference.tensors, unit.key), matrix(result.tensors, unit.key)
+        if w_ref is not None:
+            w_err = max(w_err, rel(w, w_ref))
+        b_err = max(b_err, rel(result.tensors[f"{unit.key}.bias"], reference.tensors[f"{unit.key}.bias"]))
+    return w_err, b_err
+
+
+def removed(result) -> list[str]:
+    return [u.key for u in result.plan.removed]
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILY_CONFIGS))
+def both_backends(request, tiny_export):
+    family = request.param
+    export = tiny_export(family)
+    return family, export, calibrate_export(export, TOKENS, CONFIG), calibrate_model(torch_reference(family), TOKENS, CONFIG)
+
+
+def test_same_selection_and_weights_as_pytorch(both_backends):
+    family, _, onnx_result, torch_result = both_backends
+    assert removed(onnx_result) == removed(torch_result)
+    kinds = {u.kind for u in torch_result.plan.removed}
+    assert kinds == {"attention", "mlp"}, f"{family}: the config should remove both kinds, got {kinds}"
+    w_err, b_err = worst_errors(onnx_result, torch_result)
+    assert w_err < FP32_TOL and b_err < FP32_TOL, (family, w_err, b_err)
+    for mine, theirs in zip(onnx_result.plan.removed, torch_result.plan.removed):
+        assert mine.bypass.form == theirs.bypass.form and mine.bypass.rank == theirs.bypass.rank
+        assert mine.score == pytest.approx(theirs.score, rel=1e-2)
+
+
+def test_plans_are_interchangeable(both_backends):
+    """Identity, unit parameter counts and sparsity bookkeeping equal the PyTorch backend's."""
+    _, export, onnx_result, torch_result = both_backends
+    skip = {"name_or_path"}
+    assert onnx_result.plan.model.model_dump(exclude=skip) == torch_result.plan.model.model_dump(exclude=skip)
+    assert onnx_result.plan.sparsity == torch_result.plan.sparsity
+    assert onnx_result.plan.calibration["backend"] == "onnx"
+    assert torch_result.plan.calibration["backend"] == "torch"
+    assert onnx_result.plan.calibration["export"] == str(export / "model.onnx")
+    assert all(t.dtype == np.float32 for t in onnx_result.tensors.values())
+    torch_result.plan.check_matches(onnx_result.plan.model)
+
+
+def test_gemma2_against_eager_pytorch(tiny_export):
+    """Eager Gemma-2 soft-caps attention logits and the export does not: the selection still agrees."""
+    onnx_result = calibrate_export(tiny_export("gemma2"), TOKENS, CONFIG)
+    eager = calibrate_model(tiny_model("gemma2"), TOKENS, CONFIG)
+    assert removed(onnx_result) == removed(eager)
+    w_err, b_err = worst_errors(onnx_result, eager)
+    assert 1e-5 < w_err < 1e-2 and b_err < 1e-2, (w_err, b_err)
+
+
+def test_fp16_export_selects_like_fp32(tiny_export):
+    config = SubFitConfig(sparsity=0.3, num_samples=8, seq_len=32, batch_size=4, attention_rank=8)
+    half = calibrate_export(tiny_export("llama", "fp16"), TOKENS, config)
+    full = calibrate_model(tiny_model("llama"), TOKENS, config)
+    assert removed(half) == removed(full)
+    w_err, b_err = worst_errors(half, full)
+    assert 1e-4 < w_err < 2e-2 and b_err < 2e-2, (w_err, b_err)  # fp16 numerics, not exact
+    assert all(t.dtype == np.float32 for t in half.tensors.values())
+
+
+def test_dense_stream_target_agrees(tiny_export):
+    config = CONFIG.model_copy(update={"target": "dense_stream"})
+    onnx_result = calibrate_export(tiny_export("llama"), TOKENS, config)
+    torch_result = calibrate_model(tiny_model("llama"), TOKENS, config)
+    assert removed(onnx_result) == removed(torch_result)
+    w_err, b_err = worst_errors(onnx_result, torch_result)
+    assert w_err < FP32_TOL and b_err < FP32_TOL
+
+
+def test_external_data_export_gives_the_same_plan(tiny_export, tmp_path):
+    src = tiny_export("qwen2")
+    out = tmp_path / "external"
+    out.mkdir()
+    for item in src.iterdir():
+        if item.suffix not in (".onnx", ".onnx_data"):
+            shutil.copy(item, out / item.name)
+    ir.save(ir.load(src / "model.onnx"), out / "model.onnx", external_data="model.onnx_data", size_threshold_bytes=1024)
+    assert (out / "model.onnx_data").stat().st_size > (out / "model.onnx").stat().st_size
+    inline = calibrate_export(src, TOKENS, CONFIG)
+    external = calibrate_export(out, TOKENS, CONFIG)
+    assert removed(inline) == removed(external)
+    for key, value in inline.tensors.items():
+        np.testing.assert_allclose(external.tensors[key], value, rtol=1e-6, atol=1e-7)
+
+
+def test_the_users_export_is_only_read(tiny_export):
+    export = tiny_export("llama")
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in export.iterdir()}
+    calibrate_export(export, TOKENS, CONFIG)
+    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in export.iterdir()}
+    assert after == before
+
+
+def _graph_run(model: ir.Model, tokens: np.ndarray, extra_output: str) -> np.ndarray:
+    """The full graph on ``tokens`` with an empty past; returns the value ``extra_output``."""
+    values = ir.convenience.create_value_mapping(model.graph)
+    model.graph.outputs.append(values[extra_output])
+    session = SessionFactory.create(Path("."), [CPU]).session(model)
+    structure = find_decoder_structure(model)
+    feed = prefill_inputs(list(model.graph.inputs), *tokens.shape, structure.num_kv_heads, structure.head_dim)
+    feed["input_ids"] = tokens
+    return session.run([extra_output], {i.name: feed[i.name] for i in session.get_inputs()})[0]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3", "phi3"])
+def test_layer_cuts_chain_to_the_full_graph(tiny_export, family):
+    """Prelude + layer graphs, fed through the activation store, give the full graph's last stream exactly."""
+    export = tiny_export(family)
+    runner = OrtLayerRunner(export, TOKENS[:4], batch_size=2)
+    try:
+        for i in range(runner.num_layers):
+            runner.sweep(i, (), "stream", "")
+            runner.store.advance()
+        last = runner.cutter.boundaries[-1].name
+        expected = _graph_run(ir.load(export / "model.onnx"), TOKENS[:4], last)
+        np.testing.assert_allclose(np.asarray(runner.store.current), expected, rtol=1e-5, atol=1e-5)
+        if family == "gemma3":
+            assert "position_ids" not in {v.name for v in runner.model.graph.inputs}
+    finally:
+        runner.close()
+
+
+def test_installed_bypasses_are_the_rewritten_graph_and_undo_restores(tiny_export):
+    """What later layers see after install_bypass is what the rewritten export computes; undo gives back dense."""
+    export = tiny_export("llama")
+    rng = np.random.default_rng(3)
+    bypasses = {(1, "mlp"): random_bypass(64, "full", rng), (2, "attention"): random_bypass(64, "lowrank", rng)}
+    runner = OrtLayerRunner(export, TOKENS[:4], batch_size=2)
+    last = runner.cutter.boundaries[-1].name
+
+    def final_stream() -> np.ndarray:
+        runner.store.restore()
+        for i in range(runner.num_layers):
+            runner.sweep(i, (), "stream", "")
+            runner.store.advance()
+        return np.asarray(runner.store.current).copy()
+
+    try:
+        dense = final_stream()
+        swaps = [runner.install_bypass(layer, kind, b) for (layer, kind), b in bypasses.items()]
+        compressed = final_stream()
+        rewritten = ir.load(export / "model.onnx")
+        rewrite_model(rewritten, bypasses)
+        np.testing.assert_allclose(compressed, _graph_run(rewritten, TOKENS[:4], last), rtol=1e-5, atol=1e-5)
+        assert rel(compressed, dense) > 1e-2
+        for swap in reversed(swaps):
+            swap.undo()
+        assert not any(u.bypassed for u in runner.structure.units())
+        np.testing.assert_array_equal(final_stream(), dense)
+    finally:
+        runner.close()
+
+
+def test_shared_values_are_found_by_dependence(tiny_export):
+    """Layers >= 1 read RoPE from layer 0's scope and the mask from the prelude; only B_i is stream data."""
+    model = ir.load(tiny_export("llama") / "model.onnx")
+    ShapeInferencePass(strict_mode=False)(model)  # the runner does this once: cut graphs declare their types
+    cutter = GraphCutter(model, find_decoder_structure(model, "llama"))
+    prelude = cutter.prelude()
+    assert any(name.startswith("/model/layers.0/self_attn/") for name in prelude.shared)
+    assert "input_ids" in prelude.inputs
+    assert len(prelude.model.graph) < len(model.graph) / 4  # it does not drag layers in
+    for i in range(1, cutter.num_layers):
+        shared = {v.name for v in cutter.shared_values(i)}
+        assert {f"past_key_values.{i}.key", f"past_key_values.{i}.value"} <= shared
+        assert not any(v in cutter.tags.data for v in cutter.shared_values(i))
+    assert not cutter.depends_on_token_values(prelude.shared)
+
+
+def test_progress_goes_through_the_factory(tiny_export, capfd):
+    seen: list[tuple[str, int]] = []
+
+    class Bar:
+        def update(self, n: int = 1) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    def factory(desc: str, total: int) -> Bar:
+        seen.append((desc, total))
+        return Bar()
+
+    calibrate_export(tiny_export("llama"), TOKENS, CONFIG, progress=factory)
+    descs = [d for d, _ in seen]
+    assert descs[0] == "embedding calibration tokens"
+    assert "scoring layer 4/4" in descs and "fitting layer 1/4" in descs
+    assert all(total == TOKENS.shape[0] for _, total in seen)
+    out = capfd.readouterr()
+    assert out.out == "" and out.err == ""
+
+
+def test_backend_does_not_import_torch(tiny_export):
+    code = (
+        "import sys, numpy as np\n"
+        "from subfit_onnx.calibration.onnx_backend import calibrate_export\n"
+        "from subfit_onnx.config import SubFitConfig\n"
+        f"r = calibrate_export({str(tiny_export('llama'))!r}, np.random.default_rng(0).integers(3, 256, (4, 16)),\n"
+        "                      SubFitConfig(sparsity=0.3, num_samples=4, seq_len=16))\n"
+        "assert r.plan.removed\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_cuda_provider_is_preferred_when_present(monkeypatch):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
+    assert default_providers() == [CUDA, CPU]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CPU])
+    assert default_providers() == [CPU]
+    with pytest.raises(SubFitError, match="lacks CUDAExecutionProvider"):
+        SessionFactory.create(Path("."), [CUDA])
+
+
+def test_bad_inputs_are_refused(tiny_export, tmp_path):
+    export = tiny_export("llama")
+    with pytest.raises(SubFitError, match="no ONNX model"):
+        calibrate_export(tmp_path / "nowhere", TOKENS, CONFIG)
+    with pytest.raises(SubFitError, match=r"must lie in \[0, 256\)"):
+        calibrate_export(export, TOKENS + 256, CONFIG)
+    with pytest.raises(SubFitError, match="integer array"):
+        calibrate_export(export, TOKENS.astype(np.float32), CONFIG)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(export / "model.onnx", bare / "model.onnx")
+    with pytest.raises(SubFitError, match="no config.json"):
+        calibrate_export(bare, TOKENS, CONFIG)
+    with pytest.raises(SubFitError, match="sparsity"):
+        calibrate_export(export, TOKENS, CONFIG.model_copy(update={"sparsity": 0.99}))
+
+
+def test_an_already_compressed_export_is_refused(tiny_export, tmp_path):
+    export = tiny_export("llama")
+    out = tmp_path / "compressed"
+    shutil.copytree(export, out)
+    model = ir.load(export / "model.onnx")
+    rewrite_model(model, {(1, "mlp"): random_bypass(64, "full", np.random.default_rng(0))})
+    ir.save(model, out / "model.onnx")
+    with pytest.raises(SubFitError, match="already compressed"):
+        calibrate_export(out, TOKENS, CONFIG)
