@@ -140,7 +140,8 @@ def _localize(src: Source) -> Source:
     """A hub model id becomes a local snapshot (the exporter and calibration read local folders)."""
     if src.kind != "hub":
         return src
-    require_hub(f"model {src.given!r}", "pass a local model folder or ONNX export instead")
+    require_hub(f"{src.given} does not exist locally, and as a hub model id it",
+                "pass a local model folder or ONNX export instead")
     from huggingface_hub import snapshot_download
 
     try:

@@ -98,7 +98,7 @@ def _recorded_why(export_dir: Path | None) -> str:
 
 def _hub_check(ref: ModelRef) -> None:
     if ref.ref is not None and not Path(ref.ref).expanduser().exists():
-        require_hub(f"model {ref.ref!r}", "pass a local model folder instead")
+        require_hub(f"{ref.ref} does not exist locally, and as a hub model id it", "pass a local model folder instead")
 
 
 def meta_identity(ref: ModelRef) -> tuple[ModelIdentity, dict[tuple[int, str], int], Any]:
@@ -156,7 +156,8 @@ def load_tokens(tokenizer: Any, source: str, num_samples: int, seq_len: int) -> 
     from .calibration.text import calibration_tokens
 
     if is_dataset_spec(source):
-        require_hub(f"calibration source {source!r}", "pass a local .txt/.jsonl file or folder with --calibration")
+        require_hub(f"calibration source {source!r} is not a local file, and as a dataset it",
+                    "pass a local .txt/.jsonl file or folder with --calibration")
     return calibration_tokens(tokenizer, source, num_samples, seq_len)
 
 
