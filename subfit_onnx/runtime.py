@@ -7,7 +7,9 @@ tensor glue of ``generate`` run in torch) and ORT's intra-op pool, whose idle th
 so steal the cores torch needs between ORT calls. ``torch.set_num_threads(1)`` and the ORT session option
 ``session.intra_op.allow_spinning=0`` remove the contention; not passing ``min_new_tokens`` drops a per-step
 logits processor. Together they gave 30-33 tok/s, on par with a raw ORT loop, and compressed models got faster
-again in proportion to what was removed.
+again in proportion to what was removed. Re-measured here with ``benchmark --runtimes`` (SmolLM2 dense vs SubFit
+25%, loaded machine; ``benchmarks/results/evaluation_smollm2.md``): defaults 4.9 / 5.4 tok/s (ratio 1.09),
+these settings 20.8 / 25.6 tok/s (ratio 1.23), raw ORT loop 27.6 / 31.3.
 
 ``load_for_generation`` also repairs what Optimum gets wrong for SubFit exports:
 - for model types it does not list (Phi-3, ...), Optimum sizes the empty past with ``num_attention_heads``
