@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import shutil
@@ -43,6 +44,19 @@ def _quiet():
             logging.getLogger(n).setLevel(level)
 
 
+def _record_source(config_path: Path, src: Path) -> None:
+    """Write the checkpoint's path back as ``_name_or_path``.
+
+    transformers drops it when saving config.json, and it is how ``optimize model.onnx`` finds the PyTorch
+    weights to calibrate from without ``--model``.
+    """
+    if not config_path.is_file():
+        return
+    config = json.loads(config_path.read_text())
+    config["_name_or_path"] = str(src.resolve())
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def export_decoder(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                    dtype: Literal["fp32", "fp16"] = "fp32", progress: ProgressFactory = silent) -> Path:
     """Export ``model_dir`` (a local HF folder) into ``out_dir``; returns the path of ``model.onnx``.
@@ -69,6 +83,7 @@ def export_decoder(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                         do_validation=False, local_files_only=True)
         if not (tmp / ONNX_FILE).is_file():
             raise SubFitError(f"Optimum produced no {ONNX_FILE} for {src}")
+        _record_source(tmp / "config.json", src)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -142,10 +142,16 @@ def rewrite_model(model: ir.Model, bypasses: Mapping[tuple[int, UnitKind], Bypas
     return insert.bypass_params
 
 
+# Files that describe the *source* graph or a previous SubFit run; copying them would describe the wrong model.
+_NOT_COPIED = {"genai_config.json", "subfit_plan.json", "subfit_bypass.safetensors", "subfit_report.json",
+               "subfit_config.json"}
+
+
 def _copy_companions(src_dir: Path, dest: Path, skip: set[str]) -> None:
     """Tokenizer, generation config and anything else the export folder ships, except the graph and config."""
     for item in src_dir.iterdir():
-        if item.name in skip or item.suffix in (".onnx", ".onnx_data") or item.name.startswith("."):
+        if (item.name in skip or item.name in _NOT_COPIED or item.suffix in (".onnx", ".onnx_data")
+                or item.name.startswith(".")):
             continue
         if item.is_file():
             shutil.copy2(item, dest / item.name)
@@ -215,6 +221,10 @@ def rewrite_export(export: str | os.PathLike, plan: Plan, tensors: Mapping[str, 
                                    has_kv_cache=bool(after.kv_layers()))
             write_config(tmp, config)
             _copy_companions(source.parent, tmp, skip={"config.json"})
+            if (source.parent / "genai_config.json").is_file():  # the source was set up for onnxruntime-genai
+                from ..runtime_genai import write_genai_config
+
+                write_genai_config(tmp)
             bytes_after = sum(p.stat().st_size for p in (target, tmp / DATA_FILE) if p.is_file())
             _finish(tmp, out)
         except BaseException:

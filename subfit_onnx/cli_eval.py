@@ -160,7 +160,21 @@ def benchmark(
         _emit(report, as_json, human)
 
 
+def genai_config(
+    model_dir: ModelDir,
+    provider: Provider = ProviderChoice.cpu,
+    debug: Debug = False,
+) -> None:
+    """Write genai_config.json so onnxruntime-genai loads the export (KV-index gaps included)."""
+    with _errors(debug):
+        from .runtime_genai import write_genai_config
+
+        path = write_genai_config(model_dir, provider=provider.value)
+        typer.echo(f"wrote {path}")
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``evaluate`` and ``benchmark`` to ``app`` (``subfit_onnx.cli`` calls this)."""
+    """Add ``evaluate``, ``benchmark`` and ``genai-config`` to ``app`` (``subfit_onnx.cli`` calls this)."""
     app.command("evaluate")(evaluate)
     app.command("benchmark")(benchmark)
+    app.command("genai-config")(genai_config)
