@@ -25,6 +25,7 @@ from .backends import (
     BACKENDS,
     CalibrationJob,
     choose_backend,
+    export_identity,
     load_tokenizer,
     load_tokens,
     meta_identity,
@@ -188,15 +189,22 @@ def prepare_calibration(src: Source, model: Any, config: SubFitConfig, backend: 
     checkpoint = resolve_checkpoint(src, model)
     export_dir = None if src.needs_export else src.export_dir
     name = choose_backend(backend, checkpoint, export_dir)
-    assert checkpoint is not None
-    identity, params, _ = meta_identity(checkpoint)
+    export = None
+    if name == "onnx":  # the export alone: identity from its graph and config.json, no checkpoint
+        assert facts is not None
+        checkpoint, export = None, facts.onnx_file
+        identity, params = export_identity(export, facts.structure)
+    else:
+        assert checkpoint is not None
+        identity, params, _ = meta_identity(checkpoint)
     check_reachable(params, target_params(sum(params.values()), config.sparsity), config.sparsity)
-    if facts is not None:
+    if facts is not None and checkpoint is not None:
         _check_against(identity, f"--model {checkpoint.label}", facts)
     source_text = config.calibration or DEFAULT_CALIBRATION
     tokens = load_tokens(load_tokenizer(checkpoint, export_dir), source_text, config.num_samples, config.seq_len)
-    info = {"source": source_text, "checkpoint": checkpoint.label, "backend": name}
-    return CalibrationJob(checkpoint, name, tokens, identity, params, info)
+    origin = {"checkpoint": checkpoint.label} if checkpoint is not None else {"export": str(export)}
+    info = {"source": source_text, **origin, "backend": name}
+    return CalibrationJob(checkpoint, name, tokens, identity, params, info, export=export)
 
 
 def _run_calibration(job: CalibrationJob, config: SubFitConfig, progress: ProgressFactory) -> CalibratedPlan:
@@ -282,6 +290,8 @@ def optimize(source: str | Path, sparsity: float | None = None, *, config: SubFi
     ``model`` is the PyTorch checkpoint to calibrate from (path, hub id or a loaded model); by default SOURCE
     when it is a model, else the checkpoint the export's config names. ``plan`` reuses a saved calibration
     (then ``sparsity`` must match it or be None). ``dtype`` applies when SOURCE is a model and is exported here.
+    ``calibration_backend``: ``torch`` runs the checkpoint, ``onnx`` runs the export in ONNX Runtime (no checkpoint
+    needed), ``auto`` picks torch when a checkpoint is known and onnx otherwise.
     """
     started = time.perf_counter()
     progress = progress or silent

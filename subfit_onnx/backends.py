@@ -1,9 +1,9 @@
 """Where calibration statistics come from: the seam between "which model" and "how it is run".
 
-Today the only backend runs the PyTorch checkpoint layer by layer (``calibration.torch_backend``). An ONNX Runtime
-backend, which would calibrate from the export alone, plugs in here: ``choose_backend`` picks a name and
-``BACKENDS`` maps it to a function with the same ``CalibrationJob -> CalibrationResult`` shape, so the API,
-the CLI and the Optimum integration do not change when it lands.
+Two backends: ``torch`` runs the PyTorch checkpoint layer by layer (``calibration.torch_backend``), ``onnx`` runs the
+export itself in ONNX Runtime (``calibration.onnx_backend``), so an export alone can be compressed.
+``choose_backend`` picks a name (``auto``: torch when a checkpoint is known, else onnx) and ``BACKENDS`` maps it
+to a function with the same ``CalibrationJob -> CalibrationResult`` shape.
 
 Everything that can be checked without weights runs first, on a meta-device copy of the model: family,
 reachable sparsity and the match with the ONNX graph, so mistakes surface before minutes of loading and export.
@@ -29,7 +29,7 @@ BACKEND_NAMES: tuple[str, ...] = ("auto", "torch", "onnx")
 
 NEEDS_MODEL = (
     "{export} does not name a local PyTorch checkpoint{why}; pass --model with the checkpoint the export was made "
-    "from (calibration runs it), or --plan with a saved plan"
+    "from (calibration runs it), --calibration-backend onnx to calibrate the export alone, or --plan with a saved plan"
 )
 
 
@@ -57,6 +57,7 @@ class CalibrationJob:
     identity: ModelIdentity
     unit_params: dict[tuple[int, str], int]
     info: dict[str, Any] = field(default_factory=dict)
+    export: Path | None = None  # the model.onnx the onnx backend calibrates
 
 
 def resolve_checkpoint(source: Source, model: Any) -> ModelRef | None:
@@ -75,12 +76,14 @@ def resolve_checkpoint(source: Source, model: Any) -> ModelRef | None:
 
 
 def choose_backend(name: str, checkpoint: ModelRef | None, export_dir: Path | None) -> str:
-    """The backend that will run: ``auto`` means torch when a checkpoint is known."""
+    """The backend that will run: ``auto`` means torch when a checkpoint is known, else onnx on the export."""
     if name not in BACKEND_NAMES:
         raise SubFitError(f"unknown calibration backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
-    if name == "onnx":
-        raise SubFitError("the ONNX Runtime calibration backend is not available yet; calibrate from the PyTorch "
-                          "checkpoint (--model) or reuse a plan (--plan)")
+    if name == "onnx" or (name == "auto" and checkpoint is None and export_dir is not None):
+        if export_dir is None:
+            raise SubFitError("the onnx calibration backend calibrates an ONNX export; pass model.onnx or an export "
+                              "folder as SOURCE, or use --calibration-backend torch")
+        return "onnx"
     if checkpoint is None:
         where = str(export_dir) if export_dir is not None else "the export"
         raise SubFitError("--model is needed: " + NEEDS_MODEL.format(export=where, why=_recorded_why(export_dir)))
@@ -122,6 +125,19 @@ def meta_identity(ref: ModelRef) -> tuple[ModelIdentity, dict[tuple[int, str], i
         skeleton = AutoModelForCausalLM.from_config(config)
     skeleton.config._name_or_path = str(ref.ref)
     return model_identity(skeleton), unit_param_table(skeleton), config
+
+
+def export_identity(onnx_file: Path, structure: dict[str, Any]) -> tuple[ModelIdentity, dict[tuple[int, str], int]]:
+    """Identity and unit parameter table of an export (config.json + ``structure_facts``), for the onnx backend."""
+    from .architectures import UNIT_KINDS
+    from .calibration.onnx_identity import identity_from_counts
+    from .sources import read_config
+
+    identity = identity_from_counts(read_config(onnx_file.parent) or {}, structure["num_layers"],
+                                    structure["hidden_size"], structure["attention_params_per_layer"],
+                                    structure["mlp_params_per_layer"], onnx_file.parent)
+    per_layer = {"attention": identity.attention_params_per_layer, "mlp": identity.mlp_params_per_layer}
+    return identity, {(i, kind): per_layer[kind] for i in range(identity.num_layers) for kind in UNIT_KINDS}
 
 
 def load_tokenizer(ref: ModelRef | None, export_dir: Path | None) -> Any:
@@ -183,4 +199,11 @@ def run_torch(job: CalibrationJob, config: Any, progress: ProgressFactory = sile
     return calibrate_model(model, job.tokens, config, progress=progress, calibration_info=job.info)
 
 
-BACKENDS: dict[str, Callable[..., Any]] = {"torch": run_torch}
+def run_onnx(job: CalibrationJob, config: Any, progress: ProgressFactory = silent) -> Any:
+    from .calibration.onnx_backend import calibrate_export
+
+    assert job.export is not None
+    return calibrate_export(job.export, job.tokens, config, progress=progress, calibration_info=job.info)
+
+
+BACKENDS: dict[str, Callable[..., Any]] = {"torch": run_torch, "onnx": run_onnx}

@@ -42,6 +42,12 @@ class DType(str, Enum):
     fp16 = "fp16"
 
 
+class CalibrationBackend(str, Enum):
+    auto = "auto"
+    torch = "torch"
+    onnx = "onnx"
+
+
 # ---- shared options -------------------------------------------------------------------------------------------
 SOURCE_HELP = "model.onnx, an Optimum export folder, or a Hugging Face model (local folder or hub id; exported first)"
 MODEL_HELP = ("PyTorch checkpoint to calibrate from [default: SOURCE when it is a model, else the checkpoint "
@@ -56,6 +62,9 @@ Sparsity = Annotated[float | None, typer.Option(
     show_default=False)]
 Model = Annotated[str | None, typer.Option("--model", "-m", help=MODEL_HELP, show_default=False)]
 Calibration = Annotated[str | None, typer.Option("--calibration", "-c", help=CALIBRATION_HELP, show_default=False)]
+Backend = Annotated[CalibrationBackend, typer.Option(
+    "--calibration-backend", help="torch: run the PyTorch checkpoint; onnx: run the export in ONNX Runtime (no "
+    "checkpoint needed); auto: torch when a checkpoint is known, else onnx")]
 NumSamples = Annotated[int | None, typer.Option(
     "--num-samples", "-n", help="calibration sequences N [default: 64]", show_default=False)]
 SeqLen = Annotated[int | None, typer.Option(
@@ -151,6 +160,7 @@ def optimize(
     calibration: Calibration = None,
     num_samples: NumSamples = None,
     seq_len: SeqLen = None,
+    backend: Backend = CalibrationBackend.auto,
     output: Output = None,
     plan: Annotated[Path | None, typer.Option(
         "--plan", "-p", help="reuse a saved plan (folder or subfit_plan.json) and skip calibration",
@@ -169,7 +179,8 @@ def optimize(
 
         config = _config(None, calibration, num_samples, seq_len)
         result = api.optimize(source, sparsity, config=config, model=model, output=output, plan=plan,
-                              overwrite=overwrite, progress=_progress(not as_json), dtype=dtype.value)
+                              overwrite=overwrite, progress=_progress(not as_json), dtype=dtype.value,
+                              calibration_backend=backend.value)
         _emit(result.report, as_json, format_summary(result.report))
 
 
@@ -181,6 +192,7 @@ def calibrate(
     calibration: Calibration = None,
     num_samples: NumSamples = None,
     seq_len: SeqLen = None,
+    backend: Backend = CalibrationBackend.auto,
     output: PlanOut = None,
     overwrite: Overwrite = False,
     as_json: Json = False,
@@ -196,7 +208,7 @@ def calibrate(
         config = _config(sparsity, calibration, num_samples, seq_len)
         out = output or default_output(resolve_source(source), config.sparsity, suffix="-plan")
         result = api.calibrate(source, config=config, model=model, output=out, overwrite=overwrite,
-                               progress=_progress(not as_json))
+                               progress=_progress(not as_json), calibration_backend=backend.value)
         report = {"output": str(out), **plan_section(result.plan), "calibration": result.plan.calibration,
                   "seconds": {"calibration": round(result.seconds or 0.0, 3)}}
         sp = report["sparsity"]

@@ -114,4 +114,6 @@ def format_summary(report: dict[str, Any]) -> str:
         lines.append(f"  wall time    {secs.get('total', sum(secs.values())):.1f} s ({parts})")
     if report.get("plan", {}).get("reused"):
         lines.append(f"  plan         reused {report['plan']['path']}")
+    elif report.get("plan", {}).get("calibration", {}).get("backend"):
+        lines.append(f"  calibration  {report['plan']['calibration']['backend']} backend")
     return "\n".join(lines)

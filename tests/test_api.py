@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -107,11 +108,21 @@ def test_sparsity_argument_overrides_config(tiny_export, tiny_checkpoint, config
     assert result.report["sparsity"]["target"] == 0.25
 
 
-@pytest.mark.parametrize("backend, message", [("onnx", "not available yet"), ("bogus", "unknown calibration backend")])
-def test_calibration_backend_seam(tiny_export, tiny_checkpoint, config, backend, message):
+@pytest.mark.parametrize("source, backend, message", [
+    ("export", "bogus", "unknown calibration backend"),
+    ("checkpoint", "onnx", "the onnx calibration backend calibrates an ONNX export"),
+    ("export-no-model", "torch", "--model is needed"),
+])
+def test_calibration_backend_seam(tiny_export, tiny_checkpoint, config, source, backend, message, tmp_path):
+    path = tiny_checkpoint("llama") if source == "checkpoint" else tiny_export("llama")
+    model = tiny_checkpoint("llama") if source == "export" else None
+    if source == "export-no-model":  # an export whose config.json names no checkpoint that exists here
+        path = shutil.copytree(path, tmp_path / "export")
+        cfg = json.loads((path / "config.json").read_text())
+        cfg.pop("_name_or_path", None)
+        (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(SubFitError, match=message):
-        subfit_onnx.calibrate(tiny_export("llama"), config=config, model=tiny_checkpoint("llama"),
-                              calibration_backend=backend)
+        subfit_onnx.calibrate(path, config=config, model=model, calibration_backend=backend)
 
 
 def test_invalid_settings_are_subfit_errors():

@@ -304,3 +304,50 @@ def test_an_already_compressed_export_is_refused(tiny_export, tmp_path):
     ir.save(model, out / "model.onnx")
     with pytest.raises(SubFitError, match="already compressed"):
         calibrate_export(out, TOKENS, CONFIG)
+
+
+# ---- the public API and CLI: an export alone is enough ------------------------------------------------------------
+def _export_naming_no_checkpoint(tiny_export, tmp_path: Path) -> Path:
+    """A copy of the tiny export whose config.json names no checkpoint (what a user downloads)."""
+    import json
+
+    export = shutil.copytree(tiny_export("llama"), tmp_path / "export")
+    config = json.loads((export / "config.json").read_text())
+    config.pop("_name_or_path", None)
+    (export / "config.json").write_text(json.dumps(config))
+    return export
+
+
+def test_optimize_an_export_alone_uses_the_onnx_backend(tiny_export, tiny_checkpoint, tiny_calibration_text, tmp_path):
+    import subfit_onnx
+    from rewrite_helpers import ort_prefill_decode
+
+    export = _export_naming_no_checkpoint(tiny_export, tmp_path)
+    config = SubFitConfig(sparsity=0.5, calibration=str(tiny_calibration_text), num_samples=8, seq_len=32)
+    result = subfit_onnx.optimize(export / "model.onnx", config=config, output=tmp_path / "out")
+    cal = result.report["plan"]["calibration"]
+    assert cal["backend"] == "onnx" and "checkpoint" not in cal and cal["export"].endswith("model.onnx")
+    assert result.report["model"]["checkpoint"] is None
+    assert result.plan.removed and result.plan.sparsity.achieved >= 0.5
+    logits, _, _ = ort_prefill_decode(result.model_path, TOKENS[:1, :8], TOKENS[:1, 8:9])
+    assert np.isfinite(logits).all()
+    # The same text through the PyTorch backend gives the same plan.
+    torch_plan = subfit_onnx.calibrate(export, config=config, model=tiny_checkpoint("llama"),
+                                       calibration_backend="torch").plan
+    assert [u.key for u in torch_plan.removed] == [u.key for u in result.plan.removed]
+
+
+def test_cli_calibration_backend_flag(tiny_export, tiny_calibration_text, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from subfit_onnx.cli import app
+
+    export = _export_naming_no_checkpoint(tiny_export, tmp_path)
+    args = ["calibrate", str(export), "-s", "0.5", "-c", str(tiny_calibration_text), "-n", "8", "-l", "32", "--json"]
+    done = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "plan"), "--calibration-backend", "onnx"])
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["calibration"]["backend"] == "onnx"
+    refused = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "plan2"), "--calibration-backend", "torch"])
+    assert refused.exit_code == 1 and "--model is needed" in refused.stderr

@@ -25,7 +25,9 @@ def _first(cfg: dict[str, Any], *keys: str) -> Any:
     return next((cfg[k] for k in keys if cfg.get(k) is not None), None)
 
 
-def export_identity(config: dict[str, Any], structure: DecoderStructure, export_dir: Path) -> ModelIdentity:
+def identity_from_counts(config: dict[str, Any], num_layers: int, hidden_size: int, attention_params: int,
+                         mlp_params: int, export_dir: Path) -> ModelIdentity:
+    """The identity from config.json plus what the graph says (layers, hidden size, unit parameters)."""
     cfg = text_config(config)
     model_type = cfg.get("model_type") or config.get("model_type")
     if not model_type:
@@ -35,24 +37,28 @@ def export_identity(config: dict[str, Any], structure: DecoderStructure, export_
     hidden = _first(cfg, "hidden_size", "n_embd")
     if heads is None:
         raise SubFitError(f"{export_dir}/config.json gives no num_attention_heads")
-    if hidden is not None and int(hidden) != structure.hidden_size:
-        raise PlanMismatchError(f"{export_dir}/config.json says hidden size {hidden}, the graph has {structure.hidden_size}")
-    hidden = structure.hidden_size
+    if hidden is not None and int(hidden) != hidden_size:
+        raise PlanMismatchError(f"{export_dir}/config.json says hidden size {hidden}, the graph has {hidden_size}")
     kv = _first(cfg, "num_key_value_heads") or heads
-    head_dim = _first(cfg, "head_dim") or hidden // int(heads)
-    first = structure.layers[0]
+    head_dim = _first(cfg, "head_dim") or hidden_size // int(heads)
     return ModelIdentity(
         name_or_path=str(config.get("_name_or_path") or export_dir),
         model_type=str(model_type),
         family=family.name,
-        num_layers=structure.num_layers,
-        hidden_size=int(hidden),
+        num_layers=int(num_layers),
+        hidden_size=int(hidden_size),
         num_attention_heads=int(heads),
         num_key_value_heads=int(kv),
         head_dim=int(head_dim),
-        attention_params_per_layer=first.attention.params,
-        mlp_params_per_layer=first.mlp.params,
+        attention_params_per_layer=int(attention_params),
+        mlp_params_per_layer=int(mlp_params),
     )
+
+
+def export_identity(config: dict[str, Any], structure: DecoderStructure, export_dir: Path) -> ModelIdentity:
+    first = structure.layers[0]
+    return identity_from_counts(config, structure.num_layers, structure.hidden_size, first.attention.params,
+                                first.mlp.params, export_dir)
 
 
 def export_unit_params(structure: DecoderStructure) -> dict[tuple[int, UnitKind], int]:
