@@ -32,9 +32,9 @@ VARIANTS: dict[str, dict] = {
     "weighting=skip_first": {"weighting": "skip_first"},
     "attention_rank=full": {"attention_rank": None},
     "mlp_rank=1/4": {"mlp_rank": 0.25},
+    "ridge=1e-2": {"ridge": 1e-2},
     "no bypass (submodule drop)": {"bypass": False},
     "target=dense_stream": {"target": "dense_stream"},
-    "target=dense_stream, attention_rank=full": {"target": "dense_stream", "attention_rank": None},
 }
 
 

@@ -9,39 +9,25 @@ its own output against the PyTorch reference instead.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Literal
 
 from ..errors import SubFitError
 from ..progress import ProgressFactory, silent
+from ..quiet import quiet
 
 ONNX_FILE = "model.onnx"
 EXPORT_TASK = "text-generation-with-past"
 DTYPES = ("fp32", "fp16")
 
 
-@contextlib.contextmanager
 def _quiet():
     """The exporter prints tracer warnings and progress; library code must not write to the terminal."""
-    names = ("optimum", "transformers", "torch.onnx")
-    levels = {n: logging.getLogger(n).level for n in names}
-    try:
-        for n in names:
-            logging.getLogger(n).setLevel(logging.ERROR)
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for n, level in levels.items():
-            logging.getLogger(n).setLevel(level)
+    return quiet("optimum", "transformers", "torch.onnx")
 
 
 def _record_source(config_path: Path, src: Path) -> None:

@@ -19,16 +19,13 @@ these settings 20.8 / 25.6 tok/s (ratio 1.23), raw ORT loop 27.6 / 31.3.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 from .errors import SubFitError, UnsupportedModelError
+from .quiet import quiet
 
 Provider = Literal["cpu", "cuda"]
 ONNX_FILE = "model.onnx"
@@ -100,20 +97,9 @@ def open_session(model_path: str | os.PathLike, provider: str = "cpu", session_o
         raise SubFitError(f"onnxruntime cannot load {model_path}: {first[:300]}") from None
 
 
-@contextlib.contextmanager
 def _quiet_optimum():
     """Optimum logs warnings for every non-listed model type; library code must not write to the terminal."""
-    names = ("optimum", "transformers")
-    levels = {n: logging.getLogger(n).level for n in names}
-    try:
-        for n in names:
-            logging.getLogger(n).setLevel(logging.ERROR)
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for n, level in levels.items():
-            logging.getLogger(n).setLevel(level)
+    return quiet("optimum", "transformers")
 
 
 _TORCH_DEFAULT_THREADS: int | None = None
