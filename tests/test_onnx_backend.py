@@ -1,15 +1,20 @@
 """The ONNX Runtime calibration backend against the PyTorch one, on tiny exports of every family.
 
 Tolerance: with the same tokens and config, both backends must remove the same units, and every bypass matrix
-(W, or down @ up) and bias must agree within a relative Frobenius error of 1e-3 in fp32 (measured: below 5e-6,
-2e-5 for GPT-2). The reference for Gemma-2 runs PyTorch's sdpa attention, which is what Optimum exports (it
-drops the attention-logit soft-capping that eager applies, a 1.2e-3 logit gap); against eager the selection
-must still agree and the weights within 1e-2. An fp16 export must select the same units as fp32 PyTorch with
-weights within 2e-2 (measured: 4e-3).
+(W, or down @ up) and bias must agree within a relative Frobenius error of 1e-3 in fp32 (measured: below 6e-6,
+5e-5 for GPT-2). That comparison accumulates the per-batch statistics in float64 (``UnitStats.product_dtype``)
+so it measures the two graphs' numerics and nothing else: with the default float32 products, rounding is
+amplified by the tiny models' ill-conditioned fits (GPT-2: 9e-3; every other family below 1.1e-4; SmolLM2 at
+64 x 256 tokens: 3.5e-4, see ``benchmarks/results/onnx_backend.json``), which ``test_default_products`` bounds.
+The reference for Gemma-2 runs PyTorch's sdpa attention, which is what Optimum exports (it drops the
+attention-logit soft-capping that eager applies, a 1.2e-3 logit gap); against eager the selection must still
+agree and the weights within 1e-2. An fp16 export must select the same units as fp32 PyTorch with weights within
+2e-2 (measured: 4e-3).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import shutil
 import subprocess
@@ -22,10 +27,12 @@ import onnxruntime as ort
 import pytest
 from onnx_ir.passes.common import ShapeInferencePass
 
+from subfit_onnx.calibration import onnx_backend, torch_backend
 from subfit_onnx.calibration.calibrate import calibrate_model
 from subfit_onnx.calibration.onnx_backend import OrtLayerRunner, calibrate_export
 from subfit_onnx.calibration.onnx_cut import GraphCutter
 from subfit_onnx.calibration.onnx_session import CPU, CUDA, SessionFactory, default_providers, prefill_inputs
+from subfit_onnx.calibration.stats import UnitStats
 from subfit_onnx.config import SubFitConfig
 from subfit_onnx.errors import SubFitError
 from subfit_onnx.exporters.rewrite import rewrite_model
@@ -74,9 +81,15 @@ def removed(result) -> list[str]:
 
 @pytest.fixture(scope="module", params=sorted(FAMILY_CONFIGS))
 def both_backends(request, tiny_export):
+    """Both backends with float64 per-batch products, so only the graphs' numerics differ."""
     family = request.param
     export = tiny_export(family)
-    return family, export, calibrate_export(export, TOKENS, CONFIG), calibrate_model(torch_reference(family), TOKENS, CONFIG)
+    exact = functools.partial(UnitStats, product_dtype=np.float64)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(onnx_backend, "UnitStats", exact)
+        mp.setattr(torch_backend, "UnitStats", exact)
+        return (family, export, calibrate_export(export, TOKENS, CONFIG),
+                calibrate_model(torch_reference(family), TOKENS, CONFIG))
 
 
 def test_same_selection_and_weights_as_pytorch(both_backends):
@@ -102,6 +115,15 @@ def test_plans_are_interchangeable(both_backends):
     assert onnx_result.plan.calibration["export"] == str(export / "model.onnx")
     assert all(t.dtype == np.float32 for t in onnx_result.tensors.values())
     torch_result.plan.check_matches(onnx_result.plan.model)
+
+
+def test_default_products(tiny_export):
+    """The default float32 per-batch products: GPT-2, the worst-conditioned tiny fit, still selects alike."""
+    onnx_result = calibrate_export(tiny_export("gpt2"), TOKENS, CONFIG)
+    torch_result = calibrate_model(tiny_model("gpt2"), TOKENS, CONFIG)
+    assert removed(onnx_result) == removed(torch_result)
+    w_err, b_err = worst_errors(onnx_result, torch_result)
+    assert w_err < 2e-2 and b_err < 1e-2, (w_err, b_err)
 
 
 def test_gemma2_against_eager_pytorch(tiny_export):

@@ -17,8 +17,10 @@ dtype, and bypass tensors leave as float32 in the plan.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,26 @@ def check_tokens(tokens: np.ndarray, vocab: int | None) -> np.ndarray:
 
 
 @dataclass
+class RunnerTimes:
+    """Seconds by kind of work, so benchmarks can tell this backend's own cost from the shared fitting math."""
+
+    load: float = 0.0  # reading the export, shape inference, structure
+    build: float = 0.0  # cutting graphs and creating sessions
+    graph: float = 0.0  # ONNX Runtime inference (prelude and layers)
+    statistics: float = 0.0  # UnitStats updates (the same work the PyTorch backend does)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @contextmanager
+    def timed(self, what: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            setattr(self, what, getattr(self, what) + time.perf_counter() - start)
+            self.counts[what] = self.counts.get(what, 0) + 1
+
+
+@dataclass
 class _LayerSession:
     """One cut layer and its session; ``run`` feeds a batch of the stream and returns the named outputs."""
 
@@ -114,20 +136,23 @@ class OrtLayerRunner:
         if config is None:
             raise SubFitError(f"{self.path.parent} has no config.json; the ONNX backend reads the model's shape from it")
         self.model_type = str(text_config(config).get("model_type") or config.get("model_type") or "") or None
+        self.tokens = check_tokens(tokens, text_config(config).get("vocab_size"))  # before any heavy work
         self.sessions = SessionFactory.create(self.path.parent, providers, threads)
-        self.model = ir.load(self.path)
-        ShapeInferencePass(strict_mode=False)(self.model)  # element types for the values the cuts expose
-        self.structure = find_decoder_structure(self.model, self.model_type)
+        self.times = RunnerTimes()
+        with self.times.timed("load"):
+            self.model = ir.load(self.path)
+            ShapeInferencePass(strict_mode=False)(self.model)  # element types for the values the cuts expose
+            self.structure = find_decoder_structure(self.model, self.model_type)
         bypassed = [f"layer {u.layer} {u.kind}" for u in self.structure.units() if u.bypassed]
         if bypassed:
             raise SubFitError(f"{self.path} is already compressed by SubFit ({', '.join(bypassed[:3])}); "
                               "calibrate the original export")
         self.identity = export_identity(config, self.structure, self.path.parent)
         self.unit_params = export_unit_params(self.structure)
-        self.tokens = check_tokens(tokens, text_config(config).get("vocab_size"))
         self.batch_size = batch_size
         self.progress = progress
-        self.cutter = GraphCutter(self.model, self.structure)
+        with self.times.timed("build"):
+            self.cutter = GraphCutter(self.model, self.structure)
         self.store = ActivationStore(self.tokens.shape[0], self.tokens.shape[1], self.structure.hidden_size, workdir)
         self._layer: _LayerSession | None = None
         self._shared: dict[int, dict[str, np.ndarray]] = {}
@@ -182,10 +207,13 @@ class OrtLayerRunner:
         try:
             for rows in self.batches():
                 h = np.asarray(self.store.current[rows])
-                out = layer.run(h, self._shared_values(rows), [layer.graph.stream_out, *taps])
+                shared = self._shared_values(rows)
+                with self.times.timed("graph"):
+                    out = layer.run(h, shared, [layer.graph.stream_out, *taps])
                 self.store.next[rows] = out[layer.graph.stream_out]
                 if collect:
-                    self._accumulate(stats, layer, out, h, dense.batch(rows) if dense else None)
+                    with self.times.timed("statistics"):
+                        self._accumulate(stats, layer, out, h, dense.batch(rows) if dense else None)
                 bar.update(rows.stop - rows.start)
         finally:
             bar.close()
@@ -199,7 +227,9 @@ class OrtLayerRunner:
         try:
             for rows in self.batches():
                 h = np.asarray(dense.store.current[rows])
-                out = layer.run(h, self._shared_values(rows), [layer.graph.stream_out, y_att])
+                shared = self._shared_values(rows)
+                with self.times.timed("graph"):
+                    out = layer.run(h, shared, [layer.graph.stream_out, y_att])
                 dense.after_attention[rows] = h + np.asarray(out[y_att], dtype=np.float32)
                 dense.store.next[rows] = out[layer.graph.stream_out]
                 bar.update(rows.stop - rows.start)
@@ -221,16 +251,18 @@ class OrtLayerRunner:
 
     def _refresh(self, changed: int) -> None:
         """Re-read the structure after a graph change; only the changed layer's session is rebuilt."""
-        self.structure = find_decoder_structure(self.model, self.model_type)
-        self.cutter = GraphCutter(self.model, self.structure)
+        with self.times.timed("build"):
+            self.structure = find_decoder_structure(self.model, self.model_type)
+            self.cutter = GraphCutter(self.model, self.structure)
         if self._layer is not None and self._layer.index == changed:
             self._layer = None
 
     def _session(self, index: int) -> _LayerSession:
         if self._layer is None or self._layer.index != index:
             self._layer = None  # free the previous layer's session before building the next
-            graph = self.cutter.layer(index)
-            self._layer = _LayerSession(graph, self.sessions.session(graph.model))
+            with self.times.timed("build"):
+                graph = self.cutter.layer(index)
+                self._layer = _LayerSession(graph, self.sessions.session(graph.model))
         return self._layer
 
     @staticmethod
@@ -261,11 +293,13 @@ class OrtLayerRunner:
 
     def _fill_embeddings(self) -> None:
         """Run the prelude on every batch: ``B_0`` into the store, shared values kept per batch size."""
-        self._prelude = _Prelude(self.cutter, self.sessions, self.structure)
+        with self.times.timed("build"):
+            self._prelude = _Prelude(self.cutter, self.sessions, self.structure)
         bar = self.progress("embedding calibration tokens", self.tokens.shape[0])
         try:
             for rows in self.batches():
-                stream, shared = self._prelude.run(self.tokens[rows])
+                with self.times.timed("graph"):
+                    stream, shared = self._prelude.run(self.tokens[rows])
                 self.store.current[rows] = stream
                 self._shared.setdefault(rows.stop - rows.start, shared)
                 bar.update(rows.stop - rows.start)
@@ -277,7 +311,8 @@ class OrtLayerRunner:
 
     def _shared_values(self, rows: slice) -> dict[str, np.ndarray]:
         if self._prelude is not None:  # shared values that depend on the token ids: recompute per batch
-            return self._prelude.run(self.tokens[rows])[1]
+            with self.times.timed("graph"):
+                return self._prelude.run(self.tokens[rows])[1]
         return self._shared[rows.stop - rows.start]
 
 
