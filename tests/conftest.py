@@ -79,3 +79,25 @@ def smollm2_onnx(smollm2_assets):
 
 # ---- evaluation/runtime tests: KV-gap, no-KV, Phi-3 and SubFit-compressed tiny exports (see onnx_exports.py) -----
 from onnx_exports import tiny_compressed, tiny_exports  # noqa: E402,F401
+
+
+@pytest.fixture(scope="session")
+def smollm2_subfit25(smollm2_assets):
+    """SmolLM2 calibrated once at 25% with the default config on 32 x 256 C4 tokens: (tokenizer, plan, tensors).
+
+    Shared by every real-model test so CI pays for one calibration.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from subfit_onnx.calibration.calibrate import calibrate_model
+    from subfit_onnx.calibration.text import calibration_tokens
+    from subfit_onnx.config import SubFitConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_assets.model)
+    config = SubFitConfig(sparsity=0.25, num_samples=32, seq_len=256)
+    tokens = calibration_tokens(tokenizer, smollm2_assets.c4_calibration, config.num_samples, config.seq_len)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_assets.model, dtype=torch.float32,
+                                                 attn_implementation="sdpa").eval()
+    result = calibrate_model(model, tokens, config)
+    return tokenizer, result.plan, result.tensors

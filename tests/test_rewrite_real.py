@@ -24,18 +24,8 @@ def load_smollm2(assets):
 
 
 @pytest.fixture(scope="module")
-def calibrated(smollm2_assets):
-    from transformers import AutoTokenizer
-
-    from subfit_onnx.calibration.calibrate import calibrate_model
-    from subfit_onnx.calibration.text import calibration_tokens
-    from subfit_onnx.config import SubFitConfig
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_assets.model)
-    config = SubFitConfig(sparsity=0.25, num_samples=16, seq_len=128)
-    tokens = calibration_tokens(tokenizer, smollm2_assets.c4_calibration, config.num_samples, config.seq_len)
-    result = calibrate_model(load_smollm2(smollm2_assets), tokens, config)
-    return tokenizer, result.plan, result.tensors
+def calibrated(smollm2_subfit25):
+    return smollm2_subfit25
 
 
 @pytest.fixture(scope="module")
