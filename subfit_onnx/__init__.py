@@ -28,12 +28,14 @@ _EXPORTS = {
     "PlanMismatchError": "errors",
     "silent": "progress",
     "tqdm_progress": "progress",
+    "load_for_generation": "runtime",
+    "apply_plan": "reference",
 }
 
 __all__ = [
     "DEFAULT_CALIBRATION", "CalibratedPlan", "CalibrationDataError", "Plan", "PlanMismatchError", "Result",
     "SubFitConfig", "SubFitError", "UnsupportedModelError", "__version__", "calibrate", "load_plan", "optimize",
-    "rewrite", "save_plan", "silent", "tqdm_progress",
+    "rewrite", "save_plan", "silent", "tqdm_progress", "load_for_generation", "apply_plan",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -42,6 +44,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .errors import CalibrationDataError, PlanMismatchError, SubFitError, UnsupportedModelError
     from .plan import Plan, load_plan, save_plan
     from .progress import silent, tqdm_progress
+    from .reference import apply_plan
+    from .runtime import load_for_generation
 
 
 def __getattr__(name: str) -> Any:
