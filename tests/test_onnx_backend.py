@@ -373,3 +373,109 @@ def test_cli_calibration_backend_flag(tiny_export, tiny_calibration_text, tmp_pa
     assert json.loads(done.stdout)["calibration"]["backend"] == "onnx"
     refused = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "plan2"), "--calibration-backend", "torch"])
     assert refused.exit_code == 1 and "--model is needed" in refused.stderr
+
+
+# ---- SmolLM2: the ONNX backend's model is as good as the PyTorch backend's -----------------------------------------
+REAL_SAMPLES, REAL_SEQ, REAL_WINDOWS = 32, 256, 16
+MAX_RATIO_GAP = 0.02  # |ratio_onnx / ratio_torch - 1|; measured 0.0000 at 64 x 256 (benchmarks/onnx_backend.py)
+
+
+def _real_config(assets) -> SubFitConfig:
+    return SubFitConfig(sparsity=0.25, num_samples=REAL_SAMPLES, seq_len=REAL_SEQ, calibration=str(assets.c4_calibration))
+
+
+@pytest.fixture(scope="module")
+def wiki_windows(smollm2_assets, smollm2_onnx):
+    from subfit_onnx.evaluation.decoder import OnnxDecoder
+    from subfit_onnx.evaluation.perplexity import make_windows
+
+    return make_windows(OnnxDecoder(smollm2_onnx).tokenizer, smollm2_assets.wiki, REAL_WINDOWS, REAL_SEQ)
+
+
+def _ppl(folder: Path, windows) -> float:
+    from subfit_onnx.evaluation.decoder import OnnxDecoder
+    from subfit_onnx.evaluation.perplexity import window_perplexity
+
+    return window_perplexity(OnnxDecoder(folder), windows).perplexity
+
+
+@pytest.fixture(scope="module")
+def onnx_fp32_run(smollm2_assets, smollm2_onnx, wiki_windows, tmp_path_factory):
+    """``optimize model.onnx --sparsity 0.25`` with no checkpoint (the ONNX backend) and its wiki ppl ratio."""
+    import subfit_onnx
+
+    out = tmp_path_factory.mktemp("smollm2-onnx-backend") / "fp32"
+    result = subfit_onnx.optimize(smollm2_onnx / "model.onnx", config=_real_config(smollm2_assets), output=out,
+                                  calibration_backend="onnx")
+    return result, _ppl(out, wiki_windows) / _ppl(smollm2_onnx, wiki_windows)
+
+
+def _torch_plan(request, assets):
+    """The PyTorch plan at the same settings; shares the session's ``smollm2_subfit25`` calibration when defined."""
+    try:
+        _, plan, tensors = request.getfixturevalue("smollm2_subfit25")
+        return plan, tensors
+    except pytest.FixtureLookupError:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from subfit_onnx.calibration.text import calibration_tokens
+
+        config = _real_config(assets)
+        tokens = calibration_tokens(AutoTokenizer.from_pretrained(assets.model), assets.c4_calibration,
+                                    REAL_SAMPLES, REAL_SEQ)
+        model = AutoModelForCausalLM.from_pretrained(assets.model, dtype=torch.float32, attn_implementation="sdpa")
+        result = calibrate_model(model.eval(), tokens, config)
+        return result.plan, result.tensors
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_smollm2_onnx_backend_perplexity_matches_torch(request, smollm2_assets, smollm2_onnx, wiki_windows,
+                                                       onnx_fp32_run, tmp_path):
+    import subfit_onnx
+
+    result, onnx_ratio = onnx_fp32_run
+    assert result.report["plan"]["calibration"]["backend"] == "onnx"
+    plan, tensors = _torch_plan(request, smollm2_assets)
+    assert plan.calibration["backend"] == "torch"
+    subfit_onnx.rewrite(smollm2_onnx, (plan, tensors), tmp_path / "torch")
+    torch_ratio = _ppl(tmp_path / "torch", wiki_windows) / _ppl(smollm2_onnx, wiki_windows)
+    maps = f"onnx {result.plan.depth_map()} vs torch {plan.depth_map()}"
+    assert 1.0 < torch_ratio < 3.0, (torch_ratio, maps)
+    assert abs(onnx_ratio / torch_ratio - 1) < MAX_RATIO_GAP, (onnx_ratio, torch_ratio, maps)
+    differ = {u.key for u in result.plan.removed} ^ {u.key for u in plan.removed}
+    assert len(differ) <= 2, maps
+
+
+@pytest.fixture(scope="module")
+def smollm2_onnx_fp16(smollm2_assets):
+    """The fp16 Optimum export of SmolLM2, cached at ``<assets>/onnx/smollm2-fp16`` (Optimum exports fp16 on CPU)."""
+    from subfit_onnx.exporters.optimum_export import export_decoder
+
+    folder = smollm2_assets.root / "onnx" / "smollm2-fp16"
+    if not (folder / "model.onnx").is_file():
+        try:
+            export_decoder(smollm2_assets.model, folder, dtype="fp16")
+        except (SubFitError, OSError):
+            if not (folder / "model.onnx").is_file():  # another session may have finished it meanwhile
+                raise
+    return folder
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_smollm2_fp16_export_keeps_the_fp32_ratio(smollm2_assets, smollm2_onnx_fp16, wiki_windows, onnx_fp32_run,
+                                                  tmp_path):
+    """Calibrated on the fp16 graph itself (fp16 bypasses in the fp16 stream), scored against the fp16 dense."""
+    import subfit_onnx
+
+    half = ir.load(smollm2_onnx_fp16 / "model.onnx")
+    assert find_decoder_structure(half).dtype == ir.DataType.FLOAT16
+    del half
+    result = subfit_onnx.optimize(smollm2_onnx_fp16, config=_real_config(smollm2_assets), output=tmp_path / "fp16",
+                                  calibration_backend="onnx")
+    fp16_ratio = _ppl(tmp_path / "fp16", wiki_windows) / _ppl(smollm2_onnx_fp16, wiki_windows)
+    fp32_result, fp32_ratio = onnx_fp32_run
+    assert abs(fp16_ratio / fp32_ratio - 1) < MAX_RATIO_GAP, (fp16_ratio, fp32_ratio)
+    assert result.plan.depth_map() == fp32_result.plan.depth_map()
