@@ -1,0 +1,214 @@
+"""The main table: SubFit against layer-level baselines on SmolLM2-135M-Instruct, all as ONNX models in ORT.
+
+One command reproduces it (about an hour on 2 CPU cores; steps already done in --work are reused):
+
+    python benchmarks/main_table.py [--assets assets] [--work assets/bench]
+
+- Calibration: the first half of exllamav2's c4.utf8, 64 x 256 tokens, shared by every method.
+- Perplexity: held-out windows of wiki.utf8 and of the second half of c4.utf8 (48 windows x 256 tokens each,
+  spread evenly over the text, each scored from its first token), ONNX Runtime CPU EP.
+- Accuracy: length-normalised multiple-choice accuracy on the first 200 items of ../shared/data/mc/*.jsonl;
+  retention is the mean over both sets of (model acc_norm / dense acc_norm).
+- Speed: prefill 128/512, per-token decode at context 512 and KV bytes, candidate and dense interleaved in one
+  process (``subfit_onnx.evaluation.benchmark``); ratios to dense.
+- Rows: dense; at each sparsity SubFit (default config), layer drop (ShortGPT), ReplaceMe (contiguous block +
+  linear map), submodule drop (SubFit's selection, no bypass) and a layer-truncated model with the same parameter
+  count (the physical floor for speed; exported the same way).
+
+Writes benchmarks/results/main_table.{json,md} and three PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from subfit_onnx.assets import fetch_assets
+from subfit_onnx.baselines import drop_bypasses, layer_drop_plan, replaceme_plan
+from subfit_onnx.calibration.calibrate import calibrate_model
+from subfit_onnx.calibration.text import calibration_tokens
+from subfit_onnx.config import SubFitConfig
+from subfit_onnx.evaluation.benchmark import BenchmarkSettings, run_benchmark
+from subfit_onnx.evaluation.evaluate import evaluate_export
+from subfit_onnx.exporters.optimum_export import export_decoder
+from subfit_onnx.exporters.rewrite import rewrite_export
+from subfit_onnx.plan import save_plan
+
+REPO = Path(__file__).resolve().parents[1]
+MC_DIR = REPO.parent / "shared" / "data" / "mc"
+METHODS = ("subfit", "layer_drop", "replaceme", "submodule_drop", "truncated")
+
+
+def _load(model_dir: Path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def truncated_export(model_dir: Path, keep_layers: int, out: Path, work: Path) -> Path:
+    """The first ``keep_layers`` layers only, saved and exported exactly like the dense model."""
+    if (out / "model.onnx").exists():
+        return out
+    model = _load(model_dir)
+    model.model.layers = model.model.layers[:keep_layers]
+    model.config.num_hidden_layers = keep_layers
+    hf_dir = work / f"hf-truncated-{keep_layers}"
+    model.save_pretrained(hf_dir)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(hf_dir)
+    return export_decoder(hf_dir, out)
+
+
+def build_models(args: argparse.Namespace, assets: Any, work: Path, log: dict) -> dict[str, Path]:
+    dense_dir = work / "dense"
+    if not (dense_dir / "model.onnx").exists():
+        export_decoder(assets.model, dense_dir)
+    models = {"dense": dense_dir}
+    tokenizer = AutoTokenizer.from_pretrained(assets.model)
+    tokens = calibration_tokens(tokenizer, assets.c4_calibration, args.num_samples, 256)
+    dense_pass = None
+    for s in args.sparsities:
+        pct = f"{round(s * 1000) / 10:g}"
+        targets = {m: work / f"{m}-{pct}" for m in METHODS}
+        if all((p / "model.onnx").exists() for p in targets.values()):
+            models.update({f"{m}@{s}": p for m, p in targets.items()})
+            continue
+        model = _load(assets.model)
+        t0 = time.perf_counter()
+        result = calibrate_model(model, tokens, SubFitConfig(sparsity=s, num_samples=args.num_samples),
+                                 dense=dense_pass)
+        log.setdefault("calibration_seconds", {})[str(s)] = time.perf_counter() - t0
+        dense_pass = result.dense
+        plans = {
+            "subfit": (result.plan, result.tensors),
+            "submodule_drop": drop_bypasses(result.plan, result.tensors),
+            "layer_drop": layer_drop_plan(model, result.dense, s),
+            "replaceme": replaceme_plan(_load(assets.model), tokens, s),
+        }
+        for method, (plan, tensors) in plans.items():
+            save_plan(plan, tensors, work / "plans" / f"{method}-{pct}")
+            if not (targets[method] / "model.onnx").exists():
+                rewrite_export(dense_dir, plan, tensors, targets[method], overwrite=True)
+            log.setdefault("plans", {})[f"{method}@{s}"] = {
+                "depth_map": plan.depth_map(), "achieved": plan.sparsity.achieved, "net": plan.sparsity.net}
+        keep = round(result.plan.model.num_layers * (1 - result.plan.sparsity.achieved))
+        truncated_export(assets.model, keep, targets["truncated"], work)
+        log.setdefault("plans", {})[f"truncated@{s}"] = {"keep_layers": keep}
+        models.update({f"{m}@{s}": p for m, p in targets.items()})
+    return models
+
+
+def measure(models: dict[str, Path], assets: Any, args: argparse.Namespace, cache: dict) -> dict[str, dict]:
+    tasks = sorted(MC_DIR.glob("*.jsonl"))
+    settings = BenchmarkSettings(repeats=args.repeats)
+    for name, path in models.items():
+        row = cache.setdefault(name, {})
+        if "wiki_ppl" not in row:
+            wiki = evaluate_export(path, text=assets.wiki, tasks=tasks, limit=args.mc_limit, windows=args.windows)
+            row["wiki_ppl"] = wiki["model"]["perplexity"]["perplexity"]
+            row["acc_norm"] = {t: r["acc_norm"] for t, r in wiki["model"]["tasks"].items()}
+            c4 = evaluate_export(path, text=assets.c4_heldout, windows=args.windows)
+            row["c4_ppl"] = c4["model"]["perplexity"]["perplexity"]
+        if name != "dense" and "speed" not in row and not args.skip_speed:
+            report = run_benchmark(path, models["dense"], settings)
+            row["speed"] = report.ratios
+            row["kv_bytes_per_token"] = report.candidate.kv_bytes_per_token
+            row["dense_kv_bytes_per_token"] = report.reference.kv_bytes_per_token
+            row["file_bytes"] = report.candidate.file_bytes
+        yield name, row
+
+
+def table(rows: dict[str, dict]) -> str:
+    dense = rows["dense"]
+    head = ("| model | sparsity | wiki ppl ratio | c4 ppl ratio | acc retention | prefill-128 | prefill-512 | "
+            "decode@512 | KV bytes |\n|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for name, r in rows.items():
+        method, _, s = name.partition("@")
+        retention = sum(r["acc_norm"][t] / dense["acc_norm"][t] for t in dense["acc_norm"]) / len(dense["acc_norm"])
+        sp = r.get("speed") or {}
+        kv = r["kv_bytes_per_token"] / r["dense_kv_bytes_per_token"] if "kv_bytes_per_token" in r else 1.0
+        fmt = lambda k: f"{sp[k]:.3f}" if k in sp else "-"  # noqa: E731
+        lines.append(f"| {method} | {s or '0'} | {r['wiki_ppl'] / dense['wiki_ppl']:.3f} | "
+                     f"{r['c4_ppl'] / dense['c4_ppl']:.3f} | {retention:.3f} | {fmt('prefill_128_ms')} | "
+                     f"{fmt('prefill_512_ms')} | {fmt('decode_512_ms_per_token')} | {kv:.3f} |")
+    return "\n".join(lines)
+
+
+def plots(rows: dict[str, dict], out_dir: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    dense = rows["dense"]
+    series: dict[str, list[tuple[float, dict]]] = {}
+    for name, r in rows.items():
+        if "@" in name:
+            method, s = name.split("@")
+            series.setdefault(method, []).append((float(s), r))
+    metrics = {
+        "ppl_ratio_vs_sparsity.png": ("wiki perplexity / dense (log)", lambda r: r["wiki_ppl"] / dense["wiki_ppl"], True),
+        "accuracy_retention_vs_sparsity.png": ("acc_norm retention", lambda r: sum(
+            r["acc_norm"][t] / dense["acc_norm"][t] for t in dense["acc_norm"]) / len(dense["acc_norm"]), False),
+        "decode_latency_vs_sparsity.png": ("decode@512 latency / dense",
+                                           lambda r: (r.get("speed") or {}).get("decode_512_ms_per_token", float("nan")), False),
+    }
+    written = []
+    for fname, (label, fn, log) in metrics.items():
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        for method, pts in sorted(series.items()):
+            pts.sort(key=lambda p: p[0])
+            ax.plot([p[0] for p in pts], [fn(p[1]) for p in pts], marker="o", label=method)
+        ax.set_xlabel("sparsity (fraction of block parameters removed)")
+        ax.set_ylabel(label)
+        if log:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / fname, dpi=110)
+        plt.close(fig)
+        written.append(fname)
+    return written
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--assets", default=str(REPO / "assets"))
+    ap.add_argument("--work", default=None, help="where exports go (default: <assets>/bench)")
+    ap.add_argument("--sparsities", type=float, nargs="+", default=[0.125, 0.25, 0.375])
+    ap.add_argument("--num-samples", type=int, default=64)
+    ap.add_argument("--windows", type=int, default=48)
+    ap.add_argument("--mc-limit", type=int, default=200)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = ap.parse_args()
+
+    assets = fetch_assets(args.assets)
+    work = Path(args.work) if args.work else assets.root / "bench"
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "main_table.json"
+    saved = json.loads(json_path.read_text()) if json_path.exists() else {}
+    log = saved.get("log", {})
+    models = build_models(args, assets, work, log)
+    rows = saved.get("rows", {})
+    for name, _ in measure(models, assets, args, rows):
+        json_path.write_text(json.dumps({"settings": vars(args), "log": log, "rows": rows}, indent=2))
+        print(f"measured {name}", flush=True)
+    md = table(rows)
+    (out_dir / "main_table.md").write_text(md + "\n")
+    pngs = plots(rows, out_dir)
+    print(md)
+    print(f"wrote {json_path}, main_table.md and {', '.join(pngs) or 'no plots (pip install matplotlib)'}")
+
+
+if __name__ == "__main__":
+    main()
