@@ -46,8 +46,7 @@ from .onnx_session import SessionFactory, prefill_inputs
 from .stats import TokenWeighting, UnitStats
 
 ONNX_FILE = "model.onnx"
-_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-          "tensor(bfloat16)": np.float32}
+_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
 def export_file(path: str | os.PathLike) -> Path:
@@ -96,14 +95,21 @@ class _LayerSession:
 
     graph: LayerGraph
     session: ort.InferenceSession
+    stream_dtype: type = np.float32
+
+    def __post_init__(self) -> None:
+        kind = next(i.type for i in self.session.get_inputs() if i.name == self.graph.stream_in)
+        if kind not in _NUMPY:
+            raise SubFitError(f"layer {self.index}: the residual stream is {kind}; calibration handles float, "
+                              "float16 and double graphs")
+        self.stream_dtype = _NUMPY[kind]
 
     @property
     def index(self) -> int:
         return self.graph.index
 
     def run(self, h: np.ndarray, shared: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
-        dtypes = {i.name: _NUMPY.get(i.type, np.float32) for i in self.session.get_inputs()}
-        feed = {self.graph.stream_in: np.ascontiguousarray(h, dtype=dtypes[self.graph.stream_in])}
+        feed = {self.graph.stream_in: np.ascontiguousarray(h, dtype=self.stream_dtype)}
         feed.update({name: shared[name] for name in self.graph.shared})
         return dict(zip(outputs, self.session.run(outputs, feed)))
 

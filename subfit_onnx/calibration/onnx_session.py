@@ -48,6 +48,9 @@ class SessionFactory:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.intra_op_num_threads = self.threads
+        # Calibration alternates short ORT runs with numpy statistics and fits: idle ORT threads must sleep, not
+        # spin, or they take the cores the numpy BLAS work needs right after each run.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(self.model_dir.resolve()))
         return options
 
