@@ -133,9 +133,10 @@ def stage_forward(args: argparse.Namespace) -> dict:
 
 def stage_perplexity(args: argparse.Namespace) -> dict:
     """Dense and compressed perplexity of one export; each plan folder is rewritten onto it first."""
+    from subfit_onnx.exporters.rewrite import rewrite_export
+
     from subfit_onnx.evaluation.decoder import OnnxDecoder
     from subfit_onnx.evaluation.perplexity import make_windows, window_perplexity
-    from subfit_onnx.exporters.rewrite import rewrite_export
     from subfit_onnx.plan import load_plan
 
     export = _export_dir(args, args.dtype)
@@ -165,7 +166,7 @@ def agreement(torch_plan: Path, onnx_plan: Path) -> dict:
     def matrix(t: dict, key: str):
         return t[f"{key}.weight"] if f"{key}.weight" in t else t[f"{key}.down"] @ t[f"{key}.up"]
 
-    rel = lambda x, y: float(np.linalg.norm(x - y) / np.linalg.norm(y))  # noqa: E731
+    rel = lambda x, y: float(np.linalg.norm(x - y) / np.linalg.norm(y))
     common = [k for k in keys_a if k in keys_b]
     w = [rel(matrix(tb, k), matrix(ta, k)) for k in common]
     bias = [rel(tb[f"{k}.bias"], ta[f"{k}.bias"]) for k in common]
@@ -186,7 +187,7 @@ def _stage(args: argparse.Namespace, name: str, *extra: str) -> dict:
     cmd = [sys.executable, __file__, "--stage", name, "--assets", str(args.assets), "--num-samples",
            str(args.num_samples), "--seq-len", str(args.seq_len), "--windows", str(args.windows),
            "--sparsity", str(args.sparsity), "--tokens", str(args.tokens), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
         raise SystemExit(f"stage {name} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -29,7 +29,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 from onnx_ir.passes.common import ShapeInferencePass
 
-from ..architectures import UNIT_KINDS, UnitKind
+from ..architectures import UnitKind
 from ..config import SubFitConfig
 from ..errors import SubFitError
 from ..exporters.hf_config import read_config
@@ -288,7 +288,7 @@ class OrtLayerRunner:
                     h: np.ndarray, dense_after: dict[UnitKind, np.ndarray] | None) -> None:
         taps = layer.graph.taps
         h64 = np.asarray(h, dtype=np.float64)
-        as64 = lambda name: np.broadcast_to(np.asarray(out[name], dtype=np.float64), h64.shape)  # noqa: E731
+        as64 = lambda name: np.broadcast_to(np.asarray(out[name], dtype=np.float64), h64.shape)
         h_in = {"attention": h64, "mlp": h64 + as64(taps["attention.y"])}
         for kind, st in stats.items():
             x, y = as64(taps[f"{kind}.x"]), as64(taps[f"{kind}.y"])
