@@ -64,7 +64,8 @@ class RewriteReport(BaseModel):
     wall_seconds: float
 
 
-def _source_file(export: str | os.PathLike) -> Path:
+def export_file(export: str | os.PathLike) -> Path:
+    """``model.onnx`` of an export folder, or the file itself; one clear error when there is none."""
     path = Path(export)
     if path.is_dir():
         path = path / ONNX_FILE
@@ -178,7 +179,7 @@ def rewrite_export(export: str | os.PathLike, plan: Plan, tensors: Mapping[str, 
     True or False forces either layout.
     """
     start = time.perf_counter()
-    source = _source_file(export)
+    source = export_file(export)
     out = Path(out)
     _check_out(out, source, overwrite)
     export_config = read_config(source.parent)

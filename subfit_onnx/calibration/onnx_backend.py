@@ -21,7 +21,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +32,7 @@ from ..architectures import UnitKind
 from ..config import SubFitConfig
 from ..errors import SubFitError
 from ..exporters.hf_config import read_config
+from ..exporters.rewrite import export_file
 from ..passes.bypass import InsertBypassPass, bypass_initializer_name
 from ..passes.structure import BYPASS_SCOPE, DecoderStructure, find_decoder_structure
 from ..progress import ProgressFactory, silent
@@ -49,14 +49,6 @@ ONNX_FILE = "model.onnx"
 _NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
-def export_file(path: str | os.PathLike) -> Path:
-    """``model.onnx`` of an export folder, or the file itself."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / ONNX_FILE
-    if not p.is_file():
-        raise SubFitError(f"no ONNX model at {p}; pass an Optimum export folder or its {ONNX_FILE}")
-    return p
 
 
 def check_tokens(tokens: np.ndarray, vocab: int | None) -> np.ndarray:
