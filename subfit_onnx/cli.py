@@ -8,24 +8,18 @@ Heavy imports (torch, transformers, onnx) happen inside the commands so ``--help
 
 from __future__ import annotations
 
-import json
-import logging
 import sys
-import traceback
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from .errors import SubFitError
+from .cli_common import EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED, EXIT_USER_ERROR, Debug, Json, emit
+from .cli_common import cli_errors as _errors
+from .cli_common import progress_factory as _progress
 
-EXIT_USER_ERROR = 1
-EXIT_INTERNAL_ERROR = 3
-EXIT_INTERRUPTED = 130
+__all__ = ["EXIT_INTERNAL_ERROR", "EXIT_INTERRUPTED", "EXIT_USER_ERROR", "app", "main"]
 
 app = typer.Typer(
     name="subfit-onnx",
@@ -74,74 +68,6 @@ Output = Annotated[Path | None, typer.Option(
 PlanOut = Annotated[Path | None, typer.Option(
     "--output", "-o", help="plan folder [default: <source folder>-subfit<percent>-plan]", show_default=False)]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace OUT if it exists")]
-Json = Annotated[bool, typer.Option("--json", help="print the report as JSON on stdout (no progress bars)")]
-Debug = Annotated[bool, typer.Option("--debug", help="show tracebacks and library warnings")]
-
-
-def _progress(enabled: bool) -> Any:
-    from .progress import silent, tqdm_progress
-
-    return tqdm_progress if enabled else silent
-
-
-@contextmanager
-def _quiet_libraries(debug: bool) -> Iterator[None]:
-    """Library warnings (tracer, legacy tokenizer, ...) are noise for people; --debug shows them."""
-    if debug:
-        yield
-        return
-    names = ("transformers", "optimum", "torch", "onnxruntime", "datasets", "huggingface_hub")
-    levels = {n: logging.getLogger(n).level for n in names}
-    try:
-        for n in names:
-            logging.getLogger(n).setLevel(logging.ERROR)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for n, level in levels.items():
-            logging.getLogger(n).setLevel(level)
-
-
-def _fail(message: str, code: int, debug: bool) -> None:
-    if debug:
-        traceback.print_exc()
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-@contextmanager
-def _errors(debug: bool, where: Path | None = None) -> Iterator[None]:
-    """Turn every failure into one stderr line and an exit code (see module docstring)."""
-    from .staging import disk_error
-
-    try:
-        with _quiet_libraries(debug):
-            yield
-    except typer.Exit:
-        raise
-    except SubFitError as exc:
-        _fail(str(exc), EXIT_USER_ERROR, debug)
-    except KeyboardInterrupt:
-        _fail("interrupted; nothing was written", EXIT_INTERRUPTED, debug)
-    except MemoryError:
-        _fail("out of memory; lower --num-samples/--seq-len or use a machine with more memory", EXIT_USER_ERROR, debug)
-    except OSError as exc:
-        mapped = disk_error(exc, where or Path(exc.filename or "the output"))
-        if mapped is not None:
-            _fail(str(mapped), EXIT_USER_ERROR, debug)
-        _fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", EXIT_USER_ERROR, debug)
-    except Exception as exc:  # noqa: BLE001 - a bug: still one line, with the way to see more
-        first = str(exc).splitlines()[0][:200] if str(exc) else ""
-        _fail(f"internal error ({type(exc).__name__}: {first}); rerun with --debug for the traceback",
-              EXIT_INTERNAL_ERROR, debug)
-
-
-def _emit(report: dict[str, Any], as_json: bool, human: str) -> None:
-    if as_json:
-        typer.echo(json.dumps(report, indent=2, default=str))
-    else:
-        typer.echo(human)
 
 
 def _config(sparsity: float | None, calibration: str | None, num_samples: int | None,
@@ -181,7 +107,7 @@ def optimize(
         result = api.optimize(source, sparsity, config=config, model=model, output=output, plan=plan,
                               overwrite=overwrite, progress=_progress(not as_json), dtype=dtype.value,
                               calibration_backend=backend.value)
-        _emit(result.report, as_json, format_summary(result.report))
+        emit(result.report, as_json, format_summary(result.report))
 
 
 @app.command()
@@ -220,7 +146,7 @@ def calibrate(
             f"  wall time    {result.seconds or 0.0:.1f} s",
             f"  next         subfit-onnx rewrite EXPORT --plan {out}",
         ])
-        _emit(report, as_json, human)
+        emit(report, as_json, human)
 
 
 @app.command()
@@ -239,7 +165,7 @@ def rewrite(
         from . import api
 
         result = api.rewrite(export, plan, output, overwrite=overwrite, progress=_progress(not as_json))
-        _emit(result.report, as_json, format_summary(result.report))
+        emit(result.report, as_json, format_summary(result.report))
 
 
 @app.command()
@@ -255,7 +181,7 @@ def inspect(
         from .inspection import format_inspection, inspect_model
 
         info = inspect_model(path, plan)
-        _emit(info, as_json, format_inspection(info))
+        emit(info, as_json, format_inspection(info))
 
 
 @app.command("fetch-assets")
@@ -280,7 +206,7 @@ def fetch_assets_command(
             f"  wikipedia text    {paths.wiki}",
             f"next: subfit-onnx optimize {paths.model} --sparsity 0.25 --calibration {paths.c4_calibration}",
         ])
-        _emit(info, as_json, human)
+        emit(info, as_json, human)
 
 
 def _register_optional_commands() -> None:

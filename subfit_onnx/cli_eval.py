@@ -9,23 +9,16 @@ import ``cli`` (which imports it), so it can be registered on any ``typer.Typer`
 
 from __future__ import annotations
 
-import json
-import logging
-import traceback
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from .cli_common import Debug, cli_errors, emit
+from .cli_common import progress_factory as _progress
 from .errors import SubFitError
 
-EXIT_USER_ERROR = 1
-EXIT_INTERNAL_ERROR = 3
-EXIT_INTERRUPTED = 130
 DEFAULT_WINDOWS = 48  # kept equal to evaluation.perplexity's defaults (not imported: --help stays light)
 DEFAULT_WINDOW_LEN = 256
 
@@ -42,54 +35,10 @@ Reference = Annotated[Path | None, typer.Option(
     show_default=False)]
 Provider = Annotated[ProviderChoice, typer.Option("--provider", help="ONNX Runtime execution provider")]
 Json = Annotated[bool, typer.Option("--json", help="print the results as JSON on stdout (no progress bars)")]
-Debug = Annotated[bool, typer.Option("--debug", help="show tracebacks and library warnings")]
 
 
-def _fail(message: str, code: int, debug: bool) -> None:
-    if debug:
-        traceback.print_exc()
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-@contextmanager
-def _errors(debug: bool) -> Iterator[None]:
-    """One stderr line and an exit code for every failure; library warnings hidden unless --debug."""
-    names = ("transformers", "optimum", "torch", "onnxruntime", "datasets", "huggingface_hub", "lm_eval")
-    levels = {n: logging.getLogger(n).level for n in names}
-    try:
-        if not debug:
-            for n in names:
-                logging.getLogger(n).setLevel(logging.ERROR)
-        with warnings.catch_warnings():
-            if not debug:
-                warnings.simplefilter("ignore")
-            yield
-    except typer.Exit:
-        raise
-    except SubFitError as exc:
-        _fail(str(exc), EXIT_USER_ERROR, debug)
-    except KeyboardInterrupt:
-        _fail("interrupted", EXIT_INTERRUPTED, debug)
-    except MemoryError:
-        _fail("out of memory; lower --windows/--window-len or use a machine with more memory", EXIT_USER_ERROR, debug)
-    except Exception as exc:  # noqa: BLE001 - a bug: still one line, with the way to see more
-        first = str(exc).splitlines()[0][:200] if str(exc) else ""
-        _fail(f"internal error ({type(exc).__name__}: {first}); rerun with --debug for the traceback",
-              EXIT_INTERNAL_ERROR, debug)
-    finally:
-        for n, level in levels.items():
-            logging.getLogger(n).setLevel(level)
-
-
-def _progress(enabled: bool) -> Any:
-    from .progress import silent, tqdm_progress
-
-    return tqdm_progress if enabled else silent
-
-
-def _emit(data: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]], str]) -> None:
-    typer.echo(json.dumps(data, indent=2, default=str) if as_json else human(data))
+def _errors(debug: bool) -> Any:
+    return cli_errors(debug, memory_hint="lower --windows/--window-len", interrupted="interrupted")
 
 
 def evaluate(
@@ -122,7 +71,7 @@ def evaluate(
         result = evaluate_export(model_dir, reference=reference, text=text if text is not None else dataset,
                                  tasks=tasks or [], windows=windows, window_len=window_len, limit=limit,
                                  provider=provider.value, progress=_progress(not as_json))
-        _emit(result, as_json, evaluation_table)
+        emit(result, as_json, evaluation_table)
 
 
 def benchmark(
@@ -157,7 +106,7 @@ def benchmark(
         def human(r: dict[str, Any]) -> str:
             return benchmark_table(r) + ("\n\n" + runtimes_table(r["runtimes"]) if "runtimes" in r else "")
 
-        _emit(report, as_json, human)
+        emit(report, as_json, human)
 
 
 def genai_config(

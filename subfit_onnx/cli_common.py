@@ -1,0 +1,100 @@
+"""What every ``subfit-onnx`` command shares: exit codes, the one-line error policy, progress and output.
+
+Kept apart from ``cli`` so ``cli_eval`` can use it without importing ``cli`` (which registers ``cli_eval``).
+A user error (``SubFitError``, a full disk, out of memory) ends as one stderr line and exit code 1; anything
+else is a bug and says so (exit 3); ``--debug`` adds the traceback and the library warnings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import traceback
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .errors import SubFitError
+
+EXIT_USER_ERROR = 1
+EXIT_INTERNAL_ERROR = 3
+EXIT_INTERRUPTED = 130
+NOISY_LIBRARIES = ("transformers", "optimum", "torch", "onnxruntime", "datasets", "huggingface_hub", "lm_eval")
+
+Json = Annotated[bool, typer.Option("--json", help="print the report as JSON on stdout (no progress bars)")]
+Debug = Annotated[bool, typer.Option("--debug", help="show tracebacks and library warnings")]
+
+
+def progress_factory(enabled: bool) -> Any:
+    from .progress import silent, tqdm_progress
+
+    return tqdm_progress if enabled else silent
+
+
+def emit(report: dict[str, Any], as_json: bool, human: str | Callable[[dict[str, Any]], str]) -> None:
+    """The JSON document with --json, else the people's summary (text, or made from the report)."""
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, default=str))
+    else:
+        typer.echo(human if isinstance(human, str) else human(report))
+
+
+@contextmanager
+def quiet_libraries(debug: bool) -> Iterator[None]:
+    """Library warnings (tracer, legacy tokenizer, ...) are noise for people; --debug shows them."""
+    if debug:
+        yield
+        return
+    levels = {n: logging.getLogger(n).level for n in NOISY_LIBRARIES}
+    try:
+        for n in NOISY_LIBRARIES:
+            logging.getLogger(n).setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for n, level in levels.items():
+            logging.getLogger(n).setLevel(level)
+
+
+def fail(message: str, code: int, debug: bool) -> None:
+    if debug:
+        traceback.print_exc()
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def cli_errors(debug: bool, where: Path | None = None, memory_hint: str = "lower --num-samples/--seq-len",
+               interrupted: str = "interrupted; nothing was written") -> Iterator[None]:
+    """Turn every failure into one stderr line and an exit code (see module docstring).
+
+    ``where`` names the output folder a disk error is reported against; ``memory_hint`` says which options
+    shrink the command's working set.
+    """
+    from .staging import disk_error
+
+    try:
+        with quiet_libraries(debug):
+            yield
+    except typer.Exit:
+        raise
+    except SubFitError as exc:
+        fail(str(exc), EXIT_USER_ERROR, debug)
+    except KeyboardInterrupt:
+        fail(interrupted, EXIT_INTERRUPTED, debug)
+    except MemoryError:
+        fail(f"out of memory; {memory_hint} or use a machine with more memory", EXIT_USER_ERROR, debug)
+    except OSError as exc:
+        mapped = disk_error(exc, where or Path(exc.filename or "the output"))
+        if mapped is not None:
+            fail(str(mapped), EXIT_USER_ERROR, debug)
+        fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", EXIT_USER_ERROR, debug)
+    except Exception as exc:  # noqa: BLE001 - a bug: still one line, with the way to see more
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        fail(f"internal error ({type(exc).__name__}: {first}); rerun with --debug for the traceback",
+             EXIT_INTERNAL_ERROR, debug)
