@@ -32,10 +32,10 @@ from .backends import (
     resolve_checkpoint,
 )
 from .config import SubFitConfig
-from .errors import SubFitError, UnsupportedModelError
-from .graph_checks import check_decoder_graph, load_onnx
+from .errors import SubFitError
+from .graph_checks import load_decoder_structure
 from .hub import require_hub
-from .matching import check_identity_matches, config_facts, config_model_type, structure_facts
+from .matching import check_identity_matches, config_facts, structure_facts
 from .plan import PLAN_FILE, Plan, load_plan, save_plan
 from .progress import ProgressFactory, silent
 from .report import CONFIG_FILE, REPORT_FILE, build_report
@@ -161,15 +161,7 @@ def _export_config(src: Source) -> dict[str, Any]:
 
 def inspect_export(onnx_file: Path) -> ExportFacts:
     """Load the graph once, run the cheap checks and the structural pass, keep only the facts."""
-    from .passes.structure import find_decoder_structure
-
-    model = load_onnx(onnx_file)
-    check_decoder_graph(model, onnx_file)
-    config = read_config(onnx_file.parent) or {}
-    try:
-        structure = find_decoder_structure(model, config_model_type(config))
-    except UnsupportedModelError as exc:
-        raise UnsupportedModelError(f"{onnx_file}: {exc}") from None
+    _, config, structure = load_decoder_structure(onnx_file)
     bypassed = [u for u in structure.units() if u.bypassed]
     if bypassed:
         raise SubFitError(f"{onnx_file} is already compressed by SubFit ({len(bypassed)} units bypassed); "

@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .errors import SubFitError, UnsupportedModelError
-from .graph_checks import check_decoder_graph, load_onnx
-from .matching import check_identity_matches, config_facts, config_model_type, structure_facts
-from .sources import read_config, resolve_source
+from .errors import SubFitError
+from .graph_checks import load_decoder_structure
+from .matching import check_identity_matches, config_facts, structure_facts
+from .sources import resolve_source
 
 
 def _file_bytes(onnx_file: Path) -> int:
@@ -24,19 +24,11 @@ def _file_bytes(onnx_file: Path) -> int:
 
 def inspect_model(path: str | Path, plan: Any = None) -> dict[str, Any]:
     """Layers, per-unit parameters and KV inputs of an export; with ``plan``, what a rewrite would remove."""
-    from .passes.structure import find_decoder_structure
-
     src = resolve_source(path)
     if src.needs_export:
         raise SubFitError(f"{path} is a model, not an ONNX export; inspect reads model.onnx files")
     onnx_file = src.onnx_file
-    model = load_onnx(onnx_file)
-    check_decoder_graph(model, onnx_file)
-    config = read_config(onnx_file.parent) or {}
-    try:
-        structure = find_decoder_structure(model, config_model_type(config))
-    except UnsupportedModelError as exc:
-        raise UnsupportedModelError(f"{onnx_file}: {exc}") from None
+    _, config, structure = load_decoder_structure(onnx_file)
     layers = [{
         "layer": layer.index,
         "attention_params": layer.attention.params,
