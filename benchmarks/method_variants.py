@@ -35,6 +35,9 @@ VARIANTS: dict[str, dict] = {
     "ridge=1e-2": {"ridge": 1e-2},
     "no bypass (submodule drop)": {"bypass": False},
     "target=dense_stream": {"target": "dense_stream"},
+    "prior_samples=1/4": {"prior_samples": 0.25},
+    "prior_samples=1/2": {"prior_samples": 0.5},
+    "ridge=1e-1": {"ridge": 1e-1},
 }
 
 
@@ -65,7 +68,7 @@ def main() -> None:
             if (name, sparsity) in done:
                 continue
             config = SubFitConfig(sparsity=sparsity, num_samples=args.num_samples, **VARIANTS[name])
-            key = (config.weighting, config.attention_rank, config.mlp_rank, config.ridge)
+            key = (config.weighting, config.attention_rank, config.mlp_rank, config.ridge, config.prior_samples)
             t0 = time.perf_counter()
             result = calibrate_model(model, cal, config, keep_compressed=True, dense=dense_cache.get(key))
             seconds = time.perf_counter() - t0

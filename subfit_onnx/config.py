@@ -37,6 +37,10 @@ class SubFitConfig(BaseModel):
         "contribution",
         description="fit each bypass to the unit's own output, or to what restores the dense model's stream there",
     )
+    prior_samples: int | float | None = Field(
+        None, description="calibration sequences pass 1 scores on (its scores are only priors): None = all, "
+        "int = count, float in (0, 1] = fraction of num_samples",
+    )
     ridge: float = Field(1e-4, ge=0.0, description="ridge strength relative to mean diag(X^T X)")
     bypass: bool = Field(True, description="False drops units with no bypass (the 'submodule drop' baseline)")
 
@@ -46,6 +50,22 @@ class SubFitConfig(BaseModel):
         if v is not None and (v <= 0 or (isinstance(v, float) and v >= 1.0 and not float(v).is_integer())):
             raise ValueError("rank must be None, a positive int, or a fraction in (0, 1)")
         return v
+
+    @field_validator("prior_samples")
+    @classmethod
+    def _prior_samples(cls, v: float | None) -> int | float | None:
+        if v is not None and (v <= 0 or (isinstance(v, float) and v > 1.0)):
+            raise ValueError("prior_samples must be None, a positive int, or a fraction in (0, 1]")
+        return v
+
+    def prior_rows(self, rows: int) -> int:
+        """How many of ``rows`` calibration sequences pass 1 runs on."""
+        v = self.prior_samples
+        if v is None:
+            return rows
+        if isinstance(v, float):
+            return max(1, min(rows, int(round(v * rows))))
+        return max(1, min(rows, int(v)))
 
     def rank_for(self, kind: str, hidden: int) -> int | None:
         value = self.attention_rank if kind == "attention" else self.mlp_rank

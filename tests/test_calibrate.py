@@ -121,3 +121,29 @@ def test_bad_inputs_are_refused():
     with pytest.raises(UnsupportedModelError, match="not supported; SubFit supports: llama"):
         calibrate_model(BertForMaskedLM(BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
                                                    intermediate_size=32)), TOKENS, SubFitConfig())
+
+
+def test_prior_samples_limits_pass_one_only():
+    """Pass 1 (scoring priors) runs on the first rows only; pass 2 (selection and fits) still sees them all."""
+    totals: dict[str, list[int]] = {"scoring": [], "fitting": []}
+
+    class Bar:
+        def update(self, n: int) -> None:
+            self.seen += n
+
+        def close(self) -> None:
+            totals[self.kind].append(self.seen)
+
+    def progress(desc: str, total: int) -> Bar:
+        bar = Bar()
+        bar.kind, bar.seen = ("scoring" if desc.startswith("scoring") else "fitting"), 0
+        return bar
+
+    config = SubFitConfig(sparsity=0.3, num_samples=8, seq_len=32, batch_size=2, prior_samples=0.25)
+    result = calibrate_model(tiny_model("llama"), TOKENS, config, progress=progress)
+    assert set(totals["scoring"]) == {2}  # a quarter of 8 sequences
+    assert set(totals["fitting"]) == {8}
+    assert result.plan.sparsity.achieved >= 0.3
+    assert config.prior_rows(8) == 2 and SubFitConfig(prior_samples=3).prior_rows(8) == 3
+    with pytest.raises(ValueError):
+        SubFitConfig(prior_samples=1.5)

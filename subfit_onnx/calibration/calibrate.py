@@ -3,7 +3,8 @@
 Pass 1 runs the dense model layer by layer and scores every unit. Pass 2 runs layer by layer again on the
 *compressed* upstream: each unit is re-scored on what it now sees, decided (``SequentialSelector``), and, when it
 goes, fitted on those same statistics and swapped for its bypass before the next unit is measured. Cost: about
-one forward for pass 1 and 1-2 for pass 2, whatever the number of removals.
+one forward for pass 1 and 1-2 for pass 2, whatever the number of removals. Pass 1's scores are only priors for
+the units pass 2 has not reached yet, so ``prior_samples`` can run it on a subset of the sequences.
 """
 
 from __future__ import annotations
@@ -85,14 +86,22 @@ class Calibrator:
         """Pass 1: every unit assessed on the dense model, and ShortGPT's block influence per layer."""
         dense = DensePass()
         n = self.runner.num_layers
+        rows = self.config.prior_rows(self.runner.store.shape[0])
+        self.runner.row_limit = rows
+        try:
+            self._dense_layers(dense, n, rows)
+        finally:
+            self.runner.row_limit = None
+        self.runner.store.restore()
+        return dense
+
+    def _dense_layers(self, dense: DensePass, n: int, rows: int) -> None:
         for i in range(n):
             stats = self.runner.sweep(i, UNIT_KINDS, self.config.weighting, f"scoring layer {i + 1}/{n}")
             for kind in UNIT_KINDS:
                 dense.assessments[(i, kind)] = self._assess(kind, stats[kind])
-            dense.block_influence.append(_block_influence(self.runner.store.current, self.runner.store.next))
+            dense.block_influence.append(_block_influence(self.runner.store.current[:rows], self.runner.store.next[:rows]))
             self.runner.store.advance()
-        self.runner.store.restore()
-        return dense
 
     def scores(self, dense: DensePass) -> dict[UnitKey, float]:
         return {k: score(a, self.config.score, self.params[k]) for k, a in dense.assessments.items()}

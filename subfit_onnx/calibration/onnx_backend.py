@@ -43,6 +43,7 @@ from .fitting import Bypass
 from .onnx_cut import GraphCutter, LayerGraph
 from .onnx_identity import export_identity, export_unit_params, text_config
 from .onnx_session import SessionFactory, prefill_inputs
+from .runner import RowBatches
 from .stats import TokenWeighting, UnitStats
 
 ONNX_FILE = "model.onnx"
@@ -121,7 +122,7 @@ class BypassSwap:
         self.runner.remove_bypass(self)
 
 
-class OrtLayerRunner:
+class OrtLayerRunner(RowBatches):
     """Owns a private copy of the export, the activation store and one layer session at a time."""
 
     backend = "onnx"
@@ -201,7 +202,7 @@ class OrtLayerRunner:
         hidden = self.store.shape[2]
         stats = {kind: UnitStats(hidden, hidden, weighting) for kind in collect}
         taps = self._tap_names(layer, collect)
-        bar = self.progress(desc, self.tokens.shape[0])
+        bar = self.progress(desc, self.active_rows)
         try:
             for rows in self.batches():
                 h = np.asarray(self.store.current[rows])
@@ -221,7 +222,7 @@ class OrtLayerRunner:
         """Advance the dense reference stream through layer ``index`` (not yet bypassed when this runs)."""
         layer = self._session(index)
         y_att = layer.graph.taps["attention.y"]
-        bar = self.progress(desc, self.tokens.shape[0])
+        bar = self.progress(desc, self.active_rows)
         try:
             for rows in self.batches():
                 h = np.asarray(dense.store.current[rows])
@@ -242,11 +243,6 @@ class OrtLayerRunner:
             self.store.close()
 
     # ---- internals --------------------------------------------------------------------------------------------
-    def batches(self) -> Iterator[slice]:
-        n = self.tokens.shape[0]
-        for start in range(0, n, self.batch_size):
-            yield slice(start, min(start + self.batch_size, n))
-
     def _refresh(self, changed: int) -> None:
         """Re-read the structure after a graph change; only the changed layer's session is rebuilt."""
         with self.times.timed("build"):

@@ -7,7 +7,10 @@ following layers are measured on the compressed upstream.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Protocol
+
+import numpy as np
 
 from ..architectures import UnitKind
 from ..plan import ModelIdentity
@@ -20,8 +23,27 @@ class Undoable(Protocol):
     def undo(self) -> None: ...
 
 
+class RowBatches:
+    """Calibration rows in batches; ``row_limit`` restricts a sweep to the first rows (pass 1's subset)."""
+
+    tokens: np.ndarray
+    batch_size: int
+    row_limit: int | None = None
+
+    @property
+    def active_rows(self) -> int:
+        n = int(self.tokens.shape[0])
+        return n if self.row_limit is None else max(1, min(n, self.row_limit))
+
+    def batches(self) -> Iterator[slice]:
+        n = self.active_rows
+        for start in range(0, n, self.batch_size):
+            yield slice(start, min(start + self.batch_size, n))
+
+
 class LayerRunner(Protocol):
     backend: str
+    row_limit: int | None
     identity: ModelIdentity
     unit_params: dict[tuple[int, UnitKind], int]
     store: ActivationStore

@@ -31,6 +31,7 @@ from ..torch_model import (
 from .activations import ActivationStore
 from .dense_targets import DenseTargets
 from .fitting import Bypass
+from .runner import RowBatches
 from .stats import TokenWeighting, UnitStats
 
 
@@ -46,7 +47,7 @@ def _output_tensor(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-class TorchLayerRunner:
+class TorchLayerRunner(RowBatches):
     """Owns the activation store and runs one layer over all calibration tokens at a time."""
 
     backend = "torch"
@@ -78,11 +79,6 @@ class TorchLayerRunner:
 
     def dense_targets(self) -> DenseTargets:
         return DenseTargets(self.store)
-
-    def batches(self) -> Iterator[slice]:
-        n = self.tokens.shape[0]
-        for start in range(0, n, self.batch_size):
-            yield slice(start, min(start + self.batch_size, n))
 
     def _input_ids(self, rows: slice) -> torch.Tensor:
         return torch.as_tensor(self.tokens[rows], device=self.model.get_input_embeddings().weight.device)
@@ -164,7 +160,7 @@ class TorchLayerRunner:
         args, kwargs = self.layer_args[index]
         hidden = self.store.shape[2]
         stats = {kind: UnitStats(hidden, hidden, weighting) for kind in collect}
-        bar = self.progress(desc, self.tokens.shape[0])
+        bar = self.progress(desc, self.active_rows)
         try:
             with self._unit_taps(layer, tuple(UNIT_KINDS)) as seen:
                 for rows in self.batches():
@@ -195,7 +191,7 @@ class TorchLayerRunner:
         """Advance the dense reference stream through layer ``index`` (its original modules)."""
         layer = self.layers[index]
         args, kwargs = self.layer_args[index]
-        bar = self.progress(desc, self.tokens.shape[0])
+        bar = self.progress(desc, self.active_rows)
         try:
             with self._unit_taps(layer, ("attention",)) as seen:
                 for rows in self.batches():
