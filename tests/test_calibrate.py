@@ -147,3 +147,50 @@ def test_prior_samples_limits_pass_one_only():
     assert config.prior_rows(8) == 2 and SubFitConfig(prior_samples=3).prior_rows(8) == 3
     with pytest.raises(ValueError):
         SubFitConfig(prior_samples=1.5)
+
+
+def test_numpy_blas_runs_single_threaded_while_calibrating():
+    """Statistics and fits must not fight the backend's threads (see ``single_threaded_blas``); restored after."""
+    from threadpoolctl import threadpool_info
+
+    def blas_threads() -> set[int]:
+        return {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"}
+
+    before = blas_threads()
+    during: list[set[int]] = []
+
+    class Bar:
+        def update(self, n: int) -> None:
+            during.append(blas_threads())
+
+        def close(self) -> None:
+            pass
+
+    config = SubFitConfig(sparsity=0.3, num_samples=8, seq_len=32, batch_size=4)
+    calibrate_model(tiny_model("llama"), TOKENS, config, progress=lambda desc, total: Bar())
+    sweeps = during[2:]  # the first two updates are the embedding fill, before calibration proper
+    assert sweeps and all(t == {1} for t in sweeps)
+    assert blas_threads() == before
+
+
+def test_calibration_stream_equals_the_compressed_model():
+    """The stream pass 2 carries (outputs of FFN-bypassed layers are written as mid + bypass(x), not re-run)
+    must be exactly what the compressed model computes, or every later unit is measured on the wrong inputs."""
+    from subfit_onnx.calibration.calibrate import run_calibration
+    from subfit_onnx.calibration.torch_backend import TorchLayerRunner
+
+    model = tiny_model("llama")
+    config = SubFitConfig(sparsity=0.4, num_samples=8, seq_len=32, batch_size=4)
+    runner = TorchLayerRunner(model, TOKENS, config.batch_size)
+    try:
+        result = run_calibration(runner, config, keep_compressed=True)
+        carried = np.array(runner.store.current)
+    finally:
+        runner.close()
+    assert any(u.kind == "mlp" for u in result.plan.removed)
+    seen = {}
+    handle = model.model.norm.register_forward_pre_hook(lambda m, args: seen.setdefault("h", args[0]))
+    with torch.no_grad():
+        model(torch.as_tensor(TOKENS))
+    handle.remove()
+    np.testing.assert_allclose(carried, seen["h"].numpy(), rtol=1e-4, atol=1e-4)

@@ -22,6 +22,7 @@ class ActivationStore:
         self.current = self._open("a")
         self.next = self._open("b")
         self._saved: Path | None = None
+        self._mlp_inputs: tuple[np.memmap, np.memmap] | None = None
 
     def _open(self, name: str) -> np.memmap:
         return np.lib.format.open_memmap(self._dir / f"{name}.npy", mode="w+", dtype=np.float32, shape=self.shape)
@@ -29,6 +30,16 @@ class ActivationStore:
     def extra(self, name: str) -> np.memmap:
         """Another array of the same shape, deleted with the store."""
         return self._open(name)
+
+    def mlp_inputs(self) -> tuple[np.memmap, np.memmap]:
+        """The latest sweep's stream before the FFN and the FFN's input (pre-norm output).
+
+        With them a layer whose FFN was just replaced gets its outputs as ``mid + bypass(x)`` without running
+        the layer again.
+        """
+        if self._mlp_inputs is None:
+            self._mlp_inputs = (self._open("mlp_mid"), self._open("mlp_x"))
+        return self._mlp_inputs
 
     def advance(self) -> None:
         """The layer's outputs become the next layer's inputs."""
@@ -47,4 +58,5 @@ class ActivationStore:
 
     def close(self) -> None:
         del self.current, self.next
+        self._mlp_inputs = None
         shutil.rmtree(self._dir, ignore_errors=True)

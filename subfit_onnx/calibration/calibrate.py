@@ -10,6 +10,7 @@ the units pass 2 has not reached yet, so ``prior_samples`` can run it on a subse
 from __future__ import annotations
 
 import importlib.metadata as md
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -106,7 +107,7 @@ class Calibrator:
     def scores(self, dense: DensePass) -> dict[UnitKey, float]:
         return {k: score(a, self.config.score, self.params[k]) for k, a in dense.assessments.items()}
 
-    def _remove(self, i: int, kind: UnitKind, stats: UnitStats, unit_score: float) -> None:
+    def _remove(self, i: int, kind: UnitKind, stats: UnitStats, unit_score: float) -> Bypass:
         a = self._assess(kind, stats)
         bypass = a.bypass if self.config.bypass else _zero_bypass(self.identity.hidden_size)
         fit_rel = a.fit_relative if self.config.bypass else 1.0
@@ -118,6 +119,7 @@ class Calibrator:
             stream_error=a.stream_relative if self.config.bypass else fit_rel * stats.y_energy / max(stats.stream_energy, 1e-30),
             params_removed=self.params[(i, kind)], bypass=bypass_spec(key, bypass),
         ))
+        return bypass
 
     def compress_pass(self, prior: dict[UnitKey, float]) -> None:
         """Pass 2: depth order on the compressed upstream; decide, fit and swap each unit in turn."""
@@ -143,13 +145,22 @@ class Calibrator:
                     changed = False
                 fresh = score(self._assess(kind, stats[kind]), self.config.score, self.params[(i, kind)])
                 if selector.decide((i, kind), fresh):
-                    self._remove(i, kind, stats[kind], fresh)
+                    bypass = self._remove(i, kind, stats[kind], fresh)
                     changed = True
-            if changed:  # the layer's outputs must come from the bypassed units
-                self.runner.sweep(i, (), w, f"fitting layer {i + 1}/{n} (outputs)")
+            if changed:  # only when the FFN just went: its bypass, not the FFN, makes the layer's outputs
+                self._outputs_with_mlp_bypass(bypass)
             self.runner.store.advance()
             if dense is not None:
                 dense.store.advance()
+
+    def _outputs_with_mlp_bypass(self, bypass: Bypass) -> None:
+        """``mid + bypass(x)`` from the last sweep's stored FFN inputs: the layer's outputs without a re-run.
+
+        Valid because the last sweep of the layer ran with everything upstream of its FFN already final.
+        """
+        mid, x = self.runner.store.mlp_inputs()
+        for rows in self.runner.batches():
+            self.runner.store.next[rows] = mid[rows] + bypass.apply(x[rows]).astype(np.float32)
 
     def plan(self, calibration_info: dict[str, Any]) -> Plan:
         return Plan(
@@ -179,14 +190,27 @@ def _block_influence(before: np.ndarray, after: np.ndarray) -> float:
     return 1.0 - total / count
 
 
+def single_threaded_blas() -> AbstractContextManager[Any]:
+    """numpy's BLAS on one thread while calibrating.
+
+    Statistics and fits are many mid-sized numpy BLAS calls between the backend's layer runs. On a few cores
+    OpenBLAS's own threads then fight the backend's still-spinning OpenMP/ORT threads: measured on 2 cores, a
+    576x576 ``eigh`` right after a torch matmul took 1.5 s with 2 BLAS threads and 0.06 s with one.
+    """
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 def run_calibration(runner: LayerRunner, config: SubFitConfig, calibration_info: dict[str, Any] | None = None,
                     keep_compressed: bool = False, dense: DensePass | None = None) -> CalibrationResult:
     """Score, select and fit with any backend; its model is restored afterwards unless ``keep_compressed``."""
     cal = Calibrator(runner, config)
     try:
-        dense = dense or cal.dense_pass()
-        prior = cal.scores(dense)
-        cal.compress_pass(prior)
+        with single_threaded_blas():
+            dense = dense or cal.dense_pass()
+            prior = cal.scores(dense)
+            cal.compress_pass(prior)
         n, seq, _ = runner.store.shape
         info = {"num_samples": int(n), "seq_len": int(seq), "backend": runner.backend, **(calibration_info or {})}
         plan = cal.plan(info)

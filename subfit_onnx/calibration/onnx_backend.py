@@ -210,6 +210,10 @@ class OrtLayerRunner(RowBatches):
                 with self.times.timed("graph"):
                     out = layer.run(h, shared, [layer.graph.stream_out, *taps])
                 self.store.next[rows] = out[layer.graph.stream_out]
+                if "mlp" in collect:
+                    mid, x = self.store.mlp_inputs()
+                    mid[rows] = h + np.asarray(out[layer.graph.taps["attention.y"]], dtype=np.float32)
+                    x[rows] = np.broadcast_to(np.asarray(out[layer.graph.taps["mlp.x"]], dtype=np.float32), h.shape)
                 if collect:
                     with self.times.timed("statistics"):
                         self._accumulate(stats, layer, out, h, dense.batch(rows) if dense else None)

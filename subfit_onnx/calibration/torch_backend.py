@@ -167,6 +167,10 @@ class TorchLayerRunner(RowBatches):
                     h = torch.from_numpy(np.asarray(self.store.current[rows])).to(self.device, self.dtype)
                     out = _output_tensor(layer(h, *args, **kwargs))
                     self.store.next[rows] = out.float().cpu().numpy()
+                    if "mlp" in collect:
+                        mid, x = self.store.mlp_inputs()
+                        mid[rows] = (h + seen["attention.y"]).float().cpu().numpy()
+                        x[rows] = seen["mlp.x"].float().cpu().numpy()
                     if collect:
                         self._accumulate(stats, seen, h, dense.batch(rows) if dense else None)
                     bar.update(rows.stop - rows.start)
