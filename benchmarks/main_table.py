@@ -121,20 +121,28 @@ def measure(models: dict[str, Path], assets: Any, args: argparse.Namespace, cach
         yield name, row
 
 
+def _ratio(speed: dict, key: str) -> str:
+    return f"{speed[key]:.3f}" if key in speed else "-"
+
+
+def _row_order(item: tuple[str, dict]) -> tuple[float, int]:
+    method, _, s = item[0].partition("@")
+    return (float(s or 0), METHODS.index(method) if method in METHODS else -1)
+
+
 def table(rows: dict[str, dict]) -> str:
     dense = rows["dense"]
     head = ("| model | sparsity | wiki ppl ratio | c4 ppl ratio | acc retention | prefill-128 | prefill-512 | "
             "decode@512 | KV bytes |\n|---|---|---|---|---|---|---|---|---|")
     lines = [head]
-    for name, r in rows.items():
+    for name, r in sorted(rows.items(), key=_row_order):
         method, _, s = name.partition("@")
         retention = sum(r["acc_norm"][t] / dense["acc_norm"][t] for t in dense["acc_norm"]) / len(dense["acc_norm"])
         sp = r.get("speed") or {}
         kv = r["kv_bytes_per_token"] / r["dense_kv_bytes_per_token"] if "kv_bytes_per_token" in r else 1.0
-        fmt = lambda k: f"{sp[k]:.3f}" if k in sp else "-"  # noqa: E731
         lines.append(f"| {method} | {s or '0'} | {r['wiki_ppl'] / dense['wiki_ppl']:.3f} | "
-                     f"{r['c4_ppl'] / dense['c4_ppl']:.3f} | {retention:.3f} | {fmt('prefill_128_ms')} | "
-                     f"{fmt('prefill_512_ms')} | {fmt('decode_512_ms_per_token')} | {kv:.3f} |")
+                     f"{r['c4_ppl'] / dense['c4_ppl']:.3f} | {retention:.3f} | {_ratio(sp, 'prefill_128_ms')} | "
+                     f"{_ratio(sp, 'prefill_512_ms')} | {_ratio(sp, 'decode_512_ms_per_token')} | {kv:.3f} |")
     return "\n".join(lines)
 
 
@@ -188,6 +196,8 @@ def main() -> None:
     ap.add_argument("--mc-limit", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--remeasure-speed", action="store_true",
+                    help="drop cached speed ratios so every row is timed again in this run (same conditions)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
 
@@ -200,6 +210,9 @@ def main() -> None:
     log = saved.get("log", {})
     models = build_models(args, assets, work, log)
     rows = saved.get("rows", {})
+    if args.remeasure_speed:
+        for row in rows.values():
+            row.pop("speed", None)
     for name, _ in measure(models, assets, args, rows):
         json_path.write_text(json.dumps({"settings": vars(args), "log": log, "rows": rows}, indent=2))
         print(f"measured {name}", flush=True)

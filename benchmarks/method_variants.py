@@ -32,12 +32,14 @@ VARIANTS: dict[str, dict] = {
     "weighting=skip_first": {"weighting": "skip_first"},
     "attention_rank=full": {"attention_rank": None},
     "mlp_rank=1/4": {"mlp_rank": 0.25},
+    "ridge=1e-4": {"ridge": 1e-4},
     "ridge=1e-2": {"ridge": 1e-2},
     "no bypass (submodule drop)": {"bypass": False},
     "target=dense_stream": {"target": "dense_stream"},
     "prior_samples=1/4": {"prior_samples": 0.25},
     "prior_samples=1/2": {"prior_samples": 0.5},
-    "ridge=1e-1": {"ridge": 1e-1},
+    "ridge=1": {"ridge": 1.0},
+    "ridge=0.3": {"ridge": 0.3},
 }
 
 

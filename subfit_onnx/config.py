@@ -41,7 +41,7 @@ class SubFitConfig(BaseModel):
         None, description="calibration sequences pass 1 scores on (its scores are only priors): None = all, "
         "int = count, float in (0, 1] = fraction of num_samples",
     )
-    ridge: float = Field(1e-4, ge=0.0, description="ridge strength relative to mean diag(X^T X)")
+    ridge: float = Field(0.1, ge=0.0, description="ridge strength relative to mean diag(X^T X)")
     bypass: bool = Field(True, description="False drops units with no bypass (the 'submodule drop' baseline)")
 
     @field_validator("attention_rank", "mlp_rank")
