@@ -279,11 +279,11 @@ class OrtLayerRunner(RowBatches):
     def _accumulate(stats: dict[UnitKind, UnitStats], layer: _LayerSession, out: dict[str, np.ndarray],
                     h: np.ndarray, dense_after: dict[UnitKind, np.ndarray] | None) -> None:
         taps = layer.graph.taps
-        h64 = np.asarray(h, dtype=np.float64)
-        as64 = lambda name: np.broadcast_to(np.asarray(out[name], dtype=np.float64), h64.shape)
-        h_in = {"attention": h64, "mlp": h64 + as64(taps["attention.y"])}
+        h32 = np.asarray(h, dtype=np.float32)  # as the PyTorch backend; UnitStats picks the precision
+        as32 = lambda name: np.broadcast_to(np.asarray(out[name], dtype=np.float32), h32.shape)
+        h_in = {"attention": h32, "mlp": h32 + as32(taps["attention.y"])}
         for kind, st in stats.items():
-            x, y = as64(taps[f"{kind}.x"]), as64(taps[f"{kind}.y"])
+            x, y = as32(taps[f"{kind}.x"]), as32(taps[f"{kind}.y"])
             if dense_after is None:
                 st.update(x, y, h_in[kind])
             else:

@@ -181,7 +181,7 @@ class TorchLayerRunner(RowBatches):
     @staticmethod
     def _accumulate(stats: dict[UnitKind, UnitStats], seen: dict[str, torch.Tensor], h: torch.Tensor,
                     dense_after: dict[UnitKind, np.ndarray] | None) -> None:
-        as_np = lambda t: t.detach().to(torch.float64).cpu().numpy()
+        as_np = lambda t: t.detach().float().cpu().numpy()  # UnitStats picks the precision
         h_in = {"attention": as_np(h), "mlp": as_np(h + seen["attention.y"])}
         for kind, st in stats.items():
             y = as_np(seen[f"{kind}.y"])
