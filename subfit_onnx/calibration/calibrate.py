@@ -88,11 +88,8 @@ class Calibrator:
         dense = DensePass()
         n = self.runner.num_layers
         rows = self.config.prior_rows(self.runner.store.shape[0])
-        self.runner.row_limit = rows
-        try:
+        with self.runner.scoring_only(rows):
             self._dense_layers(dense, n, rows)
-        finally:
-            self.runner.row_limit = None
         self.runner.store.restore()
         return dense
 
@@ -107,8 +104,7 @@ class Calibrator:
     def scores(self, dense: DensePass) -> dict[UnitKey, float]:
         return {k: score(a, self.config.score, self.params[k]) for k, a in dense.assessments.items()}
 
-    def _remove(self, i: int, kind: UnitKind, stats: UnitStats, unit_score: float) -> Bypass:
-        a = self._assess(kind, stats)
+    def _remove(self, i: int, kind: UnitKind, stats: UnitStats, a: UnitAssessment, unit_score: float) -> Bypass:
         bypass = a.bypass if self.config.bypass else _zero_bypass(self.identity.hidden_size)
         fit_rel = a.fit_relative if self.config.bypass else 1.0
         key = f"layers.{i}.{kind}"
@@ -143,9 +139,10 @@ class Calibrator:
                 if kind == "mlp" and changed:  # the FFN now sees the attention's bypass: measure again
                     stats = self.runner.sweep(i, ("mlp",), w, f"fitting layer {i + 1}/{n} (FFN)", dense)
                     changed = False
-                fresh = score(self._assess(kind, stats[kind]), self.config.score, self.params[(i, kind)])
+                assessment = self._assess(kind, stats[kind])
+                fresh = score(assessment, self.config.score, self.params[(i, kind)])
                 if selector.decide((i, kind), fresh):
-                    bypass = self._remove(i, kind, stats[kind], fresh)
+                    bypass = self._remove(i, kind, stats[kind], assessment, fresh)
                     changed = True
             if changed:  # only when the FFN just went: its bypass, not the FFN, makes the layer's outputs
                 self._outputs_with_mlp_bypass(bypass)
@@ -160,7 +157,7 @@ class Calibrator:
         """
         mid, x = self.runner.store.mlp_inputs()
         for rows in self.runner.batches():
-            self.runner.store.next[rows] = mid[rows] + bypass.apply(x[rows]).astype(np.float32)
+            self.runner.store.next[rows] = mid[rows] + bypass.apply(x[rows], dtype=np.float32)
 
     def plan(self, calibration_info: dict[str, Any]) -> Plan:
         return Plan(

@@ -44,15 +44,17 @@ class Bypass:
         arrays = [a for a in (self.weight, self.down, self.up, self.bias) if a is not None]
         return int(sum(a.size for a in arrays))
 
-    def apply(self, x: np.ndarray) -> np.ndarray:
-        out = np.asarray(x, dtype=np.float64)
+    def apply(self, x: np.ndarray, dtype: type = np.float64) -> np.ndarray:
+        """The bypass on ``x``, computed in ``dtype`` (float32: what the deployed graph computes, and faster)."""
+        out = np.asarray(x, dtype=dtype)
+        cast = lambda a: np.asarray(a, dtype=dtype)
         if self.weight is not None:
-            out = out @ self.weight
+            out = out @ cast(self.weight)
         elif self.down is not None and self.up is not None:
-            out = (out @ self.down) @ self.up
+            out = (out @ cast(self.down)) @ cast(self.up)
         else:
-            out = np.zeros(out.shape[:-1] + (self.bias.shape[0],))
-        return out + self.bias
+            out = np.zeros(out.shape[:-1] + (self.bias.shape[0],), dtype=dtype)
+        return out + cast(self.bias)
 
 
 def _centered(stats: UnitStats) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

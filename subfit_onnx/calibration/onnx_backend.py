@@ -210,7 +210,7 @@ class OrtLayerRunner(RowBatches):
                 with self.times.timed("graph"):
                     out = layer.run(h, shared, [layer.graph.stream_out, *taps])
                 self.store.next[rows] = out[layer.graph.stream_out]
-                if "mlp" in collect:
+                if "mlp" in collect and self.keep_mlp_inputs:
                     mid, x = self.store.mlp_inputs()
                     mid[rows] = h + np.asarray(out[layer.graph.taps["attention.y"]], dtype=np.float32)
                     x[rows] = np.broadcast_to(np.asarray(out[layer.graph.taps["mlp.x"]], dtype=np.float32), h.shape)

@@ -8,6 +8,7 @@ following layers are measured on the compressed upstream.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Protocol
 
 import numpy as np
@@ -24,11 +25,24 @@ class Undoable(Protocol):
 
 
 class RowBatches:
-    """Calibration rows in batches; ``row_limit`` restricts a sweep to the first rows (pass 1's subset)."""
+    """Calibration rows in batches, and what pass 1 (scoring only) may skip.
+
+    ``row_limit`` restricts sweeps to the first rows; ``keep_mlp_inputs`` says whether sweeps store the FFN's
+    inputs (``ActivationStore.mlp_inputs``), which only pass 2 uses.
+    """
 
     tokens: np.ndarray
     batch_size: int
     row_limit: int | None = None
+    keep_mlp_inputs: bool = True
+
+    @contextmanager
+    def scoring_only(self, rows: int) -> Iterator[None]:
+        self.row_limit, self.keep_mlp_inputs = rows, False
+        try:
+            yield
+        finally:
+            self.row_limit, self.keep_mlp_inputs = None, True
 
     @property
     def active_rows(self) -> int:
@@ -64,5 +78,7 @@ class LayerRunner(Protocol):
     def dense_targets(self) -> Any: ...
 
     def install_bypass(self, index: int, kind: UnitKind, bypass: Bypass) -> Undoable: ...
+
+    def scoring_only(self, rows: int) -> AbstractContextManager[None]: ...
 
     def close(self) -> None: ...

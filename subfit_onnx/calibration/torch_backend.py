@@ -39,6 +39,14 @@ class _StopForward(Exception):
     pass
 
 
+def torch_tn(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a.T @ b`` on torch's thread pool: numpy's BLAS is kept to one thread while calibrating (it fights torch's
+    spinning threads), torch's own pool does not fight itself. Measured 14.6 ms against 19.6 ms per batch pair."""
+    ta = torch.from_numpy(a)
+    tb = ta if b is a else torch.from_numpy(b)
+    return (ta.T @ tb).numpy()
+
+
 def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
     return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
@@ -159,7 +167,7 @@ class TorchLayerRunner(RowBatches):
         layer = self.layers[index]
         args, kwargs = self.layer_args[index]
         hidden = self.store.shape[2]
-        stats = {kind: UnitStats(hidden, hidden, weighting) for kind in collect}
+        stats = {kind: UnitStats(hidden, hidden, weighting, products=torch_tn) for kind in collect}
         bar = self.progress(desc, self.active_rows)
         try:
             with self._unit_taps(layer, tuple(UNIT_KINDS)) as seen:
@@ -167,7 +175,7 @@ class TorchLayerRunner(RowBatches):
                     h = torch.from_numpy(np.asarray(self.store.current[rows])).to(self.device, self.dtype)
                     out = _output_tensor(layer(h, *args, **kwargs))
                     self.store.next[rows] = out.float().cpu().numpy()
-                    if "mlp" in collect:
+                    if "mlp" in collect and self.keep_mlp_inputs:
                         mid, x = self.store.mlp_inputs()
                         mid[rows] = (h + seen["attention.y"]).float().cpu().numpy()
                         x[rows] = seen["mlp.x"].float().cpu().numpy()
