@@ -210,13 +210,11 @@ class OrtLayerRunner(RowBatches):
                 with self.times.timed("graph"):
                     out = layer.run(h, shared, [layer.graph.stream_out, *taps])
                 self.store.next[rows] = out[layer.graph.stream_out]
-                if "mlp" in collect and self.keep_mlp_inputs:
-                    mid, x = self.store.mlp_inputs()
-                    mid[rows] = h + np.asarray(out[layer.graph.taps["attention.y"]], dtype=np.float32)
-                    x[rows] = np.broadcast_to(np.asarray(out[layer.graph.taps["mlp.x"]], dtype=np.float32), h.shape)
                 if collect:
                     with self.times.timed("statistics"):
-                        self._accumulate(stats, layer, out, h, dense.batch(rows) if dense else None)
+                        arrays = self._tap_arrays(layer, out, h.shape)
+                        self.collect_batch(stats, rows, np.asarray(h, dtype=np.float32), arrays,
+                                           dense.batch(rows) if dense else None)
                 bar.update(rows.stop - rows.start)
         finally:
             bar.close()
@@ -276,18 +274,12 @@ class OrtLayerRunner(RowBatches):
         return list(dict.fromkeys(names))
 
     @staticmethod
-    def _accumulate(stats: dict[UnitKind, UnitStats], layer: _LayerSession, out: dict[str, np.ndarray],
-                    h: np.ndarray, dense_after: dict[UnitKind, np.ndarray] | None) -> None:
-        taps = layer.graph.taps
-        h32 = np.asarray(h, dtype=np.float32)  # as the PyTorch backend; UnitStats picks the precision
-        as32 = lambda name: np.broadcast_to(np.asarray(out[name], dtype=np.float32), h32.shape)
-        h_in = {"attention": h32, "mlp": h32 + as32(taps["attention.y"])}
-        for kind, st in stats.items():
-            x, y = as32(taps[f"{kind}.x"]), as32(taps[f"{kind}.y"])
-            if dense_after is None:
-                st.update(x, y, h_in[kind])
-            else:
-                st.update(x, dense_after[kind] - h_in[kind], h_in[kind], y_actual=y)
+    def _tap_arrays(layer: _LayerSession, out: dict[str, np.ndarray],
+                    shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+        """The run's taps by unit name (``attention.y``, ``mlp.x``, ...), float32 and broadcast to the
+        stream's shape, as the PyTorch backend hands them over."""
+        return {key: np.broadcast_to(np.asarray(out[name], dtype=np.float32), shape)
+                for key, name in layer.graph.taps.items() if name in out}
 
     def _fill_embeddings(self) -> None:
         """Run the prelude on every batch: ``B_0`` into the store, shared values kept per batch size."""

@@ -25,14 +25,15 @@ class Undoable(Protocol):
 
 
 class RowBatches:
-    """Calibration rows in batches, and what pass 1 (scoring only) may skip.
+    """What both backends' sweeps share: calibration rows in batches, and one batch's statistics.
 
     ``row_limit`` restricts sweeps to the first rows; ``keep_mlp_inputs`` says whether sweeps store the FFN's
-    inputs (``ActivationStore.mlp_inputs``), which only pass 2 uses.
+    inputs (``ActivationStore.mlp_inputs``), which only pass 2 uses. Pass 1 (scoring only) needs neither.
     """
 
     tokens: np.ndarray
     batch_size: int
+    store: ActivationStore
     row_limit: int | None = None
     keep_mlp_inputs: bool = True
 
@@ -54,10 +55,29 @@ class RowBatches:
         for start in range(0, n, self.batch_size):
             yield slice(start, min(start + self.batch_size, n))
 
+    def collect_batch(self, stats: dict[UnitKind, UnitStats], rows: slice, h: np.ndarray,
+                      taps: dict[str, np.ndarray], dense_after: dict[UnitKind, np.ndarray] | None) -> None:
+        """Add one batch to the unit statistics and, in pass 2, keep the FFN's inputs.
+
+        ``taps`` holds float32 arrays shaped like ``h``: ``attention.y`` and each collected unit's ``x`` and
+        ``y``. The kept FFN inputs let a layer whose FFN is then bypassed skip a re-run (``Calibrator``). With
+        ``dense_after``, the fit target restores the dense stream (``h_dense_after - h_in``).
+        """
+        h_in = {"attention": h, "mlp": h + taps["attention.y"]}
+        if "mlp" in stats and self.keep_mlp_inputs:
+            mid, x = self.store.mlp_inputs()
+            mid[rows] = h_in["mlp"]
+            x[rows] = taps["mlp.x"]
+        for kind, st in stats.items():
+            x, y = taps[f"{kind}.x"], taps[f"{kind}.y"]
+            if dense_after is None:
+                st.update(x, y, h_in[kind])
+            else:
+                st.update(x, dense_after[kind] - h_in[kind], h_in[kind], y_actual=y)
+
 
 class LayerRunner(Protocol):
     backend: str
-    row_limit: int | None
     identity: ModelIdentity
     unit_params: dict[tuple[int, UnitKind], int]
     store: ActivationStore
