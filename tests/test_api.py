@@ -10,6 +10,8 @@ import sys
 import pytest
 
 import subfit_onnx
+from progress_recorder import Recorder
+
 from subfit_onnx import CalibratedPlan, Result, SubFitConfig, SubFitError
 
 
@@ -21,25 +23,6 @@ def config(tiny_calibration_text):
 @pytest.fixture(scope="module")
 def calibrated(tiny_checkpoint, config):
     return subfit_onnx.calibrate(tiny_checkpoint("llama"), config=config)
-
-
-class Recorder:
-    """A progress factory that remembers which bars were opened and how far each got."""
-
-    def __init__(self):
-        self.bars: dict[str, list[int]] = {}
-
-    def __call__(self, desc: str, total: int):
-        progress = self.bars.setdefault(desc, [0, total])
-
-        class Bar:
-            def update(self, n: int = 1) -> None:
-                progress[0] += n
-
-            def close(self) -> None:
-                pass
-
-        return Bar()
 
 
 def test_import_is_light():

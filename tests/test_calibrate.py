@@ -11,6 +11,7 @@ from subfit_onnx.calibration.fitting import Bypass
 from subfit_onnx.plan import RemovedUnit, bypass_spec, bypass_tensors, load_plan, save_plan
 from subfit_onnx.reference import apply_plan
 from subfit_onnx.torch_model import decoder_layers, model_family
+from progress_recorder import Recorder
 from tiny_models import FAMILY_CONFIGS, tiny_model
 
 TOKENS = np.random.default_rng(0).integers(0, 256, size=(8, 32))
@@ -125,24 +126,11 @@ def test_bad_inputs_are_refused():
 
 def test_prior_samples_limits_pass_one_only():
     """Pass 1 (scoring priors) runs on the first rows only; pass 2 (selection and fits) still sees them all."""
-    totals: dict[str, list[int]] = {"scoring": [], "fitting": []}
-
-    class Bar:
-        def update(self, n: int) -> None:
-            self.seen += n
-
-        def close(self) -> None:
-            totals[self.kind].append(self.seen)
-
-    def progress(desc: str, total: int) -> Bar:
-        bar = Bar()
-        bar.kind, bar.seen = ("scoring" if desc.startswith("scoring") else "fitting"), 0
-        return bar
-
+    progress = Recorder()
     config = SubFitConfig(sparsity=0.3, num_samples=8, seq_len=32, batch_size=2, prior_samples=0.25)
     result = calibrate_model(tiny_model("llama"), TOKENS, config, progress=progress)
-    assert set(totals["scoring"]) == {2}  # a quarter of 8 sequences
-    assert set(totals["fitting"]) == {8}
+    assert progress.done("scoring") == {2}  # a quarter of 8 sequences
+    assert progress.done("fitting") == progress.done("embedding") == {8}
     assert result.plan.sparsity.achieved >= 0.3
     assert config.prior_rows(8) == 2 and SubFitConfig(prior_samples=3).prior_rows(8) == 3
     with pytest.raises(ValueError):
@@ -157,18 +145,11 @@ def test_numpy_blas_runs_single_threaded_while_calibrating():
         return {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"}
 
     before = blas_threads()
-    during: list[set[int]] = []
-
-    class Bar:
-        def update(self, n: int) -> None:
-            during.append(blas_threads())
-
-        def close(self) -> None:
-            pass
-
+    during: list[tuple[str, set[int]]] = []
+    progress = Recorder(on_update=lambda desc: during.append((desc, blas_threads())))
     config = SubFitConfig(sparsity=0.3, num_samples=8, seq_len=32, batch_size=4)
-    calibrate_model(tiny_model("llama"), TOKENS, config, progress=lambda desc, total: Bar())
-    sweeps = during[2:]  # the first two updates are the embedding fill, before calibration proper
+    calibrate_model(tiny_model("llama"), TOKENS, config, progress=progress)
+    sweeps = [threads for desc, threads in during if not desc.startswith("embedding")]  # before calibration
     assert sweeps and all(t == {1} for t in sweeps)
     assert blas_threads() == before
 

@@ -26,6 +26,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from onnx_ir.passes.common import ShapeInferencePass
+from progress_recorder import Recorder
 from rewrite_helpers import random_bypass
 from subfit_onnx.exporters.rewrite import rewrite_model
 from subfit_onnx.passes.structure import find_decoder_structure
@@ -255,24 +256,12 @@ def test_shared_values_are_found_by_dependence(tiny_export):
 
 
 def test_progress_goes_through_the_factory(tiny_export, capfd):
-    seen: list[tuple[str, int]] = []
-
-    class Bar:
-        def update(self, n: int = 1) -> None:
-            pass
-
-        def close(self) -> None:
-            pass
-
-    def factory(desc: str, total: int) -> Bar:
-        seen.append((desc, total))
-        return Bar()
-
-    calibrate_export(tiny_export("llama"), TOKENS, CONFIG, progress=factory)
-    descs = [d for d, _ in seen]
+    progress = Recorder()
+    calibrate_export(tiny_export("llama"), TOKENS, CONFIG, progress=progress)
+    descs = list(progress.bars)
     assert descs[0] == "embedding calibration tokens"
     assert "scoring layer 4/4" in descs and "fitting layer 1/4" in descs
-    assert all(total == TOKENS.shape[0] for _, total in seen)
+    assert all(total == TOKENS.shape[0] for _, total in progress.bars.values())
     out = capfd.readouterr()
     assert out.out == "" and out.err == ""
 
