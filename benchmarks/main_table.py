@@ -121,6 +121,11 @@ def measure(models: dict[str, Path], assets: Any, args: argparse.Namespace, cach
         yield name, row
 
 
+def _retention(row: dict, dense: dict) -> float:
+    """Mean over the multiple-choice sets of acc_norm / dense acc_norm."""
+    return sum(row["acc_norm"][t] / dense["acc_norm"][t] for t in dense["acc_norm"]) / len(dense["acc_norm"])
+
+
 def _ratio(speed: dict, key: str) -> str:
     return f"{speed[key]:.3f}" if key in speed else "-"
 
@@ -137,7 +142,7 @@ def table(rows: dict[str, dict]) -> str:
     lines = [head]
     for name, r in sorted(rows.items(), key=_row_order):
         method, _, s = name.partition("@")
-        retention = sum(r["acc_norm"][t] / dense["acc_norm"][t] for t in dense["acc_norm"]) / len(dense["acc_norm"])
+        retention = _retention(r, dense)
         sp = r.get("speed") or {}
         kv = r["kv_bytes_per_token"] / r["dense_kv_bytes_per_token"] if "kv_bytes_per_token" in r else 1.0
         lines.append(f"| {method} | {s or '0'} | {r['wiki_ppl'] / dense['wiki_ppl']:.3f} | "
@@ -162,8 +167,7 @@ def plots(rows: dict[str, dict], out_dir: Path) -> list[str]:
             series.setdefault(method, []).append((float(s), r))
     metrics = {
         "ppl_ratio_vs_sparsity.png": ("wiki perplexity / dense (log)", lambda r: r["wiki_ppl"] / dense["wiki_ppl"], True),
-        "accuracy_retention_vs_sparsity.png": ("acc_norm retention", lambda r: sum(
-            r["acc_norm"][t] / dense["acc_norm"][t] for t in dense["acc_norm"]) / len(dense["acc_norm"]), False),
+        "accuracy_retention_vs_sparsity.png": ("acc_norm retention", lambda r: _retention(r, dense), False),
         "decode_latency_vs_sparsity.png": ("decode@512 latency / dense",
                                            lambda r: (r.get("speed") or {}).get("decode_512_ms_per_token", float("nan")), False),
     }
