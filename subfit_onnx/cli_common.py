@@ -8,9 +8,7 @@ else is a bug and says so (exit 3); ``--debug`` adds the traceback and the libra
 from __future__ import annotations
 
 import json
-import logging
 import traceback
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,16 +47,10 @@ def quiet_libraries(debug: bool) -> Iterator[None]:
     if debug:
         yield
         return
-    levels = {n: logging.getLogger(n).level for n in NOISY_LIBRARIES}
-    try:
-        for n in NOISY_LIBRARIES:
-            logging.getLogger(n).setLevel(logging.ERROR)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for n, level in levels.items():
-            logging.getLogger(n).setLevel(level)
+    from .quiet import quiet
+
+    with quiet(*NOISY_LIBRARIES, swallow_stdout=False):
+        yield
 
 
 def fail(message: str, code: int, debug: bool) -> None:

@@ -10,13 +10,17 @@ from collections.abc import Iterator
 
 
 @contextlib.contextmanager
-def quiet(*logger_names: str) -> Iterator[None]:
-    """Raise the named loggers to ERROR, drop warnings and swallow stdout; everything is restored afterwards."""
+def quiet(*logger_names: str, swallow_stdout: bool = True) -> Iterator[None]:
+    """Raise the named loggers to ERROR, drop warnings and swallow stdout; everything is restored afterwards.
+
+    The CLI passes ``swallow_stdout=False``: it prints its own report inside.
+    """
     levels = {n: logging.getLogger(n).level for n in logger_names}
+    stdout = contextlib.redirect_stdout(io.StringIO()) if swallow_stdout else contextlib.nullcontext()
     try:
         for n in logger_names:
             logging.getLogger(n).setLevel(logging.ERROR)
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(), stdout:
             warnings.simplefilter("ignore")
             yield
     finally:
