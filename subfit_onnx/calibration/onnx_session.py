@@ -17,6 +17,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from ..errors import SubFitError
+from ..runtime import ort_session_options
 
 EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 CUDA = "CUDAExecutionProvider"
@@ -45,12 +46,9 @@ class SessionFactory:
         return cls(Path(model_dir), tuple(chosen), threads)
 
     def options(self) -> ort.SessionOptions:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.intra_op_num_threads = self.threads
         # Calibration alternates short ORT runs with numpy statistics and fits: idle ORT threads must sleep, not
-        # spin, or they take the cores the numpy BLAS work needs right after each run.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # spin (the runtime's default options), or they take the cores the numpy work needs after each run.
+        options = ort_session_options(intra_op_threads=self.threads or None)
         options.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(self.model_dir.resolve()))
         return options
 
