@@ -133,10 +133,9 @@ def stage_forward(args: argparse.Namespace) -> dict:
 
 def stage_perplexity(args: argparse.Namespace) -> dict:
     """Dense and compressed perplexity of one export; each plan folder is rewritten onto it first."""
-    from subfit_onnx.exporters.rewrite import rewrite_export
-
     from subfit_onnx.evaluation.decoder import OnnxDecoder
     from subfit_onnx.evaluation.perplexity import make_windows, window_perplexity
+    from subfit_onnx.exporters.rewrite import rewrite_export
     from subfit_onnx.plan import load_plan
 
     export = _export_dir(args, args.dtype)

@@ -152,7 +152,6 @@ def stage_plan(args: argparse.Namespace, work: Path) -> dict:
 
 def stage_rewrite(args: argparse.Namespace, work: Path) -> dict:
     from subfit_onnx.exporters.rewrite import rewrite_export
-
     from subfit_onnx.plan import load_plan
 
     plan, tensors = load_plan(work / "plan")

@@ -33,9 +33,25 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "DEFAULT_CALIBRATION", "CalibratedPlan", "CalibrationDataError", "Plan", "PlanMismatchError", "Result",
-    "SubFitConfig", "SubFitError", "UnsupportedModelError", "__version__", "calibrate", "load_plan", "optimize",
-    "rewrite", "save_plan", "silent", "tqdm_progress", "load_for_generation", "apply_plan",
+    "DEFAULT_CALIBRATION",
+    "CalibratedPlan",
+    "CalibrationDataError",
+    "Plan",
+    "PlanMismatchError",
+    "Result",
+    "SubFitConfig",
+    "SubFitError",
+    "UnsupportedModelError",
+    "__version__",
+    "apply_plan",
+    "calibrate",
+    "load_for_generation",
+    "load_plan",
+    "optimize",
+    "rewrite",
+    "save_plan",
+    "silent",
+    "tqdm_progress",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover

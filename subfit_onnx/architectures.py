@@ -43,24 +43,24 @@ class FamilyLayout:
         return self.attention if kind == "attention" else self.mlp
 
 
-_LLAMA_LIKE = dict(
-    base="model",
-    layers_path="layers",
-    attention=UnitLayout(module="self_attn", pre_norm="input_layernorm"),
-    mlp=UnitLayout(module="mlp", pre_norm="post_attention_layernorm"),
-    onnx_layer_scope="/model/layers.{i}/",
-    onnx_attention_scope="self_attn",
-    onnx_mlp_scope="mlp",
-)
-_GEMMA_POST_NORMED = dict(
-    base="model",
-    layers_path="layers",
-    attention=UnitLayout(module="self_attn", pre_norm="input_layernorm", post_norm="post_attention_layernorm"),
-    mlp=UnitLayout(module="mlp", pre_norm="pre_feedforward_layernorm", post_norm="post_feedforward_layernorm"),
-    onnx_layer_scope="/model/layers.{i}/",
-    onnx_attention_scope="self_attn",
-    onnx_mlp_scope="mlp",
-)
+_LLAMA_LIKE = {
+    "base": "model",
+    "layers_path": "layers",
+    "attention": UnitLayout(module="self_attn", pre_norm="input_layernorm"),
+    "mlp": UnitLayout(module="mlp", pre_norm="post_attention_layernorm"),
+    "onnx_layer_scope": "/model/layers.{i}/",
+    "onnx_attention_scope": "self_attn",
+    "onnx_mlp_scope": "mlp",
+}
+_GEMMA_POST_NORMED = {
+    "base": "model",
+    "layers_path": "layers",
+    "attention": UnitLayout(module="self_attn", pre_norm="input_layernorm", post_norm="post_attention_layernorm"),
+    "mlp": UnitLayout(module="mlp", pre_norm="pre_feedforward_layernorm", post_norm="post_feedforward_layernorm"),
+    "onnx_layer_scope": "/model/layers.{i}/",
+    "onnx_attention_scope": "self_attn",
+    "onnx_mlp_scope": "mlp",
+}
 
 FAMILIES: tuple[FamilyLayout, ...] = (
     FamilyLayout(name="llama", model_types=("llama",), **_LLAMA_LIKE),

@@ -64,7 +64,7 @@ class SubFitConfig(BaseModel):
         if v is None:
             return rows
         if isinstance(v, float):
-            return max(1, min(rows, int(round(v * rows))))
+            return max(1, min(rows, round(v * rows)))
         return max(1, min(rows, int(v)))
 
     def rank_for(self, kind: str, hidden: int) -> int | None:
@@ -72,5 +72,5 @@ class SubFitConfig(BaseModel):
         if value is None:
             return None
         if isinstance(value, float) and value < 1.0:
-            return max(1, int(round(value * hidden)))
+            return max(1, round(value * hidden))
         return int(value)

@@ -6,7 +6,8 @@ factory (logging, a UI) with the same two methods.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 
 class ProgressBar(Protocol):

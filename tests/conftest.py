@@ -78,7 +78,7 @@ def smollm2_onnx(smollm2_assets):
 
 
 # ---- evaluation/runtime tests: KV-gap, no-KV, Phi-3 and SubFit-compressed tiny exports (see onnx_exports.py) -----
-from onnx_exports import tiny_compressed, tiny_exports  # noqa: E402,F401
+from onnx_exports import tiny_compressed, tiny_exports  # noqa: F401
 
 
 @pytest.fixture(scope="session")

@@ -42,6 +42,7 @@ def rename_kv_layers(model_path: Path, layers: tuple[int, ...] = GAP_LAYERS) -> 
 
 def export_without_past(checkpoint: Path, out: Path) -> Path:
     from optimum.exporters.onnx import main_export
+
     from subfit_onnx.exporters.optimum_export import _quiet
 
     with _quiet():

@@ -11,7 +11,6 @@ import pytest
 
 import subfit_onnx
 from progress_recorder import Recorder
-
 from subfit_onnx import CalibratedPlan, Result, SubFitConfig, SubFitError
 
 

@@ -181,10 +181,10 @@ def test_output_matches_the_pytorch_reference(optimized, tiny_calibration_text):
     """The folder the CLI wrote computes what ``apply_plan`` computes in PyTorch."""
     import onnxruntime as ort
     import torch
-    from tiny_models import tiny_model
 
     from subfit_onnx.plan import load_plan
     from subfit_onnx.reference import apply_plan
+    from tiny_models import tiny_model
 
     out, _ = optimized
     plan, tensors = load_plan(out)

@@ -71,8 +71,9 @@ def _non_decoder_onnx(path: Path) -> Path:
 
 
 def _unsupported_checkpoint(folder: Path) -> Path:
-    from tiny_checkpoints import char_tokenizer
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tiny_checkpoints import char_tokenizer
 
     config = AutoConfig.for_model("gpt_neox", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                   intermediate_size=128, vocab_size=256)

@@ -26,12 +26,9 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from onnx_ir.passes.common import ShapeInferencePass
+
 from progress_recorder import Recorder
 from rewrite_helpers import random_bypass
-from subfit_onnx.exporters.rewrite import rewrite_model
-from subfit_onnx.passes.structure import find_decoder_structure
-from tiny_models import FAMILY_CONFIGS, tiny_model
-
 from subfit_onnx.calibration import onnx_backend, torch_backend
 from subfit_onnx.calibration.calibrate import calibrate_model
 from subfit_onnx.calibration.onnx_backend import OrtLayerRunner, calibrate_export
@@ -40,6 +37,9 @@ from subfit_onnx.calibration.onnx_session import CPU, CUDA, SessionFactory, defa
 from subfit_onnx.calibration.stats import UnitStats
 from subfit_onnx.config import SubFitConfig
 from subfit_onnx.errors import SubFitError
+from subfit_onnx.exporters.rewrite import rewrite_model
+from subfit_onnx.passes.structure import find_decoder_structure
+from tiny_models import FAMILY_CONFIGS, tiny_model
 
 TOKENS = np.random.default_rng(0).integers(3, 256, size=(8, 32))
 FP32_TOL = 1e-3
@@ -330,9 +330,8 @@ def _export_naming_no_checkpoint(tiny_export, tmp_path: Path) -> Path:
 
 
 def test_optimize_an_export_alone_uses_the_onnx_backend(tiny_export, tiny_checkpoint, tiny_calibration_text, tmp_path):
-    from rewrite_helpers import ort_prefill_decode
-
     import subfit_onnx
+    from rewrite_helpers import ort_prefill_decode
 
     export = _export_naming_no_checkpoint(tiny_export, tmp_path)
     config = SubFitConfig(sparsity=0.5, calibration=str(tiny_calibration_text), num_samples=8, seq_len=32)

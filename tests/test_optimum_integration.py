@@ -9,10 +9,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from subfit_onnx.exporters.optimum_optimizer import SubFitOptimizer
 
 from subfit_onnx import SubFitConfig
 from subfit_onnx.errors import UnsupportedModelError
+from subfit_onnx.exporters.optimum_optimizer import SubFitOptimizer
 
 OPTIMUM_CLI = [sys.executable, "-m", "optimum.commands.optimum_cli"]
 

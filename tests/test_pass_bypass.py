@@ -6,13 +6,13 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 from onnx_ir.passes.common import RemoveUnusedNodesPass
+
 from rewrite_helpers import random_bypass, session
+from subfit_onnx.errors import PlanMismatchError, SubFitError
 from subfit_onnx.exporters.optimum_export import export_decoder
 from subfit_onnx.passes.bypass import InsertBypassPass
 from subfit_onnx.passes.structure import find_decoder_structure
 from tiny_models import HIDDEN, tiny_model
-
-from subfit_onnx.errors import PlanMismatchError, SubFitError
 
 
 @pytest.fixture(scope="module")

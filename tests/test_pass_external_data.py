@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+
 from rewrite_helpers import hand_plan, ort_prefill_decode, rel_diff
 from subfit_onnx.exporters.optimum_export import export_decoder
 from subfit_onnx.exporters.rewrite import plan_bypasses, rewrite_model

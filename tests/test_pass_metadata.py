@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import onnx
 import onnx_ir as ir
+
 from subfit_onnx.passes.metadata import METADATA_KEY, RecordSubFitMetadataPass, read_subfit_metadata
 
 

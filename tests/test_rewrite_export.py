@@ -9,12 +9,12 @@ import shutil
 import numpy as np
 import onnx_ir as ir
 import pytest
+
 from rewrite_helpers import hand_plan, ort_prefill_decode
+from subfit_onnx.errors import PlanMismatchError, SubFitError
 from subfit_onnx.exporters.optimum_export import export_decoder
 from subfit_onnx.exporters.rewrite import rewrite_export
 from tiny_models import LAYERS, tiny_model
-
-from subfit_onnx.errors import PlanMismatchError, SubFitError
 
 UNITS = [(0, "attention", "lowrank"), (1, "mlp", "full"), (3, "attention", "full")]
 

@@ -11,12 +11,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
+
 from rewrite_helpers import hand_plan, ort_prefill_decode, rel_diff, torch_prefill_decode
 from subfit_onnx.exporters.optimum_export import export_decoder
 from subfit_onnx.exporters.rewrite import rewrite_export
-from tiny_models import LAYERS, VOCAB, tiny_model
-
 from subfit_onnx.reference import apply_plan
+from tiny_models import LAYERS, VOCAB, tiny_model
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "gemma", "gemma2", "gemma3")
 FP16_FAMILIES = ("llama", "mistral", "qwen2", "phi3")

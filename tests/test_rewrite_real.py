@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+
 from rewrite_helpers import ort_prefill_decode, rel_diff, torch_prefill_decode
 from subfit_onnx.exporters.rewrite import rewrite_export
 

@@ -2,7 +2,12 @@
 
 import pytest
 
-from subfit_onnx.calibration.selection import SequentialSelector, check_reachable, greedy_select, target_params
+from subfit_onnx.calibration.selection import (
+    SequentialSelector,
+    check_reachable,
+    greedy_select,
+    target_params,
+)
 from subfit_onnx.errors import SubFitError
 
 PARAMS = {(i, k): (100 if k == "attention" else 300) for i in range(4) for k in ("attention", "mlp")}

@@ -6,12 +6,12 @@ import json
 
 import onnx_ir as ir
 import pytest
-from subfit_onnx.exporters.optimum_export import export_decoder
-from subfit_onnx.passes.structure import find_decoder_structure
-from tiny_models import FAMILY_CONFIGS, HIDDEN, LAYERS, tiny_model
 
 from subfit_onnx.errors import UnsupportedModelError
+from subfit_onnx.exporters.optimum_export import export_decoder
+from subfit_onnx.passes.structure import find_decoder_structure
 from subfit_onnx.torch_model import unit_param_table
+from tiny_models import FAMILY_CONFIGS, HIDDEN, LAYERS, tiny_model
 
 FAMILIES = ("llama", "gpt2", "gemma2")
 

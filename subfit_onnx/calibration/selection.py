@@ -24,7 +24,7 @@ UnitKey = tuple[int, UnitKind]
 def target_params(block_params: int, sparsity: float) -> int:
     if not 0.0 < sparsity < 1.0:
         raise SubFitError(f"sparsity must be between 0 and 1 (exclusive), got {sparsity}")
-    return int(math.ceil(sparsity * block_params))
+    return math.ceil(sparsity * block_params)
 
 
 def check_reachable(params: dict[UnitKey, int], target: int, sparsity: float) -> None:

@@ -67,7 +67,7 @@ def _dataset_documents(spec: str) -> list[str]:
         import datasets
 
         ds: Any = datasets.load_dataset(name, config, split=split)
-    except Exception as exc:  # datasets raises many types; all mean "could not get it"
+    except Exception as exc:  # noqa: BLE001 - datasets raises many types; all mean "could not get it"
         raise CalibrationDataError(
             f"could not load dataset {spec!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
             "pass a local .txt/.jsonl file or folder instead"
