@@ -95,7 +95,7 @@ def synthetic_plan(identity, sparsity: float, seed: int = 0):
     """Alternate FFN and attention removals from the top layers down until ``sparsity`` is reached."""
     import numpy as np
 
-    from subfit_onnx.calibration.fitting import Bypass
+    from subfit_onnx.bypass import Bypass
     from subfit_onnx.plan import Plan, RemovedUnit, SparsityReport, bypass_spec, bypass_tensors
 
     rng = np.random.default_rng(seed)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SubFitError
+from ..names import CONFIG_FILE
 
 # optimum-onnx 0.1.0, ORTModelForCausalLM.__init__: model types whose empty past uses num_key_value_heads ...
 OPTIMUM_KV_HEAD_TYPES = frozenset({
@@ -80,7 +81,7 @@ def subfit_config(export_config: dict[str, Any], section: dict[str, Any], kv_hea
 
 
 def read_config(folder: Path) -> dict[str, Any] | None:
-    path = folder / "config.json"
+    path = folder / CONFIG_FILE
     if not path.is_file():
         return None
     try:
@@ -90,4 +91,4 @@ def read_config(folder: Path) -> dict[str, Any] | None:
 
 
 def write_config(folder: Path, config: dict[str, Any]) -> None:
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

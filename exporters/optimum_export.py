@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Literal
 
 from ..errors import SubFitError
+from ..names import CONFIG_FILE, ONNX_FILE
 from ..progress import ProgressFactory, silent
 from ..quiet import quiet
 
-ONNX_FILE = "model.onnx"
 EXPORT_TASK = "text-generation-with-past"
 DTYPES = ("fp32", "fp16")
 
@@ -53,8 +53,8 @@ def export_decoder(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     if dtype not in DTYPES:
         raise SubFitError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     src = Path(model_dir)
-    if not (src / "config.json").is_file():
-        raise SubFitError(f"{src} is not a Hugging Face model folder (no config.json)")
+    if not (src / CONFIG_FILE).is_file():
+        raise SubFitError(f"{src} is not a Hugging Face model folder (no {CONFIG_FILE})")
     out = Path(out_dir)
     if out.exists():
         raise SubFitError(f"{out} already exists; remove it or choose another export folder")
@@ -69,7 +69,7 @@ def export_decoder(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                         do_validation=False, local_files_only=True)
         if not (tmp / ONNX_FILE).is_file():
             raise SubFitError(f"Optimum produced no {ONNX_FILE} for {src}")
-        _record_source(tmp / "config.json", src)
+        _record_source(tmp / CONFIG_FILE, src)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -15,9 +15,8 @@ from typing import Any
 
 from ..config import SubFitConfig
 from ..errors import SubFitError
+from ..names import ONNX_FILE
 from ..progress import ProgressFactory
-
-ONNX_FILE = "model.onnx"
 
 
 class SubFitOptimizer:

@@ -21,8 +21,9 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from pydantic import BaseModel
 
 from ..architectures import UnitKind
-from ..calibration.fitting import Bypass
+from ..bypass import Bypass
 from ..errors import PlanMismatchError, SubFitError
+from ..names import CONFIG_FILE, DATA_FILE, GENAI_CONFIG_FILE, KV, ONNX_FILE, SUBFIT_FILES, unit_key
 from ..passes.bypass import InsertBypassPass
 from ..passes.external_data import LoadExternalTensorsPass
 from ..passes.kv_cache import DropPastInputsPass, DropPresentOutputsPass
@@ -30,10 +31,9 @@ from ..passes.metadata import RecordSubFitMetadataPass
 from ..passes.structure import DecoderStructure, find_decoder_structure
 from ..plan import Plan, bypass_from_tensors
 from ..progress import ProgressFactory, silent
+from ..sources import export_file
 from .hf_config import read_config, subfit_config, write_config
 
-ONNX_FILE = "model.onnx"
-DATA_FILE = "model.onnx_data"
 PROTOBUF_LIMIT = 2 * 1024**3
 INLINE_MARGIN = 64 * 1024**2  # graph structure and metadata beside the weights
 EXTERNAL_THRESHOLD = 1024  # bytes: smaller tensors stay inline in model.onnx
@@ -62,16 +62,6 @@ class RewriteReport(BaseModel):
     external_data: bool
     config_overrides: dict[str, int]
     wall_seconds: float
-
-
-def export_file(export: str | os.PathLike) -> Path:
-    """``model.onnx`` of an export folder, or the file itself; one clear error when there is none."""
-    path = Path(export)
-    if path.is_dir():
-        path = path / ONNX_FILE
-    if not path.is_file():
-        raise SubFitError(f"no ONNX model at {path}; pass an Optimum export folder or its {ONNX_FILE}")
-    return path
 
 
 def _check_out(out: Path, source: Path, overwrite: bool) -> None:
@@ -144,8 +134,7 @@ def rewrite_model(model: ir.Model, bypasses: Mapping[tuple[int, UnitKind], Bypas
 
 
 # Files that describe the *source* graph or a previous SubFit run; copying them would describe the wrong model.
-_NOT_COPIED = {"genai_config.json", "subfit_plan.json", "subfit_bypass.safetensors", "subfit_report.json",
-               "subfit_config.json"}
+_NOT_COPIED = {GENAI_CONFIG_FILE, *SUBFIT_FILES}
 
 
 def _copy_companions(src_dir: Path, dest: Path, skip: set[str]) -> None:
@@ -191,12 +180,12 @@ def rewrite_export(export: str | os.PathLike, plan: Plan, tensors: Mapping[str, 
         before = find_decoder_structure(model, model_type)
         check_plan_matches(plan, before, tensors)
         counts = (model.graph.num_nodes(), len(model.graph.initializers),
-                  sum(v.name.startswith("past_key_values.") for v in model.graph.inputs))
+                  sum(v.name.startswith(KV.past_prefix) for v in model.graph.inputs))
         bytes_before = _model_bytes(model, source)
         input_external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
         bar.update(1)
 
-        removed = [f"layers.{u.layer}.{u.kind}" for u in plan.removed]
+        removed = [unit_key(u.layer, u.kind) for u in plan.removed]
         bypass_params = rewrite_model(model, plan_bypasses(plan, tensors),
                                       {"format": 1, "sparsity": plan.sparsity.achieved})
         after = find_decoder_structure(model, model_type)
@@ -221,8 +210,8 @@ def rewrite_export(export: str | os.PathLike, plan: Plan, tensors: Mapping[str, 
             config = subfit_config(export_config or {}, section, after.num_kv_heads, after.head_dim,
                                    has_kv_cache=bool(after.kv_layers()))
             write_config(tmp, config)
-            _copy_companions(source.parent, tmp, skip={"config.json"})
-            if (source.parent / "genai_config.json").is_file():  # the source was set up for onnxruntime-genai
+            _copy_companions(source.parent, tmp, skip={CONFIG_FILE})
+            if (source.parent / GENAI_CONFIG_FILE).is_file():  # the source was set up for onnxruntime-genai
                 from ..runtime_genai import write_genai_config
 
                 write_genai_config(tmp)
@@ -241,7 +230,7 @@ def rewrite_export(export: str | os.PathLike, plan: Plan, tensors: Mapping[str, 
         nodes_before=counts[0], nodes_after=model.graph.num_nodes(),
         initializers_before=counts[1], initializers_after=len(model.graph.initializers),
         kv_inputs_before=counts[2],
-        kv_inputs_after=sum(v.name.startswith("past_key_values.") for v in model.graph.inputs),
+        kv_inputs_after=sum(v.name.startswith(KV.past_prefix) for v in model.graph.inputs),
         removed_kv_layers=sorted(set(before.kv_layers()) - set(after.kv_layers())),
         unit_params_removed=unit_params, bypass_params=bypass_params,
         file_bytes_before=bytes_before, file_bytes_after=bytes_after,

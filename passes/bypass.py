@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..architectures import UnitKind
-from ..calibration.fitting import Bypass
+from ..bypass import Bypass
 from ..errors import PlanMismatchError, SubFitError
 from .structure import BYPASS_SCOPE, UnitBoundary, find_decoder_structure
 

@@ -11,7 +11,6 @@ Optimum finds KV inputs by name and never counts layers, so the gaps this leaves
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 
 import numpy as np
@@ -19,11 +18,10 @@ import onnx_ir as ir
 
 from ..architectures import FAMILIES
 from ..errors import UnsupportedModelError
+from ..names import KV, KV_ROLES
 from .graph_tools import consumers, in_scope
-from .structure import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
 
 _SUBSTITUTE_SCOPE = "/subfit/past_shape/"
-_PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
 
 
 class DropPresentOutputsPass(ir.passes.InPlacePass):
@@ -34,7 +32,7 @@ class DropPresentOutputsPass(ir.passes.InPlacePass):
         self.layers = sorted(set(layers))
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        names = {t.format(i=i) for i in self.layers for t in (PRESENT_KEY, PRESENT_VALUE)}
+        names = {KV.present_name(i, role) for i in self.layers for role in KV_ROLES}
         outputs = model.graph.outputs
         missing = names - {v.name for v in outputs}
         if missing:
@@ -127,13 +125,13 @@ class DropPastInputsPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         inputs = {v.name: v for v in graph.inputs}
-        dropped = {t.format(i=i) for i in self.layers for t in (PAST_KEY, PAST_VALUE)}
+        dropped = {KV.past_name(i, role) for i in self.layers for role in KV_ROLES}
         missing = sorted(dropped - set(inputs))
         if missing:
             raise UnsupportedModelError(f"the graph has no input {missing[0]} to remove")
         for layer in self.layers:
-            for template in (PAST_KEY, PAST_VALUE):
-                past = inputs[template.format(i=layer)]
+            for role in KV_ROLES:
+                past = inputs[KV.past_name(layer, role)]
                 if not past.uses():
                     continue
                 scopes = {f.onnx_layer_scope.format(i=layer) for f in FAMILIES}
@@ -143,11 +141,10 @@ class DropPastInputsPass(ir.passes.InPlacePass):
                         f"{past.name} still feeds its own layer ({own[0]}); bypass the attention, drop its present "
                         "outputs and remove dead nodes first"
                     )
-                role = template.rsplit(".", 1)[1]
-                kept = sorted(int(m.group(1)) for name in inputs if name not in dropped
-                              and (m := _PAST.fullmatch(name)) and m.group(2) == role)
+                kept = sorted(kv[1] for name in inputs if name not in dropped
+                              and (kv := KV.parse(name)) and kv[0] == "past" and kv[2] == role)
                 if kept:  # the lowest kept layer's past of the same role (key or value)
-                    past.replace_all_uses_with(inputs[template.format(i=kept[0])])
+                    past.replace_all_uses_with(inputs[KV.past_name(kept[0], role)])
                 else:
                     _replace_shape_readers(graph, past)
         remaining = [v for v in graph.inputs if v.name not in dropped]

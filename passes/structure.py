@@ -23,15 +23,11 @@ import onnx_ir as ir
 
 from ..architectures import FAMILIES, UNIT_KINDS, FamilyLayout, UnitKind, family_for
 from ..errors import UnsupportedModelError
+from ..names import KV
 from .graph_tools import consumers, direct_child, in_scope, value_dtype
 
-PAST_KEY = "past_key_values.{i}.key"
-PAST_VALUE = "past_key_values.{i}.value"
-PRESENT_KEY = "present.{i}.key"
-PRESENT_VALUE = "present.{i}.value"
 BYPASS_SCOPE = "subfit/"  # inserted bypass nodes live in <unit scope>subfit/
 FUSED_DOMAINS = ("com.microsoft",)
-_KV_NAME = re.compile(r"^(past_key_values|present)\.(\d+)\.(key|value)$")
 
 
 @dataclass
@@ -263,7 +259,8 @@ def _resolve_unit(layer: int, kind: UnitKind, family: FamilyLayout, nodes: list[
 def _layer_kv(graph: ir.Graph, layer: int, attention: UnitBoundary) -> LayerKV | None:
     inputs = {v.name: v for v in graph.inputs}
     outputs = {v.name for v in graph.outputs}
-    names = LayerKV(*(t.format(i=layer) for t in (PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE)))
+    names = LayerKV(KV.past_name(layer, "key"), KV.past_name(layer, "value"), KV.present_name(layer, "key"),
+                    KV.present_name(layer, "value"))
     present = [n in inputs for n in (names.past_key, names.past_value)] + \
               [n in outputs for n in (names.present_key, names.present_value)]
     if not any(present):
@@ -283,8 +280,8 @@ def _resolve_layers(graph: ir.Graph, family: FamilyLayout, grouped: dict[int, li
         attention = _resolve_unit(i, "attention", family, grouped[i])
         mlp = _resolve_unit(i, "mlp", family, grouped[i])
         layers.append(LayerStructure(index=i, attention=attention, mlp=mlp, kv=_layer_kv(graph, i, attention)))
-    extra = sorted({int(m.group(2)) for v in [*graph.inputs, *graph.outputs]
-                    if (m := _KV_NAME.match(v.name or ""))} - set(range(len(grouped))))
+    extra = sorted({kv[1] for v in [*graph.inputs, *graph.outputs]
+                    if (kv := KV.parse(v.name or ""))} - set(range(len(grouped))))
     if extra:
         raise _Refusal(f"KV cache names for layers {extra} but the graph has {len(grouped)} layers")
     return layers

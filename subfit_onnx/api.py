@@ -36,10 +36,11 @@ from .errors import SubFitError
 from .graph_checks import load_decoder_structure
 from .hub import require_hub
 from .matching import check_identity_matches, config_facts, structure_facts
-from .plan import PLAN_FILE, Plan, load_plan, save_plan
+from .names import ONNX_FILE, PLAN_FILE, REPORT_FILE, SETTINGS_FILE
+from .plan import Plan, load_plan, save_plan
 from .progress import ProgressFactory, silent
-from .report import CONFIG_FILE, REPORT_FILE, build_report
-from .sources import ONNX_FILE, Source, default_output, read_config, resolve_source
+from .report import build_report
+from .sources import Source, default_output, read_config, resolve_source
 from .staging import STAGED, check_output_free, staged_output
 
 DEFAULT_CALIBRATION = "Salesforce/wikitext:wikitext-2-raw-v1:train"
@@ -222,7 +223,7 @@ def _write_outputs(staged: Path, calibrated: CalibratedPlan, config: SubFitConfi
     try:
         save_plan(calibrated.plan, calibrated.tensors, staged)
         bar.update(1)
-        (staged / CONFIG_FILE).write_text(config.model_dump_json(indent=2) + "\n")
+        (staged / SETTINGS_FILE).write_text(config.model_dump_json(indent=2) + "\n")
         bar.update(1)
         (staged / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         bar.update(1)

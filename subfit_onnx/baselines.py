@@ -18,17 +18,19 @@ import torch
 from torch import nn
 
 from .architectures import UNIT_KINDS
+from .bypass import Bypass
 from .calibration.calibrate import DensePass, package_versions
-from .calibration.fitting import Bypass, fit_bypass
+from .calibration.fitting import fit_bypass
 from .calibration.selection import target_params
 from .calibration.stats import TokenWeighting, UnitStats
 from .calibration.torch_backend import TorchLayerRunner
+from .names import unit_key
 from .plan import Plan, RemovedUnit, bypass_spec, bypass_tensors, sparsity_report
 from .torch_model import model_identity, unit_param_table
 
 
 def _unit(layer: int, kind: str, params: int, bypass: Bypass, fit_error: float = 1.0) -> tuple[RemovedUnit, dict]:
-    key = f"layers.{layer}.{kind}"
+    key = unit_key(layer, kind)
     unit = RemovedUnit(layer=layer, kind=kind, score=0.0, fit_error=fit_error, stream_error=0.0,
                        params_removed=params, bypass=bypass_spec(key, bypass))
     return unit, bypass_tensors(key, bypass)

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SubFitError, UnsupportedModelError
+from .names import KV
 
-KV_INPUT_PREFIX = "past_key_values."
 CONTRIB_DOMAINS = ("com.microsoft",)  # ONNX Runtime's fused operators (ORTOptimizer O2+, onnxruntime-genai)
 
 
@@ -45,7 +45,7 @@ def summarize(model: Any, path: Path) -> GraphSummary:
     inputs = [v.name for v in model.graph.inputs]
     outputs = [v.name for v in model.graph.outputs]
     fused = Counter(n.op_type for n in model.graph if n.domain in CONTRIB_DOMAINS)
-    return GraphSummary(path, inputs, outputs, [n for n in inputs if n.startswith(KV_INPUT_PREFIX)], dict(fused))
+    return GraphSummary(path, inputs, outputs, [n for n in inputs if n.startswith(KV.past_prefix)], dict(fused))
 
 
 def check_decoder_graph(model: Any, path: str | Path) -> GraphSummary:

@@ -12,6 +12,7 @@ from typing import Any
 from .errors import SubFitError
 from .graph_checks import load_decoder_structure
 from .matching import check_identity_matches, config_facts, structure_facts
+from .names import KV, KV_ROLES
 from .sources import resolve_source
 
 
@@ -78,7 +79,7 @@ def _plan_preview(plan_arg: Any, structure: Any, config: dict[str, Any], onnx_fi
         "depth_map": plan.depth_map(),
         "removed": [{"layer": u.layer, "kind": u.kind, "params_removed": u.params_removed,
                      "bypass": u.bypass.form, "bypass_params": u.bypass.params,
-                     "kv_inputs_removed": [f"past_key_values.{u.layer}.key", f"past_key_values.{u.layer}.value"]
+                     "kv_inputs_removed": [KV.past_name(u.layer, role) for role in KV_ROLES]
                      if u.kind == "attention" and u.layer in kv_layers else []} for u in plan.removed],
         "sparsity": {"target": s.target, "achieved": s.achieved, "net": s.net},
         "params": {"block": s.block_params, "removed": s.removed_params, "bypass": s.bypass_params},

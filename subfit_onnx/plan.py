@@ -16,11 +16,10 @@ import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
 from .architectures import UnitKind
-from .calibration.fitting import Bypass
+from .bypass import Bypass
 from .errors import PlanMismatchError, SubFitError
+from .names import BYPASS_FILE, PLAN_FILE, unit_key
 
-PLAN_FILE = "subfit_plan.json"
-BYPASS_FILE = "subfit_bypass.safetensors"
 PLAN_FORMAT = 1
 
 
@@ -58,7 +57,7 @@ class RemovedUnit(BaseModel):
 
     @property
     def key(self) -> str:
-        return f"layers.{self.layer}.{self.kind}"
+        return unit_key(self.layer, self.kind)
 
 
 class SparsityReport(BaseModel):

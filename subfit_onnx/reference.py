@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .architectures import FamilyLayout, UnitKind
-from .calibration.fitting import Bypass
+from .bypass import Bypass
 from .plan import Plan, bypass_from_tensors
 from .torch_model import decoder_layers, first_param, model_family, model_identity
 

@@ -12,8 +12,6 @@ from typing import Any
 
 from .plan import Plan
 
-REPORT_FILE = "subfit_report.json"
-CONFIG_FILE = "subfit_config.json"
 REPORT_FORMAT = 1
 
 

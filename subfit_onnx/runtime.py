@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import SubFitError, UnsupportedModelError
+from .names import CONFIG_FILE, ONNX_FILE
 from .quiet import quiet
 
 Provider = Literal["cpu", "cuda"]
-ONNX_FILE = "model.onnx"
 PROVIDERS: dict[str, str] = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
@@ -71,13 +71,13 @@ def export_paths(model_dir: str | os.PathLike) -> tuple[Path, Path]:
     model = root / ONNX_FILE
     if not model.is_file():
         raise SubFitError(f"{root} has no {ONNX_FILE} (expected an Optimum text-generation-with-past export)")
-    if not (root / "config.json").is_file():
-        raise SubFitError(f"{root} has no config.json (expected an Optimum text-generation-with-past export)")
+    if not (root / CONFIG_FILE).is_file():
+        raise SubFitError(f"{root} has no {CONFIG_FILE} (expected an Optimum text-generation-with-past export)")
     return root, model
 
 
 def read_config(model_dir: str | os.PathLike) -> dict[str, Any]:
-    path = Path(model_dir) / "config.json"
+    path = Path(model_dir) / CONFIG_FILE
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:

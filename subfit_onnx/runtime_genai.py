@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SubFitError, UnsupportedModelError
+from .names import GENAI_CONFIG_FILE, KV, ONNX_FILE
 from .runtime import export_paths, read_config
 
-GENAI_CONFIG = "genai_config.json"
 # Model types onnxruntime-genai knows by name; any other decoder-only export runs as "llama" (the generic
 # decoder-only path: it only uses the type to pick the model class, the graph does the rest).
 GENAI_TYPES = {"llama", "mistral", "phi", "phi3", "gemma", "gemma2", "gemma3_text", "qwen2", "qwen3", "granite",
@@ -46,7 +46,7 @@ def _model_signature(model_dir: Path, config: dict[str, Any]) -> Any:
 
     from .evaluation.signature import read_signature, specs_from_onnx
 
-    model = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
+    model = onnx.load(str(model_dir / ONNX_FILE), load_external_data=False)
     return read_signature(specs_from_onnx(model.graph.input), specs_from_onnx(model.graph.output), config)
 
 
@@ -74,8 +74,8 @@ def genai_config(model_dir: str | os.PathLike, *, context_length: int | None = N
     pad = _first(cfg, "pad_token_id")
     pad = pad if pad is not None else (eos[0] if isinstance(eos, list) else eos)
     ctx = context_length or _first(cfg, "max_position_embeddings", "n_positions") or 2048
-    inputs = {"input_ids": sig.input_ids, "past_key_names": "past_key_values.%d.key",
-              "past_value_names": "past_key_values.%d.value"}
+    inputs = {"input_ids": sig.input_ids, "past_key_names": KV.template("past", "key"),
+              "past_value_names": KV.template("past", "value")}
     if sig.attention_mask:
         inputs["attention_mask"] = sig.attention_mask
     if sig.position_ids:
@@ -91,7 +91,7 @@ def genai_config(model_dir: str | os.PathLike, *, context_length: int | None = N
             "context_length": int(ctx),
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": providers},
-                "filename": "model.onnx",
+                "filename": ONNX_FILE,
                 "head_size": head_size,
                 "hidden_size": _first(cfg, "hidden_size", "n_embd"),
                 "num_attention_heads": _first(cfg, "num_attention_heads", "n_head"),
@@ -100,8 +100,8 @@ def genai_config(model_dir: str | os.PathLike, *, context_length: int | None = N
                 # not used to build names (checked: 1, 2, 4 and 8 all run a graph with layers 0, 2, 3, 7)
                 "num_hidden_layers": len(sig.kv),
                 "inputs": inputs,
-                "outputs": {"logits": sig.logits, "present_key_names": "present.%d.key",
-                            "present_value_names": "present.%d.value"},
+                "outputs": {"logits": sig.logits, "present_key_names": KV.template("present", "key"),
+                            "present_value_names": KV.template("present", "value")},
             },
         },
         "search": {
@@ -116,6 +116,6 @@ def genai_config(model_dir: str | os.PathLike, *, context_length: int | None = N
 def write_genai_config(model_dir: str | os.PathLike, **kwargs: Any) -> Path:
     """Write ``genai_config.json`` into the export folder (overwriting one there) and return its path."""
     content = genai_config(model_dir, **kwargs)
-    path = Path(model_dir) / GENAI_CONFIG
+    path = Path(model_dir) / GENAI_CONFIG_FILE
     path.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
     return path

@@ -8,15 +8,15 @@ was expected there, because a wrong path is the most common mistake.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from .errors import SubFitError
+from .names import CONFIG_FILE, ONNX_FILE
 
-ONNX_FILE = "model.onnx"
-CONFIG_FILE = "config.json"
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
@@ -91,6 +91,16 @@ def resolve_source(source: str | Path) -> Source:
     if looks_like_path or not _HUB_ID.match(given):
         raise SubFitError(f"{given} does not exist")
     return Source("hub", given)
+
+
+def export_file(export: str | os.PathLike) -> Path:
+    """``model.onnx`` of an export folder, or the file itself; one clear error when there is none."""
+    path = Path(export)
+    if path.is_dir():
+        path = path / ONNX_FILE
+    if not path.is_file():
+        raise SubFitError(f"no ONNX model at {path}; pass an Optimum export folder or its {ONNX_FILE}")
+    return path
 
 
 def read_config(folder: Path) -> dict[str, Any] | None:

@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from subfit_onnx.calibration.fitting import Bypass
+from subfit_onnx.bypass import Bypass
 from subfit_onnx.plan import Plan, RemovedUnit, SparsityReport, bypass_spec, bypass_tensors
 from subfit_onnx.torch_model import model_identity, unit_param_table
 

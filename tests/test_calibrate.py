@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from progress_recorder import Recorder
+from subfit_onnx.bypass import Bypass
 from subfit_onnx.calibration.calibrate import calibrate_model
-from subfit_onnx.calibration.fitting import Bypass
 from subfit_onnx.config import SubFitConfig
 from subfit_onnx.errors import PlanMismatchError, SubFitError, UnsupportedModelError
 from subfit_onnx.plan import RemovedUnit, bypass_spec, bypass_tensors, load_plan, save_plan

@@ -10,7 +10,8 @@ import pytest
 
 from subfit_onnx.errors import UnsupportedModelError
 from subfit_onnx.evaluation.decoder import OnnxDecoder
-from subfit_onnx.runtime_genai import GENAI_CONFIG, genai_config, write_genai_config
+from subfit_onnx.names import GENAI_CONFIG_FILE
+from subfit_onnx.runtime_genai import genai_config, write_genai_config
 
 PROMPT = [40, 41, 42, 43, 44, 45]
 
@@ -51,6 +52,6 @@ def test_genai_generates_the_ort_tokens(tiny_exports, tiny_compressed, tmp_path,
     folder = tmp_path / variant
     shutil.copytree(src, folder)
     path = write_genai_config(folder)
-    assert path == folder / GENAI_CONFIG and json.loads(path.read_text())["model"]["decoder"]["filename"] == "model.onnx"
+    assert path == folder / GENAI_CONFIG_FILE and json.loads(path.read_text())["model"]["decoder"]["filename"] == "model.onnx"
     expected = OnnxDecoder(folder).greedy(PROMPT, 10)
     assert genai_greedy(folder, 10) == expected

@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..architectures import UNIT_KINDS, UnitKind
+from ..bypass import Bypass
 from ..config import SubFitConfig
+from ..names import unit_key
 from ..plan import ModelIdentity, Plan, RemovedUnit, bypass_spec, bypass_tensors, sparsity_report
 from ..progress import ProgressFactory, silent
-from .fitting import Bypass
 from .runner import LayerRunner
 from .scoring import UnitAssessment, assess, score
 from .selection import SequentialSelector, UnitKey, check_reachable, target_params
@@ -107,7 +108,7 @@ class Calibrator:
     def _remove(self, i: int, kind: UnitKind, stats: UnitStats, a: UnitAssessment, unit_score: float) -> Bypass:
         bypass = a.bypass if self.config.bypass else _zero_bypass(self.identity.hidden_size)
         fit_rel = a.fit_relative if self.config.bypass else 1.0
-        key = f"layers.{i}.{kind}"
+        key = unit_key(i, kind)
         self.swaps.append(self.runner.install_bypass(i, kind, bypass))
         self.tensors.update(bypass_tensors(key, bypass))
         self.removed.append(RemovedUnit(

@@ -29,24 +29,22 @@ import onnxruntime as ort
 from onnx_ir.passes.common import ShapeInferencePass
 
 from ..architectures import UnitKind
+from ..bypass import Bypass
 from ..config import SubFitConfig
 from ..errors import SubFitError
-from ..exporters.hf_config import read_config
-from ..exporters.rewrite import export_file
 from ..passes.bypass import InsertBypassPass, bypass_initializer_name
 from ..passes.structure import BYPASS_SCOPE, DecoderStructure, find_decoder_structure
 from ..progress import ProgressFactory, silent
+from ..sources import export_file, read_config
 from .activations import ActivationStore
 from .calibrate import CalibrationResult, DensePass, run_calibration
 from .dense_targets import DenseTargets
-from .fitting import Bypass
 from .onnx_cut import GraphCutter, LayerGraph
 from .onnx_identity import export_identity, export_unit_params, text_config
 from .onnx_session import SessionFactory, prefill_inputs
 from .runner import RowBatches
 from .stats import TokenWeighting, UnitStats
 
-ONNX_FILE = "model.onnx"
 _NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 

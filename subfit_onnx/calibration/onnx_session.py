@@ -17,6 +17,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from ..errors import SubFitError
+from ..names import KV
 from ..runtime import ort_session_options
 
 EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
@@ -80,7 +81,7 @@ def prefill_inputs(graph_inputs: list[ir.Value], batch: int, seq: int, kv_heads:
             feeds[name] = np.ones((batch, seq), dtype=np.int64)
         elif name == "position_ids":
             feeds[name] = np.tile(np.arange(seq, dtype=np.int64), (batch, 1))
-        elif name.startswith("past_key_values."):
+        elif name.startswith(KV.past_prefix):
             shape = value.shape
             dims = list(shape) if shape is not None else [None] * 4
             heads = _static(dims[1], kv_heads, f"{name} heads")

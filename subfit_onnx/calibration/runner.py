@@ -14,9 +14,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..architectures import UnitKind
+from ..bypass import Bypass
 from ..plan import ModelIdentity
 from .activations import ActivationStore
-from .fitting import Bypass
 from .stats import TokenWeighting, UnitStats
 
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from .fitting import Bypass, fit_bypass
+from ..bypass import Bypass
+from .fitting import fit_bypass
 from .stats import UnitStats
 
 ScoreKind = Literal["contribution", "replaceability", "stream_error"]

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..architectures import UNIT_KINDS, FamilyLayout, UnitKind
+from ..bypass import Bypass
 from ..progress import ProgressFactory, silent
 from ..reference import UnitSwap, install_bypass
 from ..torch_model import (
@@ -30,7 +31,6 @@ from ..torch_model import (
 )
 from .activations import ActivationStore
 from .dense_targets import DenseTargets
-from .fitting import Bypass
 from .runner import RowBatches
 from .stats import TokenWeighting, UnitStats
 

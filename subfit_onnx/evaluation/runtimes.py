@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import SubFitError
+from ..names import ONNX_FILE
 from ..progress import ProgressFactory, silent
 from ..runtime import (
     export_paths,
@@ -82,7 +83,7 @@ class _Runner:
             from ..runtime import _quiet_optimum
 
             with _quiet_optimum():
-                return ORTModelForCausalLM.from_pretrained(self.model_dir, file_name="model.onnx",
+                return ORTModelForCausalLM.from_pretrained(self.model_dir, file_name=ONNX_FILE,
                                                            provider=ort_provider(self.provider))
         if self.kind == "optimum-tuned":
             return load_for_generation(self.model_dir, self.provider, torch_threads=None)
@@ -96,15 +97,16 @@ class _Runner:
             import onnxruntime_genai as og
         except ImportError:
             raise SubFitError("onnxruntime-genai is not installed (pip install 'subfit-onnx[genai]')") from None
-        from ..runtime_genai import GENAI_CONFIG, genai_config
+        from ..names import GENAI_CONFIG_FILE
+        from ..runtime_genai import genai_config
 
         root, _ = export_paths(self.model_dir)
         self._tmp = tempfile.mkdtemp(prefix="subfit-genai-")
         for f in root.iterdir():
-            if f.is_file() and f.name != GENAI_CONFIG:
+            if f.is_file() and f.name != GENAI_CONFIG_FILE:
                 os.symlink(f.resolve(), Path(self._tmp) / f.name)
         cfg = genai_config(root, provider=self.provider)
-        (Path(self._tmp) / GENAI_CONFIG).write_text(json.dumps(cfg), encoding="utf-8")
+        (Path(self._tmp) / GENAI_CONFIG_FILE).write_text(json.dumps(cfg), encoding="utf-8")
         return og.Model(self._tmp)
 
     def run(self, ids: np.ndarray, n: int) -> float:

@@ -8,7 +8,6 @@ from the graph's own KV shapes (static dims) before falling back to the config.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,11 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UnsupportedModelError
-
-PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
-PRESENT_RE = re.compile(r"^present\.(\d+)\.(key|value)$")
-PAST_TEMPLATE = "past_key_values.{layer}.{kind}"
-PRESENT_TEMPLATE = "present.{layer}.{kind}"
+from ..names import KV, KV_ROLES
 
 ORT_TYPES: dict[str, np.dtype] = {
     "tensor(float)": np.dtype(np.float32),
@@ -156,15 +151,15 @@ def read_signature(inputs: Iterable[TensorSpec], outputs: Iterable[TensorSpec], 
         raise UnsupportedModelError("the graph has no input_ids input; only token-id decoders are supported")
     past: dict[int, dict[str, TensorSpec]] = {}
     for name, spec in ins.items():
-        m = PAST_RE.match(name)
-        if m:
-            past.setdefault(int(m.group(1)), {})[m.group(2)] = spec
+        kv = KV.parse(name)
+        if kv is not None and kv[0] == "past":
+            past.setdefault(kv[1], {})[kv[2]] = spec
         elif name not in KNOWN_INPUTS:
             raise UnsupportedModelError(
                 f"graph input {name!r} is not supported (expected input_ids, attention_mask, position_ids, "
                 "past_key_values.N.key/value; re-export with task text-generation-with-past)"
             )
-    logits = "logits" if "logits" in outs else next((n for n in outs if not PRESENT_RE.match(n)), None)
+    logits = "logits" if "logits" in outs else next((n for n in outs if not KV.parse(n)), None)
     if logits is None:
         raise UnsupportedModelError("the graph has no logits output")
     cfg_heads, cfg_dim = _config_kv_shape(config)
@@ -174,7 +169,7 @@ def read_signature(inputs: Iterable[TensorSpec], outputs: Iterable[TensorSpec], 
         if set(pair) != {"key", "value"}:
             raise UnsupportedModelError(f"layer {layer} has a past {next(iter(pair))} but no matching past tensor")
         key, value = pair["key"], pair["value"]
-        out_names = [PRESENT_TEMPLATE.format(layer=layer, kind=k) for k in ("key", "value")]
+        out_names = [KV.present_name(layer, role) for role in KV_ROLES]
         missing = [n for n in out_names if n not in outs]
         if missing:
             raise UnsupportedModelError(f"the graph takes past for layer {layer} but has no output {missing[0]}")
