@@ -12,12 +12,9 @@ weights in it), and nothing else in ``ORTModelForCausalLM`` or ``generate`` read
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
-from ..errors import SubFitError
-from ..names import CONFIG_FILE
+from ..model_config import config_key, config_value
 
 # optimum-onnx 0.1.0, ORTModelForCausalLM.__init__: model types whose empty past uses num_key_value_heads ...
 OPTIMUM_KV_HEAD_TYPES = frozenset({
@@ -27,21 +24,14 @@ OPTIMUM_KV_HEAD_TYPES = frozenset({
 # ... and whose head size comes from config.head_dim rather than hidden_size // num_attention_heads.
 OPTIMUM_HEAD_DIM_TYPES = frozenset({"gemma", "gemma3_text", "gpt_oss", "nemotron"})
 
-_ALIASES = {"num_attention_heads": ("num_attention_heads", "n_head"), "hidden_size": ("hidden_size", "n_embd")}
-
-
-def _get(config: dict[str, Any], field: str) -> Any:
-    return next((config[k] for k in _ALIASES.get(field, (field,)) if k in config), None)
-
-
 def optimum_empty_past(config: dict[str, Any]) -> tuple[int | None, int | None]:
     """(heads, head_dim) of the empty past Optimum will build from this config."""
     model_type = config.get("model_type")
-    heads = _get(config, "num_attention_heads")
-    hidden = _get(config, "hidden_size")
-    kv = config.get("num_key_value_heads") if model_type in OPTIMUM_KV_HEAD_TYPES else heads
+    heads = config_value(config, "num_attention_heads")
+    hidden = config_value(config, "hidden_size")
+    kv = config_value(config, "num_key_value_heads") if model_type in OPTIMUM_KV_HEAD_TYPES else heads
     if model_type in OPTIMUM_HEAD_DIM_TYPES:
-        head_dim = config.get("head_dim")
+        head_dim = config_value(config, "head_dim")
     else:
         head_dim = hidden // heads if hidden and heads else None
     return kv, head_dim
@@ -67,12 +57,11 @@ def subfit_config(export_config: dict[str, Any], section: dict[str, Any], kv_hea
     overrides = fit_optimum_empty_past(config, kv_heads, head_dim)
     section = dict(section)
     if overrides:
-        section["original_config"] = {k: _get(config, k) for k in overrides}
+        section["original_config"] = {k: config_value(config, k) for k in overrides}
         section["note"] = ("num_attention_heads/hidden_size are set so that optimum's ORTModelForCausalLM sizes "
                            "the empty KV cache like the graph's inputs; true values in original_config")
         for field, value in overrides.items():
-            key = next((k for k in _ALIASES.get(field, (field,)) if k in config), field)
-            config[key] = value
+            config[config_key(config, field)] = value
     if not has_kv_cache:
         config["use_cache"] = False
         section["use_cache"] = "no attention is left, so the graph has no KV cache: load with use_cache=False"
@@ -80,15 +69,3 @@ def subfit_config(export_config: dict[str, Any], section: dict[str, Any], kv_hea
     return config
 
 
-def read_config(folder: Path) -> dict[str, Any] | None:
-    path = folder / CONFIG_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise SubFitError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-
-
-def write_config(folder: Path, config: dict[str, Any]) -> None:
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

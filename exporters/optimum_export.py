@@ -9,7 +9,6 @@ its own output against the PyTorch reference instead.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..errors import SubFitError
+from ..model_config import read_config, write_config
 from ..names import CONFIG_FILE, ONNX_FILE
 from ..progress import ProgressFactory, silent
 from ..quiet import quiet
@@ -30,17 +30,17 @@ def _quiet():
     return quiet("optimum", "transformers", "torch.onnx")
 
 
-def _record_source(config_path: Path, src: Path) -> None:
+def _record_source(folder: Path, src: Path) -> None:
     """Write the checkpoint's path back as ``_name_or_path``.
 
     transformers drops it when saving config.json, and it is how ``optimize model.onnx`` finds the PyTorch
     weights to calibrate from without ``--model``.
     """
-    if not config_path.is_file():
+    config = read_config(folder)
+    if config is None:
         return
-    config = json.loads(config_path.read_text())
     config["_name_or_path"] = str(src.resolve())
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_config(folder, config)
 
 
 def export_decoder(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
@@ -69,7 +69,7 @@ def export_decoder(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                         do_validation=False, local_files_only=True)
         if not (tmp / ONNX_FILE).is_file():
             raise SubFitError(f"Optimum produced no {ONNX_FILE} for {src}")
-        _record_source(tmp / CONFIG_FILE, src)
+        _record_source(tmp, src)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from ..architectures import UnitKind
 from ..bypass import Bypass
 from ..errors import PlanMismatchError, SubFitError
+from ..model_config import read_config, write_config
 from ..names import CONFIG_FILE, DATA_FILE, GENAI_CONFIG_FILE, KV, ONNX_FILE, SUBFIT_FILES, unit_key
 from ..passes.bypass import InsertBypassPass
 from ..passes.external_data import LoadExternalTensorsPass
@@ -32,7 +33,7 @@ from ..passes.structure import DecoderStructure, find_decoder_structure
 from ..plan import Plan, bypass_from_tensors
 from ..progress import ProgressFactory, silent
 from ..sources import export_file
-from .hf_config import read_config, subfit_config, write_config
+from .hf_config import subfit_config
 
 PROTOBUF_LIMIT = 2 * 1024**3
 INLINE_MARGIN = 64 * 1024**2  # graph structure and metadata beside the weights

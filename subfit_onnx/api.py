@@ -36,11 +36,12 @@ from .errors import SubFitError
 from .graph_checks import load_decoder_structure
 from .hub import require_hub
 from .matching import check_identity_matches, config_facts, structure_facts
+from .model_config import read_config
 from .names import ONNX_FILE, PLAN_FILE, REPORT_FILE, SETTINGS_FILE
 from .plan import Plan, load_plan, save_plan
 from .progress import ProgressFactory, silent
 from .report import build_report
-from .sources import Source, default_output, read_config, resolve_source
+from .sources import Source, default_output, resolve_source
 from .staging import STAGED, check_output_free, staged_output
 
 DEFAULT_CALIBRATION = "Salesforce/wikitext:wikitext-2-raw-v1:train"

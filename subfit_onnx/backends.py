@@ -93,7 +93,7 @@ def choose_backend(name: str, checkpoint: ModelRef | None, export_dir: Path | No
 def _recorded_why(export_dir: Path | None) -> str:
     if export_dir is None:
         return ""
-    from .sources import read_config
+    from .model_config import read_config
 
     name = (read_config(export_dir) or {}).get("_name_or_path")
     return f" (its config says {name!r}, which is not a local folder with weights)" if name else " (its config.json has no _name_or_path)"
@@ -131,7 +131,7 @@ def export_identity(onnx_file: Path, structure: dict[str, Any]) -> tuple[ModelId
     """Identity and unit parameter table of an export (config.json + ``structure_facts``), for the onnx backend."""
     from .architectures import UNIT_KINDS
     from .calibration.onnx_identity import identity_from_counts
-    from .sources import read_config
+    from .model_config import read_config
 
     identity = identity_from_counts(read_config(onnx_file.parent) or {}, structure["num_layers"],
                                     structure["hidden_size"], structure["attention_params_per_layer"],

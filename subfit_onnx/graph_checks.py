@@ -75,15 +75,14 @@ def check_decoder_graph(model: Any, path: str | Path) -> GraphSummary:
 
 def load_decoder_structure(onnx_file: Path) -> tuple[Any, dict[str, Any], Any]:
     """The graph, its config.json and its proven decoder structure: what rewrite and inspect both start from."""
-    from .matching import config_model_type
+    from .model_config import model_type, read_config
     from .passes.structure import find_decoder_structure
-    from .sources import read_config
 
     model = load_onnx(onnx_file)
     check_decoder_graph(model, onnx_file)
     config = read_config(onnx_file.parent) or {}
     try:
-        structure = find_decoder_structure(model, config_model_type(config))
+        structure = find_decoder_structure(model, model_type(config))
     except UnsupportedModelError as exc:
         raise UnsupportedModelError(f"{onnx_file}: {exc}") from None
     return model, config, structure

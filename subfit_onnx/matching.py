@@ -12,27 +12,18 @@ from typing import Any
 
 from .architectures import family_for
 from .errors import PlanMismatchError
+from .model_config import config_value, model_type
 from .plan import ModelIdentity
-
-
-def _text_config(config: dict[str, Any]) -> dict[str, Any]:
-    return config["text_config"] if isinstance(config.get("text_config"), dict) else config
-
-
-def config_model_type(config: dict[str, Any]) -> str | None:
-    value = _text_config(config).get("model_type") or config.get("model_type")
-    return str(value) if value else None
 
 
 def config_facts(config: dict[str, Any]) -> dict[str, Any]:
     """family, num_layers and hidden_size from a config.json dict (text config for multimodal ones)."""
-    cfg = _text_config(config)
-    model_type = config_model_type(config)
+    kind = model_type(config)
     facts: dict[str, Any] = {}
-    if model_type:
-        facts["family"] = family_for(str(model_type)).name  # refuses unknown families by name
-    layers = cfg.get("num_hidden_layers", cfg.get("n_layer"))
-    hidden = cfg.get("hidden_size", cfg.get("n_embd"))
+    if kind:
+        facts["family"] = family_for(kind).name  # refuses unknown families by name
+    layers = config_value(config, "num_layers")
+    hidden = config_value(config, "hidden_size")
     if layers is not None:
         facts["num_layers"] = int(layers)
     if hidden is not None:

@@ -19,7 +19,6 @@ these settings 20.8 / 25.6 tok/s (ratio 1.23), raw ORT loop 27.6 / 31.3.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -74,14 +73,6 @@ def export_paths(model_dir: str | os.PathLike) -> tuple[Path, Path]:
     if not (root / CONFIG_FILE).is_file():
         raise SubFitError(f"{root} has no {CONFIG_FILE} (expected an Optimum text-generation-with-past export)")
     return root, model
-
-
-def read_config(model_dir: str | os.PathLike) -> dict[str, Any]:
-    path = Path(model_dir) / CONFIG_FILE
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SubFitError(f"cannot read {path}: {exc}") from None
 
 
 def open_session(model_path: str | os.PathLike, provider: str = "cpu", session_options: Any = None) -> Any:

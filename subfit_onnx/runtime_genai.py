@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SubFitError, UnsupportedModelError
+from .model_config import FIELD_ALIASES, config_value, read_config, text_config
 from .names import GENAI_CONFIG_FILE, KV, ONNX_FILE
-from .runtime import export_paths, read_config
+from .runtime import export_paths
 
 # Model types onnxruntime-genai knows by name; any other decoder-only export runs as "llama" (the generic
 # decoder-only path: it only uses the type to pick the model class, the graph does the rest).
@@ -29,14 +30,18 @@ GENAI_TYPES = {"llama", "mistral", "phi", "phi3", "gemma", "gemma2", "gemma3_tex
                "olmo", "chatglm", "nemotron", "smollm3", "gpt2"}
 
 
-def _first(cfg: dict[str, Any], *names: str) -> Any:
-    """A config value, preferring the true values a SubFit rewrite keeps under ``subfit.original_config``
-    (it rewrites num_attention_heads/hidden_size for Optimum's empty-past guess on Phi-3-like models)."""
+def _first(cfg: dict[str, Any], field: str) -> Any:
+    """A config value (a ``model_config`` field or a plain key), preferring the true values a SubFit rewrite keeps
+    under ``subfit.original_config`` (it rewrites num_attention_heads/hidden_size for Optimum's empty-past guess
+    on Phi-3-like models)."""
     original = (cfg.get("subfit") or {}).get("original_config") or {}
-    for source in (original, cfg, cfg.get("text_config") or {}):
-        for n in names:
-            if source.get(n) is not None:
-                return source[n]
+    for source in (original, cfg):
+        if field in FIELD_ALIASES:
+            value = config_value(source, field)
+        else:
+            value = source.get(field) if source.get(field) is not None else text_config(source).get(field)
+        if value is not None:
+            return value
     return None
 
 
@@ -54,7 +59,7 @@ def genai_config(model_dir: str | os.PathLike, *, context_length: int | None = N
                  provider: str = "cpu") -> dict[str, Any]:
     """The ``genai_config.json`` content for an Optimum export (dense or rewritten), as a dict."""
     root, _ = export_paths(model_dir)
-    cfg = read_config(root)
+    cfg = read_config(root, required=True)
     sig = _model_signature(root, cfg)
     if not sig.has_kv:
         raise UnsupportedModelError(
@@ -73,7 +78,7 @@ def genai_config(model_dir: str | os.PathLike, *, context_length: int | None = N
         raise SubFitError(f"{root}/config.json has no eos_token_id; onnxruntime-genai needs one")
     pad = _first(cfg, "pad_token_id")
     pad = pad if pad is not None else (eos[0] if isinstance(eos, list) else eos)
-    ctx = context_length or _first(cfg, "max_position_embeddings", "n_positions") or 2048
+    ctx = context_length or _first(cfg, "max_positions") or 2048
     inputs = {"input_ids": sig.input_ids, "past_key_names": KV.template("past", "key"),
               "past_value_names": KV.template("past", "value")}
     if sig.attention_mask:
@@ -93,8 +98,8 @@ def genai_config(model_dir: str | os.PathLike, *, context_length: int | None = N
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": providers},
                 "filename": ONNX_FILE,
                 "head_size": head_size,
-                "hidden_size": _first(cfg, "hidden_size", "n_embd"),
-                "num_attention_heads": _first(cfg, "num_attention_heads", "n_head"),
+                "hidden_size": _first(cfg, "hidden_size"),
+                "num_attention_heads": _first(cfg, "num_attention_heads"),
                 "num_key_value_heads": heads,
                 # 0.18 takes the KV layers from the session inputs matching the name templates; this count is
                 # not used to build names (checked: 1, 2, 4 and 8 all run a graph with layers 0, 2, 3, 7)

@@ -7,14 +7,14 @@ was expected there, because a wrong path is the most common mistake.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from .errors import SubFitError
+from .model_config import read_config
 from .names import CONFIG_FILE, ONNX_FILE
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
@@ -101,18 +101,6 @@ def export_file(export: str | os.PathLike) -> Path:
     if not path.is_file():
         raise SubFitError(f"no ONNX model at {path}; pass an Optimum export folder or its {ONNX_FILE}")
     return path
-
-
-def read_config(folder: Path) -> dict[str, Any] | None:
-    """The folder's config.json as a dict, or None when there is none."""
-    path = folder / CONFIG_FILE
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SubFitError(f"{path} is not valid JSON ({exc})") from None
-    return data if isinstance(data, dict) else None
 
 
 def recorded_checkpoint(export_dir: Path) -> Path | None:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .architectures import UNIT_KINDS, FamilyLayout, UnitKind, family_for
+from .model_config import config_value, kv_shape, model_type
 from .plan import ModelIdentity
 
 
@@ -36,22 +37,16 @@ def model_family(model: nn.Module) -> FamilyLayout:
     return family_for(getattr(model.config, "model_type", "unknown"))
 
 
-def text_config(config: Any) -> Any:
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 def model_identity(model: nn.Module) -> ModelIdentity:
     family = model_family(model)
-    cfg = text_config(model.config)
     layers = decoder_layers(model, family)
-    heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
-    hidden = getattr(cfg, "hidden_size", None) or cfg.n_embd
-    kv = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    heads = config_value(model.config, "num_attention_heads")
+    hidden = config_value(model.config, "hidden_size")
+    kv, head_dim = kv_shape(model.config, hidden)
     first = layers[0]
     return ModelIdentity(
         name_or_path=str(getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "")),
-        model_type=cfg.model_type,
+        model_type=model_type(model.config),
         family=family.name,
         num_layers=len(layers),
         hidden_size=int(hidden),

@@ -32,15 +32,16 @@ from ..architectures import UnitKind
 from ..bypass import Bypass
 from ..config import SubFitConfig
 from ..errors import SubFitError
+from ..model_config import config_value, model_type, read_config
 from ..passes.bypass import InsertBypassPass, bypass_initializer_name
 from ..passes.structure import BYPASS_SCOPE, DecoderStructure, find_decoder_structure
 from ..progress import ProgressFactory, silent
-from ..sources import export_file, read_config
+from ..sources import export_file
 from .activations import ActivationStore
 from .calibrate import CalibrationResult, DensePass, run_calibration
 from .dense_targets import DenseTargets
 from .onnx_cut import GraphCutter, LayerGraph
-from .onnx_identity import export_identity, export_unit_params, text_config
+from .onnx_identity import export_identity, export_unit_params
 from .onnx_session import SessionFactory, prefill_inputs
 from .runner import RowBatches
 from .stats import TokenWeighting, UnitStats
@@ -132,8 +133,8 @@ class OrtLayerRunner(RowBatches):
         config = read_config(self.path.parent)
         if config is None:
             raise SubFitError(f"{self.path.parent} has no config.json; the ONNX backend reads the model's shape from it")
-        self.model_type = str(text_config(config).get("model_type") or config.get("model_type") or "") or None
-        self.tokens = check_tokens(tokens, text_config(config).get("vocab_size"))  # before any heavy work
+        self.model_type = model_type(config)
+        self.tokens = check_tokens(tokens, config_value(config, "vocab_size"))  # before any heavy work
         self.sessions = SessionFactory.create(self.path.parent, providers, threads)
         self.times = RunnerTimes()
         with self.times.timed("load"):

@@ -13,37 +13,28 @@ from typing import Any
 
 from ..architectures import UNIT_KINDS, UnitKind, family_for
 from ..errors import PlanMismatchError, SubFitError
+from ..model_config import config_value, kv_shape, model_type
 from ..passes.structure import DecoderStructure
 from ..plan import ModelIdentity
-
-
-def text_config(config: dict[str, Any]) -> dict[str, Any]:
-    return config["text_config"] if isinstance(config.get("text_config"), dict) else config
-
-
-def _first(cfg: dict[str, Any], *keys: str) -> Any:
-    return next((cfg[k] for k in keys if cfg.get(k) is not None), None)
 
 
 def identity_from_counts(config: dict[str, Any], num_layers: int, hidden_size: int, attention_params: int,
                          mlp_params: int, export_dir: Path) -> ModelIdentity:
     """The identity from config.json plus what the graph says (layers, hidden size, unit parameters)."""
-    cfg = text_config(config)
-    model_type = cfg.get("model_type") or config.get("model_type")
-    if not model_type:
+    kind = model_type(config)
+    if not kind:
         raise SubFitError(f"{export_dir}/config.json has no model_type")
-    family = family_for(str(model_type))
-    heads = _first(cfg, "num_attention_heads", "n_head")
-    hidden = _first(cfg, "hidden_size", "n_embd")
+    family = family_for(kind)
+    heads = config_value(config, "num_attention_heads")
+    hidden = config_value(config, "hidden_size")
     if heads is None:
         raise SubFitError(f"{export_dir}/config.json gives no num_attention_heads")
     if hidden is not None and int(hidden) != hidden_size:
         raise PlanMismatchError(f"{export_dir}/config.json says hidden size {hidden}, the graph has {hidden_size}")
-    kv = _first(cfg, "num_key_value_heads") or heads
-    head_dim = _first(cfg, "head_dim") or hidden_size // int(heads)
+    kv, head_dim = kv_shape(config, hidden_size)
     return ModelIdentity(
         name_or_path=str(config.get("_name_or_path") or export_dir),
-        model_type=str(model_type),
+        model_type=kind,
         family=family.name,
         num_layers=int(num_layers),
         hidden_size=int(hidden_size),

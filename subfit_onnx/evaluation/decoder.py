@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import SubFitError
-from ..runtime import export_paths, open_session, ort_session_options, read_config
+from ..model_config import config_value, read_config
+from ..runtime import export_paths, open_session, ort_session_options
 from .signature import DecoderSignature, read_signature, specs_from_session
 
 Past = dict[str, np.ndarray]
@@ -36,7 +37,7 @@ class OnnxDecoder:
 
     def __init__(self, model_dir: str | os.PathLike, provider: str = "cpu", session_options: Any = None):
         self.model_dir, self.model_path = export_paths(model_dir)
-        self.config = read_config(self.model_dir)
+        self.config = read_config(self.model_dir, required=True)
         self.provider = provider
         self.session = open_session(self.model_path, provider, session_options or ort_session_options())
         inputs = specs_from_session(self.session.get_inputs())
@@ -60,7 +61,7 @@ class OnnxDecoder:
 
     @property
     def vocab_size(self) -> int | None:
-        return self.config.get("vocab_size") or (self.config.get("text_config") or {}).get("vocab_size")
+        return config_value(self.config, "vocab_size")
 
     def empty_past(self, batch: int = 1) -> Past:
         """Zero-length past for prefill, shaped (batch, kv heads, 0, head_dim) from the graph's KV inputs."""

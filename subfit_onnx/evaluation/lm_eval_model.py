@@ -24,6 +24,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import Collator
 from tqdm import tqdm
 
+from ..model_config import config_value
 from .decoder import OnnxDecoder
 from .logprobs import ContinuationScorer
 
@@ -49,7 +50,7 @@ class SubFitORTLM(TemplateLM):
         self.decoder = OnnxDecoder(target, provider=provider)
         self.tokenizer = self.decoder.tokenizer
         cfg = self.decoder.config
-        limit = cfg.get("max_position_embeddings") or cfg.get("n_positions") or DEFAULT_MAX_LENGTH
+        limit = config_value(cfg, "max_positions") or DEFAULT_MAX_LENGTH
         self._max_length = _int_or_none(max_length) or min(int(limit), DEFAULT_MAX_LENGTH)
         self._max_gen_toks = int(max_gen_toks)
         self.scorer = ContinuationScorer(self.decoder, max_length=self._max_length)

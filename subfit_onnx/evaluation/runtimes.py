@@ -25,13 +25,13 @@ from typing import Any
 import numpy as np
 
 from ..errors import SubFitError
+from ..model_config import config_value, read_config
 from ..names import ONNX_FILE
 from ..progress import ProgressFactory, silent
 from ..runtime import (
     export_paths,
     load_for_generation,
     ort_provider,
-    read_config,
     set_torch_threads,
     torch_default_threads,
 )
@@ -152,7 +152,7 @@ def benchmark_runtimes(candidate_dir: str | os.PathLike, reference_dir: str | os
     ort_provider(provider)
     dirs = [Path(candidate_dir)] + ([Path(reference_dir)] if reference_dir is not None else [])
     names = _unique_names(dirs)
-    vocab = min(int(read_config(d).get("vocab_size") or 32000) for d in dirs)
+    vocab = min(int(config_value(read_config(d, required=True), "vocab_size") or 32000) for d in dirs)
     ids = prompt_ids(vocab, prompt_tokens, seed=3)
     import torch
 

@@ -8,13 +8,14 @@ from the graph's own KV shapes (static dims) before falling back to the config.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ..errors import UnsupportedModelError
+from ..model_config import kv_shape
 from ..names import KV, KV_ROLES
 
 ORT_TYPES: dict[str, np.dtype] = {
@@ -106,31 +107,6 @@ class DecoderSignature:
         return {o: i for k in self.kv for o, i in ((k.key_output, k.key_input), (k.value_output, k.value_input))}
 
 
-def _config_get(config: Any, *names: str) -> Any:
-    for source in (config, getattr(config, "text_config", None)):
-        if source is None:
-            continue
-        for name in names:
-            value = source.get(name) if isinstance(source, Mapping) else getattr(source, name, None)
-            if value is not None:
-                return value
-    return None
-
-
-def _config_kv_shape(config: Any) -> tuple[int | None, int | None]:
-    """(kv heads, head_dim) the config implies, for graphs whose KV dims are all symbolic."""
-    if config is None:
-        return None, None
-    heads = _config_get(config, "num_key_value_heads", "num_kv_heads")
-    attn_heads = _config_get(config, "num_attention_heads", "n_head")
-    heads = heads or attn_heads
-    head_dim = _config_get(config, "head_dim")
-    hidden = _config_get(config, "hidden_size", "n_embd")
-    if head_dim is None and hidden and attn_heads:
-        head_dim = hidden // attn_heads
-    return heads, head_dim
-
-
 def _static(dim: Any, fallback: int | None, what: str, name: str) -> int:
     if isinstance(dim, int) and dim > 0:
         return dim
@@ -162,7 +138,7 @@ def read_signature(inputs: Iterable[TensorSpec], outputs: Iterable[TensorSpec], 
     logits = "logits" if "logits" in outs else next((n for n in outs if not KV.parse(n)), None)
     if logits is None:
         raise UnsupportedModelError("the graph has no logits output")
-    cfg_heads, cfg_dim = _config_kv_shape(config)
+    cfg_heads, cfg_dim = kv_shape(config) if config is not None else (None, None)  # for symbolic graph dims
     layers = []
     for layer in sorted(past):
         pair = past[layer]
