@@ -14,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -23,6 +24,7 @@ from pydantic import BaseModel
 from ..architectures import UnitKind
 from ..bypass import Bypass
 from ..errors import PlanMismatchError, SubFitError
+from ..identity import check_matches, graph_facts
 from ..model_config import read_config, write_config
 from ..names import CONFIG_FILE, DATA_FILE, GENAI_CONFIG_FILE, KV, ONNX_FILE, SUBFIT_FILES, unit_key
 from ..passes.bypass import InsertBypassPass
@@ -89,21 +91,10 @@ def _tensor_bytes(model: ir.Model) -> int:
                if v.const_value is not None)
 
 
-def check_plan_matches(plan: Plan, structure: DecoderStructure, tensors: Mapping[str, np.ndarray]) -> None:
-    """Refuse a plan made for another model, naming the first fields that differ."""
-    mine = plan.model
-    diffs = []
-    if mine.num_layers != structure.num_layers:
-        diffs.append(f"layers: plan {mine.num_layers} vs graph {structure.num_layers}")
-    if mine.hidden_size != structure.hidden_size:
-        diffs.append(f"hidden size: plan {mine.hidden_size} vs graph {structure.hidden_size}")
-    allowed = (structure.family,) if structure.family_from_config else structure.family_candidates
-    if mine.family not in allowed:
-        diffs.append(f"family: plan {mine.family} vs graph {'/'.join(allowed)}")
-    if structure.num_kv_heads is not None and structure.kv_layers() and mine.num_key_value_heads != structure.num_kv_heads:
-        diffs.append(f"KV heads: plan {mine.num_key_value_heads} vs graph {structure.num_kv_heads}")
-    if diffs:
-        raise PlanMismatchError("the plan was made for another model (" + "; ".join(diffs) + ")")
+def check_plan_matches(plan: Plan, structure: DecoderStructure, tensors: Mapping[str, np.ndarray],
+                       config: Mapping[str, Any], source: Path) -> None:
+    """Refuse a plan made for another model, or one whose units this graph cannot take."""
+    check_matches(plan.model, "the plan", f"the ONNX graph {source}", graph_facts(config, structure))
     missing = [k for u in plan.removed for k in u.bypass.tensors.values() if k not in tensors]
     if missing:
         raise PlanMismatchError(f"the bypass tensors lack {', '.join(missing[:4])}")
@@ -179,7 +170,7 @@ def rewrite_export(export: str | os.PathLike, plan: Plan, tensors: Mapping[str, 
     try:
         model = ir.load(source)
         before = find_decoder_structure(model, model_type)
-        check_plan_matches(plan, before, tensors)
+        check_plan_matches(plan, before, tensors, export_config or {}, source)
         counts = (model.graph.num_nodes(), len(model.graph.initializers),
                   sum(v.name.startswith(KV.past_prefix) for v in model.graph.inputs))
         bytes_before = _model_bytes(model, source)

@@ -25,7 +25,6 @@ from .backends import (
     BACKENDS,
     CalibrationJob,
     choose_backend,
-    export_identity,
     load_tokenizer,
     load_tokens,
     meta_identity,
@@ -35,7 +34,7 @@ from .config import SubFitConfig
 from .errors import SubFitError
 from .graph_checks import load_decoder_structure
 from .hub import require_hub
-from .matching import check_identity_matches, config_facts, structure_facts
+from .identity import check_matches, config_facts, export_identity, graph_facts
 from .model_config import read_config
 from .names import ONNX_FILE, PLAN_FILE, REPORT_FILE, SETTINGS_FILE
 from .plan import Plan, load_plan, save_plan
@@ -101,8 +100,8 @@ class ExportFacts:
     """What the checks learnt about a graph; the graph itself is not kept (it can be gigabytes)."""
 
     onnx_file: Path
-    config: dict[str, Any]
-    structure: dict[str, Any]
+    config: dict[str, Any]  # its config.json
+    facts: dict[str, Any]  # identity.graph_facts
 
 
 def make_config(config: SubFitConfig | None = None, sparsity: float | None = None, **fields: Any) -> SubFitConfig:
@@ -168,11 +167,11 @@ def inspect_export(onnx_file: Path) -> ExportFacts:
     if bypassed:
         raise SubFitError(f"{onnx_file} is already compressed by SubFit ({len(bypassed)} units bypassed); "
                           "run SubFit on the original export")
-    return ExportFacts(onnx_file, config_facts(config), structure_facts(structure))
+    return ExportFacts(onnx_file, config, graph_facts(config, structure))
 
 
 def _check_against(identity: Any, what: str, facts: ExportFacts) -> None:
-    check_identity_matches(identity, what, facts.config, facts.structure, graph=str(facts.onnx_file))
+    check_matches(identity, what, f"the ONNX graph {facts.onnx_file}", facts.facts)
 
 
 def prepare_calibration(src: Source, model: Any, config: SubFitConfig, backend: str,
@@ -187,7 +186,7 @@ def prepare_calibration(src: Source, model: Any, config: SubFitConfig, backend: 
     if name == "onnx":  # the export alone: identity from its graph and config.json, no checkpoint
         assert facts is not None
         checkpoint, export = None, facts.onnx_file
-        identity, params = export_identity(export, facts.structure)
+        identity, params = export_identity(facts.config, facts.facts, export.parent)
     else:
         assert checkpoint is not None
         identity, params, _ = meta_identity(checkpoint)

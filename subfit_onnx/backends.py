@@ -20,7 +20,7 @@ import numpy as np
 
 from .errors import SubFitError
 from .hub import require_hub
-from .plan import ModelIdentity
+from .identity import ModelIdentity
 from .progress import ProgressFactory, silent
 from .sources import Source, recorded_checkpoint, resolve_source
 
@@ -125,19 +125,6 @@ def meta_identity(ref: ModelRef) -> tuple[ModelIdentity, dict[tuple[int, str], i
         skeleton = AutoModelForCausalLM.from_config(config)
     skeleton.config._name_or_path = str(ref.ref)
     return model_identity(skeleton), unit_param_table(skeleton), config
-
-
-def export_identity(onnx_file: Path, structure: dict[str, Any]) -> tuple[ModelIdentity, dict[tuple[int, str], int]]:
-    """Identity and unit parameter table of an export (config.json + ``structure_facts``), for the onnx backend."""
-    from .architectures import UNIT_KINDS
-    from .calibration.onnx_identity import identity_from_counts
-    from .model_config import read_config
-
-    identity = identity_from_counts(read_config(onnx_file.parent) or {}, structure["num_layers"],
-                                    structure["hidden_size"], structure["attention_params_per_layer"],
-                                    structure["mlp_params_per_layer"], onnx_file.parent)
-    per_layer = {"attention": identity.attention_params_per_layer, "mlp": identity.mlp_params_per_layer}
-    return identity, {(i, kind): per_layer[kind] for i in range(identity.num_layers) for kind in UNIT_KINDS}
 
 
 def load_tokenizer(ref: ModelRef | None, export_dir: Path | None) -> Any:

@@ -11,7 +11,7 @@ from typing import Any
 
 from .errors import SubFitError
 from .graph_checks import load_decoder_structure
-from .matching import check_identity_matches, config_facts, structure_facts
+from .identity import check_matches, graph_facts
 from .names import KV, KV_ROLES
 from .sources import resolve_source
 
@@ -66,8 +66,8 @@ def _plan_preview(plan_arg: Any, structure: Any, config: dict[str, Any], onnx_fi
 
     calibrated = as_calibrated_plan(plan_arg)
     plan = calibrated.plan
-    check_identity_matches(plan.model, f"the plan {calibrated.path or ''}".rstrip(), config_facts(config),
-                           structure_facts(structure), graph=str(onnx_file))
+    check_matches(plan.model, f"the plan {calibrated.path or ''}".rstrip(), f"the ONNX graph {onnx_file}",
+                  graph_facts(config, structure))
     gone_kv = {u.layer for u in plan.removed if u.kind == "attention"}
     kv_layers = [layer.index for layer in structure.layers if layer.kv is not None]
     per_layer = (info["kv_bytes_per_token"] / len(kv_layers)) if kv_layers and info["kv_bytes_per_token"] else None

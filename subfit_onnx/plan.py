@@ -17,25 +17,11 @@ from pydantic import BaseModel, Field, ValidationError
 
 from .architectures import UnitKind
 from .bypass import Bypass
-from .errors import PlanMismatchError, SubFitError
+from .errors import SubFitError
+from .identity import ModelIdentity
 from .names import BYPASS_FILE, PLAN_FILE, unit_key
 
 PLAN_FORMAT = 1
-
-
-class ModelIdentity(BaseModel):
-    """Enough of the model's config to refuse a plan meant for another model."""
-
-    name_or_path: str = ""
-    model_type: str
-    family: str
-    num_layers: int
-    hidden_size: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    attention_params_per_layer: int
-    mlp_params_per_layer: int
 
 
 class BypassSpec(BaseModel):
@@ -107,15 +93,6 @@ class Plan(BaseModel):
             a, m = (i, "attention") in gone, (i, "mlp") in gone
             chars.append("X" if a and m else "A" if a else "M" if m else ".")
         return "".join(chars)
-
-    def check_matches(self, identity: ModelIdentity) -> None:
-        """Refuse a plan calibrated on a model of another shape."""
-        mine = self.model
-        fields = ("family", "num_layers", "hidden_size", "num_key_value_heads", "head_dim")
-        diffs = [f"{f}: plan {getattr(mine, f)} vs model {getattr(identity, f)}" for f in fields
-                 if getattr(mine, f) != getattr(identity, f)]
-        if diffs:
-            raise PlanMismatchError("the plan was made for another model (" + "; ".join(diffs) + ")")
 
 
 def bypass_tensors(unit_key: str, bypass: Bypass) -> dict[str, np.ndarray]:

@@ -19,6 +19,7 @@ from torch import nn
 
 from .architectures import FamilyLayout, UnitKind
 from .bypass import Bypass
+from .identity import check_matches, identity_facts
 from .plan import Plan, bypass_from_tensors
 from .torch_model import decoder_layers, first_param, model_family, model_identity
 
@@ -91,7 +92,8 @@ def install_bypass(model: nn.Module, family: FamilyLayout, layer_idx: int, kind:
 
 def apply_plan(model: nn.Module, plan: Plan, tensors: dict[str, np.ndarray]) -> nn.Module:
     """Compress ``model`` in place to what ``plan`` describes and return it."""
-    plan.check_matches(model_identity(model))
+    identity = model_identity(model)
+    check_matches(plan.model, "the plan", f"the model {identity.name_or_path}".rstrip(), identity_facts(identity))
     family = model_family(model)
     for unit in plan.removed:
         install_bypass(model, family, unit.layer, unit.kind, bypass_from_tensors(unit, tensors))

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from .architectures import UNIT_KINDS, FamilyLayout, UnitKind, family_for
-from .model_config import config_value, kv_shape, model_type
-from .plan import ModelIdentity
+from .identity import ModelIdentity, build_identity
+from .model_config import config_value
 
 
 def decoder_base(model: nn.Module, family: FamilyLayout) -> nn.Module:
@@ -40,21 +40,13 @@ def model_family(model: nn.Module) -> FamilyLayout:
 def model_identity(model: nn.Module) -> ModelIdentity:
     family = model_family(model)
     layers = decoder_layers(model, family)
-    heads = config_value(model.config, "num_attention_heads")
-    hidden = config_value(model.config, "hidden_size")
-    kv, head_dim = kv_shape(model.config, hidden)
     first = layers[0]
-    return ModelIdentity(
+    return build_identity(
+        model.config, num_layers=len(layers), hidden_size=config_value(model.config, "hidden_size"),
+        attention_params=count_unit_params(unit_module(first, family, "attention")),
+        mlp_params=count_unit_params(unit_module(first, family, "mlp")),
         name_or_path=str(getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "")),
-        model_type=model_type(model.config),
-        family=family.name,
-        num_layers=len(layers),
-        hidden_size=int(hidden),
-        num_attention_heads=int(heads),
-        num_key_value_heads=int(kv),
-        head_dim=int(head_dim),
-        attention_params_per_layer=count_unit_params(unit_module(first, family, "attention")),
-        mlp_params_per_layer=count_unit_params(unit_module(first, family, "mlp")),
+        where="the model's config",
     )
 
 

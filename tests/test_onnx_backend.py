@@ -115,7 +115,6 @@ def test_plans_are_interchangeable(both_backends):
     assert torch_result.plan.calibration["backend"] == "torch"
     assert onnx_result.plan.calibration["export"] == str(export / "model.onnx")
     assert all(t.dtype == np.float32 for t in onnx_result.tensors.values())
-    torch_result.plan.check_matches(onnx_result.plan.model)
 
 
 def test_default_products(tiny_export):

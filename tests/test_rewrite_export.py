@@ -139,9 +139,11 @@ def test_refuses_to_write_into_the_input(exports, plan):
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("num_layers", 6, "layers: plan 6 vs graph 4"),
-    ("hidden_size", 96, "hidden size: plan 96 vs graph 64"),
-    ("family", "gemma2", "family: plan gemma2 vs graph llama"),
+    ("num_layers", 6, "does not match the ONNX graph .*: layers 6 vs 4"),
+    ("hidden_size", 96, "hidden size 96 vs 64"),
+    ("family", "gemma2", "family gemma2 vs llama"),
+    ("num_key_value_heads", 4, "KV heads 4 vs 2"),
+    ("mlp_params_per_layer", 1, "FFN parameters per layer 1 vs 24576"),
 ])
 def test_refuses_a_plan_for_another_model(exports, plan, tmp_path, field, value, message):
     p, tensors = plan

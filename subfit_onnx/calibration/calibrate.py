@@ -19,8 +19,9 @@ import numpy as np
 from ..architectures import UNIT_KINDS, UnitKind
 from ..bypass import Bypass
 from ..config import SubFitConfig
+from ..identity import ModelIdentity
 from ..names import unit_key
-from ..plan import ModelIdentity, Plan, RemovedUnit, bypass_spec, bypass_tensors, sparsity_report
+from ..plan import Plan, RemovedUnit, bypass_spec, bypass_tensors, sparsity_report
 from ..progress import ProgressFactory, silent
 from .runner import LayerRunner
 from .scoring import UnitAssessment, assess, score

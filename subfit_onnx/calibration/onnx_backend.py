@@ -32,6 +32,7 @@ from ..architectures import UnitKind
 from ..bypass import Bypass
 from ..config import SubFitConfig
 from ..errors import SubFitError
+from ..identity import export_identity, structure_facts
 from ..model_config import config_value, model_type, read_config
 from ..passes.bypass import InsertBypassPass, bypass_initializer_name
 from ..passes.structure import BYPASS_SCOPE, DecoderStructure, find_decoder_structure
@@ -41,7 +42,6 @@ from .activations import ActivationStore
 from .calibrate import CalibrationResult, DensePass, run_calibration
 from .dense_targets import DenseTargets
 from .onnx_cut import GraphCutter, LayerGraph
-from .onnx_identity import export_identity, export_unit_params
 from .onnx_session import SessionFactory, prefill_inputs
 from .runner import RowBatches
 from .stats import TokenWeighting, UnitStats
@@ -145,8 +145,7 @@ class OrtLayerRunner(RowBatches):
         if bypassed:
             raise SubFitError(f"{self.path} is already compressed by SubFit ({', '.join(bypassed[:3])}); "
                               "calibrate the original export")
-        self.identity = export_identity(config, self.structure, self.path.parent)
-        self.unit_params = export_unit_params(self.structure)
+        self.identity, self.unit_params = export_identity(config, structure_facts(self.structure), self.path.parent)
         self.batch_size = batch_size
         self.progress = progress
         with self.times.timed("build"):

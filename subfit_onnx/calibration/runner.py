@@ -15,7 +15,7 @@ import numpy as np
 
 from ..architectures import UnitKind
 from ..bypass import Bypass
-from ..plan import ModelIdentity
+from ..identity import ModelIdentity
 from .activations import ActivationStore
 from .stats import TokenWeighting, UnitStats
 
