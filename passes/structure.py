@@ -16,6 +16,7 @@ ONNX Runtime-fused graphs (``com.microsoft`` ops hide the units), legacy merged 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,6 +99,9 @@ class DecoderStructure:
     def units(self) -> list[UnitBoundary]:
         return [layer.unit(kind) for layer in self.layers for kind in UNIT_KINDS]
 
+    def bypassed_units(self) -> list[UnitBoundary]:
+        return [u for u in self.units() if u.bypassed]
+
     def kv_layers(self) -> list[int]:
         return [layer.index for layer in self.layers if layer.kv is not None]
 
@@ -130,13 +134,18 @@ class _Refusal(Exception):
     """A layout did not fit; carries the one-line reason for the user."""
 
 
-def _check_is_plain_decoder(model: ir.Model) -> None:
+def check_plain_decoder(model: ir.Model) -> None:
+    """Refuse, by inputs, outputs and operator domains alone, graphs that are no plain decoder export.
+
+    The KV cache is checked once the layers are known (a graph whose every attention was bypassed has none).
+    """
     graph = model.graph
-    fused = sorted({n.op_type for n in graph if n.domain in FUSED_DOMAINS})
+    fused = Counter(n.op_type for n in graph if n.domain in FUSED_DOMAINS)
     if fused:
+        ops = ", ".join(f"{op} x{n}" for op, n in sorted(fused.items()))
         raise UnsupportedModelError(
-            f"the graph is already fused by ONNX Runtime ({', '.join(fused[:4])}); rewrite the plain Optimum export "
-            "first and optimise afterwards"
+            f"the graph was already optimized by ONNX Runtime (fused nodes: {ops}); fused nodes lose the layer "
+            "names SubFit needs. Run SubFit on the plain Optimum export, then ORTOptimizer on SubFit's output"
         )
     inputs = {v.name for v in graph.inputs}
     outputs = {v.name for v in graph.outputs}
@@ -329,7 +338,7 @@ def find_decoder_structure(model: ir.Model, model_type: str | None = None) -> De
     kept in ``family_candidates``.
     """
     graph = model.graph
-    _check_is_plain_decoder(model)
+    check_plain_decoder(model)
     template, grouped = _layer_nodes(graph)
     wanted = family_for(model_type) if model_type else None
     tried: dict[tuple, list[LayerStructure] | str] = {}
@@ -360,8 +369,10 @@ def find_decoder_structure(model: ir.Model, model_type: str | None = None) -> De
         )
     if not any(layer.kv for layer in resolved) and not all(layer.attention.bypassed for layer in resolved):
         raise UnsupportedModelError(
-            "the export has no KV cache (no past_key_values.N inputs); re-export with task "
-            "text-generation-with-past so the rewritten model keeps incremental decoding"
+            f"the export has no KV cache inputs ({KV.past_prefix}*): it was exported for text-generation, not "
+            "text-generation-with-past. SubFit rewrites only KV-cache exports, so the result keeps incremental "
+            "decoding; pass the PyTorch model as SOURCE (SubFit then exports it itself) or re-export with "
+            "`optimum-cli export onnx --task text-generation-with-past`"
         )
     heads, head_dim = _kv_dims(graph, resolved)
     table = _embedding_table(graph)

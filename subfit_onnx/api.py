@@ -32,7 +32,7 @@ from .backends import (
 )
 from .config import SubFitConfig
 from .errors import SubFitError
-from .graph_checks import load_decoder_structure
+from .graph_checks import load_decoder_structure, require_dense
 from .hub import require_hub
 from .identity import check_matches, config_facts, export_identity, graph_facts
 from .model_config import read_config
@@ -163,10 +163,7 @@ def _export_config(src: Source) -> dict[str, Any]:
 def inspect_export(onnx_file: Path) -> ExportFacts:
     """Load the graph once, run the cheap checks and the structural pass, keep only the facts."""
     _, config, structure = load_decoder_structure(onnx_file)
-    bypassed = [u for u in structure.units() if u.bypassed]
-    if bypassed:
-        raise SubFitError(f"{onnx_file} is already compressed by SubFit ({len(bypassed)} units bypassed); "
-                          "run SubFit on the original export")
+    require_dense(structure, onnx_file)
     return ExportFacts(onnx_file, config, graph_facts(config, structure))
 
 

@@ -81,7 +81,7 @@ def test_refuses_fused_graph(exports):
     model, _ = load(exports, "llama")
     x = model.graph.inputs[0]
     model.graph.append(ir.Node("com.microsoft", "SkipSimplifiedLayerNormalization", [x], name="fused"))
-    with pytest.raises(UnsupportedModelError, match="already fused by ONNX Runtime"):
+    with pytest.raises(UnsupportedModelError, match="already optimized by ONNX Runtime"):
         find_decoder_structure(model)
 
 

@@ -32,6 +32,7 @@ from ..architectures import UnitKind
 from ..bypass import Bypass
 from ..config import SubFitConfig
 from ..errors import SubFitError
+from ..graph_checks import require_dense
 from ..identity import export_identity, structure_facts
 from ..model_config import config_value, model_type, read_config
 from ..passes.bypass import InsertBypassPass, bypass_initializer_name
@@ -141,10 +142,7 @@ class OrtLayerRunner(RowBatches):
             self.model = ir.load(self.path)
             ShapeInferencePass(strict_mode=False)(self.model)  # element types for the values the cuts expose
             self.structure = find_decoder_structure(self.model, self.model_type)
-        bypassed = [f"layer {u.layer} {u.kind}" for u in self.structure.units() if u.bypassed]
-        if bypassed:
-            raise SubFitError(f"{self.path} is already compressed by SubFit ({', '.join(bypassed[:3])}); "
-                              "calibrate the original export")
+        require_dense(self.structure, self.path)
         self.identity, self.unit_params = export_identity(config, structure_facts(self.structure), self.path.parent)
         self.batch_size = batch_size
         self.progress = progress
