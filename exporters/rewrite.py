@@ -27,6 +27,7 @@ from ..errors import PlanMismatchError, SubFitError
 from ..identity import check_matches, graph_facts
 from ..model_config import read_config, write_config
 from ..names import CONFIG_FILE, DATA_FILE, GENAI_CONFIG_FILE, KV, ONNX_FILE, SUBFIT_FILES, unit_key
+from ..onnx_files import export_file, external_data_names, model_file_bytes
 from ..passes.bypass import InsertBypassPass
 from ..passes.external_data import LoadExternalTensorsPass
 from ..passes.kv_cache import DropPastInputsPass, DropPresentOutputsPass
@@ -34,7 +35,6 @@ from ..passes.metadata import RecordSubFitMetadataPass
 from ..passes.structure import DecoderStructure, find_decoder_structure
 from ..plan import Plan, bypass_from_tensors
 from ..progress import ProgressFactory, silent
-from ..sources import export_file
 from .hf_config import subfit_config
 
 PROTOBUF_LIMIT = 2 * 1024**3
@@ -76,14 +76,6 @@ def _check_out(out: Path, source: Path, overwrite: bool) -> None:
         raise SubFitError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
     if out.exists() and not out.is_dir():
         raise SubFitError(f"{out} exists and is not a folder")
-
-
-def _model_bytes(model: ir.Model, path: Path) -> int:
-    """The ONNX file plus every external data file its tensors name."""
-    locations = {t.location for g in model.graphs() for v in g.initializers.values()
-                 if isinstance((t := v.const_value), ir.ExternalTensor)}
-    return path.stat().st_size + sum((path.parent / loc).stat().st_size for loc in locations
-                                     if (path.parent / loc).is_file())
 
 
 def _tensor_bytes(model: ir.Model) -> int:
@@ -173,7 +165,7 @@ def rewrite_export(export: str | os.PathLike, plan: Plan, tensors: Mapping[str, 
         check_plan_matches(plan, before, tensors, export_config or {}, source)
         counts = (model.graph.num_nodes(), len(model.graph.initializers),
                   sum(v.name.startswith(KV.past_prefix) for v in model.graph.inputs))
-        bytes_before = _model_bytes(model, source)
+        bytes_before = model_file_bytes(source, external_data_names(model))
         input_external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
         bar.update(1)
 
@@ -207,7 +199,7 @@ def rewrite_export(export: str | os.PathLike, plan: Plan, tensors: Mapping[str, 
                 from ..runtime_genai import write_genai_config
 
                 write_genai_config(tmp)
-            bytes_after = sum(p.stat().st_size for p in (target, tmp / DATA_FILE) if p.is_file())
+            bytes_after = model_file_bytes(target, [DATA_FILE] if external else [])
             _finish(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -13,14 +13,8 @@ from .errors import SubFitError
 from .graph_checks import load_decoder_structure
 from .identity import check_matches, graph_facts
 from .names import KV, KV_ROLES
+from .onnx_files import external_data_names, model_file_bytes
 from .sources import resolve_source
-
-
-def _file_bytes(onnx_file: Path) -> int:
-    """model.onnx plus the external data files it references (those beside it named after it)."""
-    folder = onnx_file.parent
-    extra = [p for p in folder.iterdir() if p.is_file() and p.name.startswith(onnx_file.name) and p != onnx_file]
-    return onnx_file.stat().st_size + sum(p.stat().st_size for p in extra)
 
 
 def inspect_model(path: str | Path, plan: Any = None) -> dict[str, Any]:
@@ -29,7 +23,7 @@ def inspect_model(path: str | Path, plan: Any = None) -> dict[str, Any]:
     if src.needs_export:
         raise SubFitError(f"{path} is a model, not an ONNX export; inspect reads model.onnx files")
     onnx_file = src.onnx_file
-    _, config, structure = load_decoder_structure(onnx_file)
+    model, config, structure = load_decoder_structure(onnx_file)
     layers = [{
         "layer": layer.index,
         "attention_params": layer.attention.params,
@@ -53,7 +47,7 @@ def inspect_model(path: str | Path, plan: Any = None) -> dict[str, Any]:
         "block_params": sum(u.params for u in structure.units()),
         "kv_inputs": [name for row in layers for name in row["kv_inputs"]],
         "kv_bytes_per_token": structure.kv_bytes_per_token(),
-        "file_bytes": _file_bytes(onnx_file),
+        "file_bytes": model_file_bytes(onnx_file, external_data_names(model)),
     }
     if plan is not None:
         info["plan"] = _plan_preview(plan, structure, config, onnx_file, info)

@@ -20,11 +20,11 @@ these settings 20.8 / 25.6 tok/s (ratio 1.23), raw ORT loop 27.6 / 31.3.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Literal
 
 from .errors import SubFitError, UnsupportedModelError
-from .names import CONFIG_FILE, ONNX_FILE
+from .names import ONNX_FILE
+from .onnx_files import export_paths
 from .quiet import quiet
 
 Provider = Literal["cpu", "cuda"]
@@ -60,19 +60,6 @@ def ort_session_options(*, allow_spinning: bool = False, intra_op_threads: int |
         so.intra_op_num_threads = int(intra_op_threads)
     so.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
     return so
-
-
-def export_paths(model_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """(folder, model.onnx) of an Optimum export, or a one-line SubFitError naming what is missing."""
-    root = Path(model_dir).expanduser()
-    if not root.is_dir():
-        raise SubFitError(f"{root} is not a folder (expected an Optimum ONNX export)")
-    model = root / ONNX_FILE
-    if not model.is_file():
-        raise SubFitError(f"{root} has no {ONNX_FILE} (expected an Optimum text-generation-with-past export)")
-    if not (root / CONFIG_FILE).is_file():
-        raise SubFitError(f"{root} has no {CONFIG_FILE} (expected an Optimum text-generation-with-past export)")
-    return root, model
 
 
 def open_session(model_path: str | os.PathLike, provider: str = "cpu", session_options: Any = None) -> Any:

@@ -22,7 +22,7 @@ from typing import Any
 from .errors import SubFitError, UnsupportedModelError
 from .model_config import FIELD_ALIASES, config_value, read_config, text_config
 from .names import GENAI_CONFIG_FILE, KV, ONNX_FILE
-from .runtime import export_paths
+from .onnx_files import export_paths
 
 # Model types onnxruntime-genai knows by name; any other decoder-only export runs as "llama" (the generic
 # decoder-only path: it only uses the type to pick the model class, the graph does the rest).

@@ -7,7 +7,6 @@ was expected there, because a wrong path is the most common mistake.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,16 +90,6 @@ def resolve_source(source: str | Path) -> Source:
     if looks_like_path or not _HUB_ID.match(given):
         raise SubFitError(f"{given} does not exist")
     return Source("hub", given)
-
-
-def export_file(export: str | os.PathLike) -> Path:
-    """``model.onnx`` of an export folder, or the file itself; one clear error when there is none."""
-    path = Path(export)
-    if path.is_dir():
-        path = path / ONNX_FILE
-    if not path.is_file():
-        raise SubFitError(f"no ONNX model at {path}; pass an Optimum export folder or its {ONNX_FILE}")
-    return path
 
 
 def recorded_checkpoint(export_dir: Path) -> Path | None:

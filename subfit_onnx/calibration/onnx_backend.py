@@ -35,10 +35,10 @@ from ..errors import SubFitError
 from ..graph_checks import require_dense
 from ..identity import export_identity, structure_facts
 from ..model_config import config_value, model_type, read_config
+from ..onnx_files import export_file
 from ..passes.bypass import InsertBypassPass, bypass_initializer_name
 from ..passes.structure import BYPASS_SCOPE, DecoderStructure, find_decoder_structure
 from ..progress import ProgressFactory, silent
-from ..sources import export_file
 from .activations import ActivationStore
 from .calibrate import CalibrationResult, DensePass, run_calibration
 from .dense_targets import DenseTargets

@@ -2,8 +2,9 @@
 
 Modules, one job each: ``signature`` (what the graph takes; KV layout and bytes), ``decoder`` (the ORT session
 fed by name), ``logprobs`` (token log-probabilities), ``perplexity``, ``multiple_choice``, ``evaluate`` (both, vs a
-reference), ``files`` (on-disk size), ``latency`` / ``benchmark`` (timings, interleaved), ``runtimes`` (tokens/s
-per runtime), ``report`` (tables), ``lm_eval_model`` (the lm-eval ``subfit-ort`` model; needs the ``eval`` extra).
+reference), ``latency`` / ``benchmark`` (timings, interleaved), ``runtimes`` (tokens/s per runtime), ``report``
+(tables), ``lm_eval_model`` (the lm-eval ``subfit-ort`` model; needs the ``eval`` extra). File sizes come from
+``subfit_onnx.onnx_files``.
 Names below are imported on first use, so ``import subfit_onnx.evaluation`` stays light.
 """
 
@@ -14,7 +15,7 @@ from typing import Any
 
 _EXPORTS = {
     "BenchmarkReport": "benchmark", "BenchmarkSettings": "benchmark", "run_benchmark": "benchmark",
-    "OnnxDecoder": "decoder", "evaluate_export": "evaluate", "model_file_bytes": "files",
+    "OnnxDecoder": "decoder", "evaluate_export": "evaluate",
     "MCItem": "multiple_choice", "MCResult": "multiple_choice", "evaluate_mc": "multiple_choice",
     "load_mc_items": "multiple_choice", "PerplexityResult": "perplexity", "TokenWindows": "perplexity",
     "make_windows": "perplexity", "window_perplexity": "perplexity", "RUNTIMES": "runtimes",

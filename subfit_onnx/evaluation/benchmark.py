@@ -20,10 +20,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..onnx_files import model_file_bytes
 from ..progress import ProgressFactory, silent
 from ..runtime import load_for_generation, ort_provider, ort_session_options
 from .decoder import OnnxDecoder, check_same_vocab
-from .files import model_file_bytes
 from .latency import prompt_ids, time_decode, time_generate, time_prefill
 
 
@@ -77,7 +77,7 @@ def ratios(candidate: dict[str, float], reference: dict[str, float]) -> dict[str
 def _static_facts(decoder: OnnxDecoder, kv_context: int) -> ModelBenchmark:
     sig = decoder.signature
     return ModelBenchmark(
-        name=decoder.name, path=str(decoder.model_dir), file_bytes=model_file_bytes(decoder.model_dir),
+        name=decoder.name, path=str(decoder.model_dir), file_bytes=model_file_bytes(decoder.model_path),
         kv_layers=list(sig.kv_layers), kv_dtype=str(sig.kv_dtype) if sig.kv_dtype is not None else None,
         kv_bytes_per_token=sig.kv_bytes_per_token, kv_bytes_at_context=sig.kv_bytes(kv_context))
 

@@ -18,7 +18,8 @@ import numpy as np
 
 from ..errors import SubFitError
 from ..model_config import config_value, read_config
-from ..runtime import export_paths, open_session, ort_session_options
+from ..onnx_files import export_paths
+from ..runtime import open_session, ort_session_options
 from .signature import DecoderSignature, read_signature, specs_from_session
 
 Past = dict[str, np.ndarray]

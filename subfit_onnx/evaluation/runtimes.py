@@ -27,9 +27,9 @@ import numpy as np
 from ..errors import SubFitError
 from ..model_config import config_value, read_config
 from ..names import ONNX_FILE
+from ..onnx_files import export_paths
 from ..progress import ProgressFactory, silent
 from ..runtime import (
-    export_paths,
     load_for_generation,
     ort_provider,
     set_torch_threads,
