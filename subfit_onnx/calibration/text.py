@@ -8,7 +8,6 @@ Source syntax (one string, so the CLI and the API share it):
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CalibrationDataError
+from ..jsonl import read_jsonl
 
 TEXT_SUFFIXES = (".txt", ".utf8", ".md", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -33,14 +33,8 @@ def _read_text_file(path: Path) -> list[str]:
 
 def _read_jsonl(path: Path, field: str) -> list[str]:
     docs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise CalibrationDataError(f"{path}:{n} is not valid JSON") from None
-        if not isinstance(row, dict) or field not in row:
+    for n, row in read_jsonl(path, CalibrationDataError):
+        if field not in row:
             raise CalibrationDataError(f"{path}:{n} has no {field!r} field")
         docs.append(str(row[field]))
     return docs

@@ -9,7 +9,6 @@ BOS is added unless the context is empty (then the BOS, or EOS, token is the con
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import SubFitError
+from ..jsonl import read_jsonl
 from ..progress import ProgressFactory, silent
 from .decoder import OnnxDecoder
 from .logprobs import ContinuationScorer
@@ -53,14 +53,8 @@ def load_mc_items(path: str | os.PathLike, limit: int | None = None) -> list[MCI
     if limit is not None and limit < 1:
         raise SubFitError("--limit must be at least 1")
     items: list[MCItem] = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise SubFitError(f"{p}:{n} is not valid JSON") from None
-        if not isinstance(row, dict) or not {"input", "choices", "label"} <= row.keys():
+    for n, row in read_jsonl(p):
+        if not {"input", "choices", "label"} <= row.keys():
             raise SubFitError(f'{p}:{n} needs "input", "choices" and "label" fields')
         choices, label = row["choices"], row["label"]
         if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
