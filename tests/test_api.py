@@ -34,8 +34,14 @@ def test_import_is_light():
 
 
 def test_optimize_returns_paths_and_report_and_prints_nothing(tmp_path, tiny_checkpoint, config, capsys):
-    progress = Recorder()
+    hidden: set[str] = set()  # hidden folders seen while optimize works: its staging
+
+    def look(desc: str) -> None:
+        hidden.update(str(p.relative_to(tmp_path)) for p in tmp_path.rglob(".*") if p.is_dir())
+
+    progress = Recorder(on_update=look)
     result = subfit_onnx.optimize(tiny_checkpoint("llama"), config=config, output=tmp_path / "out", progress=progress)
+    assert len(hidden) == 1 and next(iter(hidden)).startswith(".out.tmp-"), hidden  # staged once, nothing nested
     assert isinstance(result, Result)
     assert result.model_path.is_file() and result.plan_path.is_file() and result.report_path.is_file()
     assert result.report == json.loads(result.report_path.read_text())

@@ -284,7 +284,7 @@ def test_interrupt_writes_nothing(workdir, tiny_checkpoint, cal, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(rewrite, "rewrite_export", interrupted)
+    monkeypatch.setattr(rewrite, "rewrite_into", interrupted)
     tmp, export = workdir
     result = cli("optimize", export, "-m", tiny_checkpoint("llama"), "-o", tmp / "out", *cal)
     assert result.exit_code == EXIT_INTERRUPTED and "interrupted" in result.stderr
