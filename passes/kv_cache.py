@@ -16,9 +16,9 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_ir as ir
 
-from ..architectures import FAMILIES
+from ..architectures import GRAPH_LAYOUTS, GraphLayout
 from ..errors import UnsupportedModelError
-from ..names import KV, KV_ROLES
+from ..names import KV, KV_ROLES, KVNames
 from .graph_tools import consumers, in_scope
 
 _SUBSTITUTE_SCOPE = "/subfit/past_shape/"
@@ -27,12 +27,13 @@ _SUBSTITUTE_SCOPE = "/subfit/past_shape/"
 class DropPresentOutputsPass(ir.passes.InPlacePass):
     """Remove ``present.N.key`` and ``present.N.value`` for each listed layer from the graph outputs."""
 
-    def __init__(self, layers: Iterable[int]) -> None:
+    def __init__(self, layers: Iterable[int], kv: KVNames = KV) -> None:
         super().__init__()
         self.layers = sorted(set(layers))
+        self.kv = kv
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        names = {KV.present_name(i, role) for i in self.layers for role in KV_ROLES}
+        names = {self.kv.present_name(i, role) for i in self.layers for role in KV_ROLES}
         outputs = model.graph.outputs
         missing = names - {v.name for v in outputs}
         if missing:
@@ -114,27 +115,29 @@ def _replace_shape_readers(graph: ir.Graph, past: ir.Value) -> None:
 class DropPastInputsPass(ir.passes.InPlacePass):
     """Remove ``past_key_values.N.*`` inputs of the listed layers, moving any remaining readers elsewhere.
 
-    Run after ``DropPresentOutputsPass`` and dead-node elimination: a reader still inside the layer's own
-    attention scope means the attention was not bypassed, and is refused.
+    Run after ``DropPresentOutputsPass`` and dead-node elimination: a reader still inside the layer's own scope
+    (``layout``'s, or any known layout's when not given) means the attention was not bypassed, and is refused.
     """
 
-    def __init__(self, layers: Iterable[int]) -> None:
+    def __init__(self, layers: Iterable[int], layout: GraphLayout | None = None) -> None:
         super().__init__()
         self.layers = sorted(set(layers))
+        self.layouts = (layout,) if layout is not None else GRAPH_LAYOUTS
+        self.kv = layout.kv if layout is not None else KV
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         inputs = {v.name: v for v in graph.inputs}
-        dropped = {KV.past_name(i, role) for i in self.layers for role in KV_ROLES}
+        dropped = {self.kv.past_name(i, role) for i in self.layers for role in KV_ROLES}
         missing = sorted(dropped - set(inputs))
         if missing:
             raise UnsupportedModelError(f"the graph has no input {missing[0]} to remove")
         for layer in self.layers:
             for role in KV_ROLES:
-                past = inputs[KV.past_name(layer, role)]
+                past = inputs[self.kv.past_name(layer, role)]
                 if not past.uses():
                     continue
-                scopes = {f.onnx_layer_scope.format(i=layer) for f in FAMILIES}
+                scopes = {row.layer_scope.format(i=layer) for row in self.layouts}
                 own = [n.name for n in consumers(past) if any(in_scope(n, s) for s in scopes)]
                 if own:
                     raise UnsupportedModelError(
@@ -142,9 +145,9 @@ class DropPastInputsPass(ir.passes.InPlacePass):
                         "outputs and remove dead nodes first"
                     )
                 kept = sorted(kv[1] for name in inputs if name not in dropped
-                              and (kv := KV.parse(name)) and kv[0] == "past" and kv[2] == role)
+                              and (kv := self.kv.parse(name)) and kv[0] == "past" and kv[2] == role)
                 if kept:  # the lowest kept layer's past of the same role (key or value)
-                    past.replace_all_uses_with(inputs[KV.past_name(kept[0], role)])
+                    past.replace_all_uses_with(inputs[self.kv.past_name(kept[0], role)])
                 else:
                     _replace_shape_readers(graph, past)
         remaining = [v for v in graph.inputs if v.name not in dropped]

@@ -1,4 +1,4 @@
-"""Where each layer's attention and FFN sit in an Optimum decoder export, found by name scope and then proven.
+"""Where each layer's attention and FFN sit in a decoder export, found by name scope and then proven.
 
 A name scope alone is a guess: TorchScript names nodes after the module that emitted them, but a graph that was
 optimised, fused or exported another way keeps some names and loses others. A unit therefore counts only when
@@ -7,7 +7,9 @@ post-norm for Gemma-2 style layers, and through any dtype Cast) is one operand o
 level whose other operand is the stream that entered the pre-norm. Operands are told apart by producer, never by
 position (GPT-2 puts the residual second). Anything else is refused with one line naming what was expected.
 
-Optimum's ``text-generation-with-past`` export is the only supported input; what is refused, and why:
+What to look for comes from the rows of ``architectures.GRAPH_LAYOUTS`` (scopes, residual ops, KV names), tried
+in order; nothing here names a family or an exporter. Optimum's ``text-generation-with-past`` export is the
+layout in the table today; what is refused, and why:
 ONNX Runtime-fused graphs (``com.microsoft`` ops hide the units), legacy merged decoders (``If`` on
 ``use_cache_branch``), encoders and other non-LLM graphs (no ``logits``), and exports without a KV cache
 (re-export with the ``-with-past`` task, so the rewritten model keeps incremental decoding).
@@ -22,9 +24,9 @@ from typing import Any
 
 import onnx_ir as ir
 
-from ..architectures import FAMILIES, UNIT_KINDS, FamilyLayout, UnitKind, family_for
+from ..architectures import GRAPH_LAYOUTS, UNIT_KINDS, GraphLayout, UnitKind, family_for
 from ..errors import UnsupportedModelError
-from ..names import KV
+from ..names import KVNames
 from .graph_tools import consumers, direct_child, in_scope, value_dtype
 
 BYPASS_SCOPE = "subfit/"  # inserted bypass nodes live in <unit scope>subfit/
@@ -76,12 +78,16 @@ class LayerStructure:
 
 @dataclass
 class DecoderStructure:
-    """Everything the rewrite and ``inspect`` need to know about one decoder export."""
+    """Everything the rewrite and ``inspect`` need to know about one decoder export.
+
+    Found once (``find_decoder_structure``) and handed to the passes; ``set_unit`` keeps it true when a pass
+    replaces a unit (``InsertBypassPass`` returns the new boundaries).
+    """
 
     family: str
     family_candidates: tuple[str, ...]
     family_from_config: bool  # False: several families share this layout and the first was named
-    layer_scope: str
+    layout: GraphLayout
     hidden_size: int
     dtype: ir.DataType | None  # of the weights (the embedding table); fp16 exports keep some math in fp32
     kv_dtype: ir.DataType | None
@@ -93,8 +99,19 @@ class DecoderStructure:
     def num_layers(self) -> int:
         return len(self.layers)
 
+    @property
+    def layer_scope(self) -> str:
+        return self.layout.layer_scope
+
     def unit(self, layer: int, kind: UnitKind) -> UnitBoundary:
         return self.layers[layer].unit(kind)
+
+    def set_unit(self, unit: UnitBoundary) -> None:
+        layer = self.layers[unit.layer]
+        if unit.kind == "attention":
+            layer.attention = unit
+        else:
+            layer.mlp = unit
 
     def units(self) -> list[UnitBoundary]:
         return [layer.unit(kind) for layer in self.layers for kind in UNIT_KINDS]
@@ -162,9 +179,9 @@ def check_plain_decoder(model: ir.Model) -> None:
         )
 
 
-def _layer_nodes(graph: ir.Graph) -> tuple[str, dict[int, list[ir.Node]]]:
+def _layer_nodes(graph: ir.Graph, layouts: tuple[GraphLayout, ...]) -> tuple[str, dict[int, list[ir.Node]]]:
     """The layer-scope template the graph uses and its nodes grouped by layer index."""
-    for template in dict.fromkeys(f.onnx_layer_scope for f in FAMILIES):
+    for template in dict.fromkeys(row.layer_scope for row in layouts):
         pattern = re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"(\d+)"))
         grouped: dict[int, list[ir.Node]] = {}
         for node in graph:
@@ -178,7 +195,7 @@ def _layer_nodes(graph: ir.Graph) -> tuple[str, dict[int, list[ir.Node]]]:
                     f"decoder layers under {template} are not numbered 0..{count - 1} (found {sorted(grouped)[:8]})"
                 )
             return template, grouped
-    scopes = ", ".join(dict.fromkeys(f.onnx_layer_scope.replace("{i}", "N") for f in FAMILIES))
+    scopes = ", ".join(dict.fromkeys(row.layer_scope.replace("{i}", "N") for row in layouts))
     raise UnsupportedModelError(f"no decoder layers found: expected node name scopes {scopes} (an Optimum export)")
 
 
@@ -192,7 +209,7 @@ def _through_casts(value: ir.Value, layer_scope: str) -> list[ir.Value]:
     return chain
 
 
-def _unit_params(nodes: list[ir.Node]) -> int:
+def unit_params(nodes: list[ir.Node]) -> int:
     """Weight matrices the unit's MatMul/Gemm nodes read (norms and biases excluded, as in calibration)."""
     seen: dict[str, int] = {}
     for node in nodes:
@@ -204,11 +221,12 @@ def _unit_params(nodes: list[ir.Node]) -> int:
     return sum(seen.values())
 
 
-def _residual_adds(nodes: list[ir.Node], layer_scope: str, from_unit, is_stream) -> list[tuple[ir.Node, int]]:
-    """Layer-level Adds with one operand from the unit and the other the stream; (node, unit operand index)."""
+def _residual_adds(nodes: list[ir.Node], layer_scope: str, ops: tuple[str, ...], from_unit,
+                   is_stream) -> list[tuple[ir.Node, int]]:
+    """Layer-level residual nodes with one operand from the unit and the other the stream; (node, unit operand)."""
     found = []
     for node in nodes:
-        if node.op_type != "Add" or not direct_child(node, layer_scope) or len(node.inputs) != 2:
+        if node.op_type not in ops or not direct_child(node, layer_scope) or len(node.inputs) != 2:
             continue
         a, b = node.inputs
         if a is None or b is None:
@@ -220,14 +238,13 @@ def _residual_adds(nodes: list[ir.Node], layer_scope: str, from_unit, is_stream)
     return found
 
 
-def _resolve_unit(layer: int, kind: UnitKind, family: FamilyLayout, nodes: list[ir.Node]) -> UnitBoundary:
-    layout = family.unit(kind)
-    layer_scope = family.onnx_layer_scope.format(i=layer)
-    module = family.onnx_attention_scope if kind == "attention" else family.onnx_mlp_scope
-    scope = f"{layer_scope}{module}/"
+def _resolve_unit(layer: int, kind: UnitKind, row: GraphLayout, nodes: list[ir.Node]) -> UnitBoundary:
+    names = row.unit(kind)
+    layer_scope = row.layer_scope.format(i=layer)
+    scope = f"{layer_scope}{names.module}/"
     bypass_scope = scope + BYPASS_SCOPE
-    norm_scope = f"{layer_scope}{layout.pre_norm}/"
-    post_scope = f"{layer_scope}{layout.post_norm}/" if layout.post_norm else None
+    norm_scope = f"{layer_scope}{names.pre_norm}/"
+    post_scope = f"{layer_scope}{names.post_norm}/" if names.post_norm else None
     unit_nodes = [n for n in nodes if in_scope(n, scope)]
     bypass_nodes = [n for n in unit_nodes if in_scope(n, bypass_scope)]
     what = f"layer {layer} {kind}"
@@ -241,7 +258,8 @@ def _resolve_unit(layer: int, kind: UnitKind, family: FamilyLayout, nodes: list[
     norm_output = next(iter(fed.values()), None)
 
     if bypass_nodes:  # written by InsertBypassPass: trust its own wiring
-        adds = _residual_adds(nodes, layer_scope, lambda v: in_scope(v.producer(), bypass_scope), lambda v: True)
+        adds = _residual_adds(nodes, layer_scope, row.residual_ops, lambda v: in_scope(v.producer(), bypass_scope),
+                              lambda v: True)
     else:
         def from_unit(value: ir.Value) -> bool:
             producer = value.producer()
@@ -250,7 +268,7 @@ def _resolve_unit(layer: int, kind: UnitKind, family: FamilyLayout, nodes: list[
         def enters_norm(value: ir.Value) -> bool:
             return in_scope(value.producer(), norm_scope) or any(in_scope(u, norm_scope) for u in consumers(value))
 
-        adds = _residual_adds(nodes, layer_scope, from_unit, enters_norm)
+        adds = _residual_adds(nodes, layer_scope, row.residual_ops, from_unit, enters_norm)
     if len(adds) != 1:
         raise _Refusal(
             f"{what}: expected one residual Add in {layer_scope} adding {scope}'s output to the stream that "
@@ -259,38 +277,38 @@ def _resolve_unit(layer: int, kind: UnitKind, family: FamilyLayout, nodes: list[
     add, unit_operand = adds[0]
     return UnitBoundary(
         layer=layer, kind=kind, scope=scope, norm_output=norm_output, residual_add=add, unit_operand=unit_operand,
-        params=_unit_params(bypass_nodes or unit_nodes), bypassed=bool(bypass_nodes),
+        params=unit_params(bypass_nodes or unit_nodes), bypassed=bool(bypass_nodes),
         input_dtype=value_dtype(norm_output) if norm_output is not None else None,
         output_dtype=value_dtype(add.inputs[unit_operand]),
     )
 
 
-def _layer_kv(graph: ir.Graph, layer: int, attention: UnitBoundary) -> LayerKV | None:
+def _layer_kv(graph: ir.Graph, layer: int, attention: UnitBoundary, kv: KVNames) -> LayerKV | None:
     inputs = {v.name: v for v in graph.inputs}
     outputs = {v.name for v in graph.outputs}
-    names = LayerKV(KV.past_name(layer, "key"), KV.past_name(layer, "value"), KV.present_name(layer, "key"),
-                    KV.present_name(layer, "value"))
+    names = LayerKV(kv.past_name(layer, "key"), kv.past_name(layer, "value"), kv.present_name(layer, "key"),
+                    kv.present_name(layer, "value"))
     present = [n in inputs for n in (names.past_key, names.past_value)] + \
               [n in outputs for n in (names.present_key, names.present_value)]
     if not any(present):
         return None
     if not all(present):
-        raise _Refusal(f"layer {layer}: its KV cache is incomplete (needs past_key_values.{layer}.key/value "
-                       f"inputs and present.{layer}.key/value outputs)")
+        raise _Refusal(f"layer {layer}: its KV cache is incomplete (needs {kv.past}.{layer}.key/value "
+                       f"inputs and {kv.present}.{layer}.key/value outputs)")
     for name in (names.past_key, names.past_value):
         if not any(in_scope(u, attention.scope) for u in consumers(inputs[name])):
             raise _Refusal(f"layer {layer}: {name} does not feed {attention.scope}")
     return names
 
 
-def _resolve_layers(graph: ir.Graph, family: FamilyLayout, grouped: dict[int, list[ir.Node]]) -> list[LayerStructure]:
+def _resolve_layers(graph: ir.Graph, row: GraphLayout, grouped: dict[int, list[ir.Node]]) -> list[LayerStructure]:
     layers = []
     for i in range(len(grouped)):
-        attention = _resolve_unit(i, "attention", family, grouped[i])
-        mlp = _resolve_unit(i, "mlp", family, grouped[i])
-        layers.append(LayerStructure(index=i, attention=attention, mlp=mlp, kv=_layer_kv(graph, i, attention)))
+        attention = _resolve_unit(i, "attention", row, grouped[i])
+        mlp = _resolve_unit(i, "mlp", row, grouped[i])
+        layers.append(LayerStructure(index=i, attention=attention, mlp=mlp, kv=_layer_kv(graph, i, attention, row.kv)))
     extra = sorted({kv[1] for v in [*graph.inputs, *graph.outputs]
-                    if (kv := KV.parse(v.name or ""))} - set(range(len(grouped))))
+                    if (kv := row.kv.parse(v.name or ""))} - set(range(len(grouped))))
     if extra:
         raise _Refusal(f"KV cache names for layers {extra} but the graph has {len(grouped)} layers")
     return layers
@@ -330,8 +348,9 @@ def _kv_dtype(graph: ir.Graph, layers: list[LayerStructure]) -> ir.DataType | No
     return next((inputs[layer.kv.past_key].dtype for layer in layers if layer.kv is not None), None)
 
 
-def find_decoder_structure(model: ir.Model, model_type: str | None = None) -> DecoderStructure:
-    """Locate and check every unit of an Optimum decoder export.
+def find_decoder_structure(model: ir.Model, model_type: str | None = None,
+                           layouts: tuple[GraphLayout, ...] = GRAPH_LAYOUTS) -> DecoderStructure:
+    """Locate and check every unit of a decoder export, trying the graph-layout rows in order.
 
     ``model_type`` (from the export's config.json) picks the family when several share one graph layout
     (llama, mistral, qwen2, phi3 and gemma do); without it the first matching family is named and the rest are
@@ -339,37 +358,29 @@ def find_decoder_structure(model: ir.Model, model_type: str | None = None) -> De
     """
     graph = model.graph
     check_plain_decoder(model)
-    template, grouped = _layer_nodes(graph)
-    wanted = family_for(model_type) if model_type else None
-    tried: dict[tuple, list[LayerStructure] | str] = {}
-    candidates: list[str] = []
-    resolved: list[LayerStructure] | None = None
-    for family in FAMILIES:
-        if family.onnx_layer_scope != template:
+    template, grouped = _layer_nodes(graph, layouts)
+    wanted = family_for(model_type).name if model_type else None
+    outcomes: list[tuple[GraphLayout, list[LayerStructure] | str]] = []
+    for row in layouts:
+        if row.layer_scope != template:
             continue
-        key = (family.attention, family.mlp, family.onnx_attention_scope, family.onnx_mlp_scope)
-        if key not in tried:
-            try:
-                tried[key] = _resolve_layers(graph, family, grouped)
-            except _Refusal as exc:
-                tried[key] = str(exc)
-        outcome = tried[key]
-        if isinstance(outcome, list):
-            candidates.append(family.name)
-            if resolved is None or (wanted is not None and family.name == wanted.name):
-                resolved = outcome
-    if resolved is None:
-        reasons = [v for v in tried.values() if isinstance(v, str)]
-        if wanted is not None and wanted.onnx_layer_scope == template:  # the family config.json names
-            reasons.insert(0, tried[(wanted.attention, wanted.mlp, wanted.onnx_attention_scope, wanted.onnx_mlp_scope)])
-        raise UnsupportedModelError(f"unexpected decoder structure: {reasons[0]}")
-    if wanted is not None and wanted.name not in candidates:
+        try:
+            outcomes.append((row, _resolve_layers(graph, row, grouped)))
+        except _Refusal as exc:
+            outcomes.append((row, str(exc)))
+    found = [(row, layers) for row, layers in outcomes if isinstance(layers, list)]
+    candidates = [name for row, _ in found for name in row.families]
+    if not found:
+        first = min(outcomes, key=lambda outcome: wanted not in outcome[0].families)  # config's family first
+        raise UnsupportedModelError(f"unexpected decoder structure: {first[1]}")
+    if wanted is not None and wanted not in candidates:
         raise UnsupportedModelError(
-            f"config.json says {model_type}, but the graph's layers match {', '.join(candidates)}, not {wanted.name}"
+            f"config.json says {model_type}, but the graph's layers match {', '.join(candidates)}, not {wanted}"
         )
+    row, resolved = next(((r, ls) for r, ls in found if wanted in r.families), found[0])
     if not any(layer.kv for layer in resolved) and not all(layer.attention.bypassed for layer in resolved):
         raise UnsupportedModelError(
-            f"the export has no KV cache inputs ({KV.past_prefix}*): it was exported for text-generation, not "
+            f"the export has no KV cache inputs ({row.kv.past_prefix}*): it was exported for text-generation, not "
             "text-generation-with-past. SubFit rewrites only KV-cache exports, so the result keeps incremental "
             "decoding; pass the PyTorch model as SOURCE (SubFit then exports it itself) or re-export with "
             "`optimum-cli export onnx --task text-generation-with-past`"
@@ -377,10 +388,10 @@ def find_decoder_structure(model: ir.Model, model_type: str | None = None) -> De
     heads, head_dim = _kv_dims(graph, resolved)
     table = _embedding_table(graph)
     return DecoderStructure(
-        family=wanted.name if wanted is not None else candidates[0],
+        family=wanted if wanted is not None else candidates[0],
         family_candidates=tuple(candidates),
         family_from_config=wanted is not None,
-        layer_scope=template,
+        layout=row,
         hidden_size=int(table.shape[1]),
         dtype=table.dtype,
         kv_dtype=_kv_dtype(graph, resolved),

@@ -1,16 +1,20 @@
-"""Where each decoder family keeps its attention, FFN and their norms.
+"""Where each decoder family keeps its attention, FFN and their norms, in PyTorch and in each ONNX graph layout.
 
 Calibration, the PyTorch reference and the ONNX rewrite all need the same facts about a layer: which module is
-the unit, which norm feeds it (the bypass input), and which post-norm (Gemma) shapes what it adds to the residual
-stream. One declarative row per family keeps those facts in one place; supporting a family means adding a row.
+the unit, which norm feeds it (the bypass input), and which post-norm (Gemma-2) shapes what it adds to the
+residual stream. ``FAMILIES`` holds one declarative row per transformers family (module names); supporting a
+family means adding a row. ``GRAPH_LAYOUTS`` holds one row per way an exporter lays those layers out in ONNX (node
+name scopes, which ops add a unit's output to the stream, KV names); structure finding tries the rows in order,
+so a new exporter's layout (onnxruntime-genai's model builder, say) is one more row, plus its test.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from .errors import UnsupportedModelError
+from .names import KV, KVNames
 
 UnitKind = Literal["attention", "mlp"]
 UNIT_KINDS: tuple[UnitKind, ...] = ("attention", "mlp")
@@ -18,7 +22,10 @@ UNIT_KINDS: tuple[UnitKind, ...] = ("attention", "mlp")
 
 @dataclass(frozen=True)
 class UnitLayout:
-    """Attribute names, relative to one decoder layer, of a unit and the norms around it."""
+    """Names, relative to one decoder layer, of a unit and the norms around it.
+
+    PyTorch attribute names in ``FamilyLayout``; ONNX node-name scopes in ``GraphLayout``.
+    """
 
     module: str
     pre_norm: str
@@ -27,7 +34,7 @@ class UnitLayout:
 
 @dataclass(frozen=True)
 class FamilyLayout:
-    """How one transformers model family lays out its decoder stack, for PyTorch and for its ONNX export."""
+    """How one transformers model family lays out its decoder stack in PyTorch."""
 
     name: str
     model_types: tuple[str, ...]
@@ -35,9 +42,6 @@ class FamilyLayout:
     layers_path: str  # attribute path from that base to the ModuleList of decoder layers
     attention: UnitLayout
     mlp: UnitLayout
-    onnx_layer_scope: str  # ONNX node-name scope of layer N, with {i} for the index
-    onnx_attention_scope: str
-    onnx_mlp_scope: str
 
     def unit(self, kind: UnitKind) -> UnitLayout:
         return self.attention if kind == "attention" else self.mlp
@@ -48,18 +52,12 @@ _LLAMA_LIKE = {
     "layers_path": "layers",
     "attention": UnitLayout(module="self_attn", pre_norm="input_layernorm"),
     "mlp": UnitLayout(module="mlp", pre_norm="post_attention_layernorm"),
-    "onnx_layer_scope": "/model/layers.{i}/",
-    "onnx_attention_scope": "self_attn",
-    "onnx_mlp_scope": "mlp",
 }
 _GEMMA_POST_NORMED = {
     "base": "model",
     "layers_path": "layers",
     "attention": UnitLayout(module="self_attn", pre_norm="input_layernorm", post_norm="post_attention_layernorm"),
     "mlp": UnitLayout(module="mlp", pre_norm="pre_feedforward_layernorm", post_norm="post_feedforward_layernorm"),
-    "onnx_layer_scope": "/model/layers.{i}/",
-    "onnx_attention_scope": "self_attn",
-    "onnx_mlp_scope": "mlp",
 }
 
 FAMILIES: tuple[FamilyLayout, ...] = (
@@ -76,9 +74,6 @@ FAMILIES: tuple[FamilyLayout, ...] = (
         layers_path="h",
         attention=UnitLayout(module="attn", pre_norm="ln_1"),
         mlp=UnitLayout(module="mlp", pre_norm="ln_2"),
-        onnx_layer_scope="/transformer/h.{i}/",
-        onnx_attention_scope="attn",
-        onnx_mlp_scope="mlp",
     ),
 )
 
@@ -93,3 +88,48 @@ def family_for(model_type: str) -> FamilyLayout:
     raise UnsupportedModelError(
         f"model type {model_type!r} is not supported; SubFit supports: {', '.join(SUPPORTED_MODEL_TYPES)}"
     )
+
+
+@dataclass(frozen=True)
+class GraphLayout:
+    """How one exporter lays out a decoder layer in ONNX: everything structure finding looks for, as data.
+
+    A unit is found in ``layer_scope`` + its ``module`` scope, its bypass input is the one value flowing in from
+    its ``pre_norm`` scope, and its output reaches the residual stream (through ``post_norm`` where there is one)
+    in a node of ``residual_ops`` at layer level, whose other operand is the stream entering the pre-norm.
+    """
+
+    exporter: str
+    families: tuple[str, ...]  # families whose graphs take this layout; config.json's model_type names one
+    layer_scope: str  # node-name scope of decoder layer N, with {i} for N
+    attention: UnitLayout  # name scopes below the layer scope
+    mlp: UnitLayout
+    residual_ops: tuple[str, ...] = ("Add",)  # two-operand ops that add a unit's output to the stream
+    kv: KVNames = field(default=KV)
+
+    def unit(self, kind: UnitKind) -> UnitLayout:
+        return self.attention if kind == "attention" else self.mlp
+
+
+def optimum_layouts(families: tuple[FamilyLayout, ...]) -> tuple[GraphLayout, ...]:
+    """Optimum's TorchScript export names every node after the module that emitted it (``/model/layers.3/mlp/``),
+    so its layout follows from the PyTorch table; families with the same module names share one row."""
+    rows: list[GraphLayout] = []
+    for family in families:
+        *outer, last = [family.base, *family.layers_path.split(".")]
+        row = GraphLayout(exporter="optimum", families=(family.name,),
+                          layer_scope="/" + "/".join([*outer, f"{last}.{{i}}"]) + "/",
+                          attention=family.attention, mlp=family.mlp)
+        same = next((i for i, r in enumerate(rows) if replace(r, families=row.families) == row), None)
+        if same is None:
+            rows.append(row)
+        else:
+            rows[same] = replace(rows[same], families=(*rows[same].families, family.name))
+    return tuple(rows)
+
+
+GRAPH_LAYOUTS: tuple[GraphLayout, ...] = (
+    *optimum_layouts(FAMILIES),
+    # another exporter's layout: one GraphLayout row here (see GraphLayout), tested like test_structure's
+    # test_a_new_graph_layout_is_one_table_row
+)
