@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass
 from pydantic import BaseModel
 
 from ..architectures import UnitKind
@@ -28,10 +27,8 @@ from ..identity import check_matches, graph_facts
 from ..model_config import read_config, write_config
 from ..names import CONFIG_FILE, DATA_FILE, GENAI_CONFIG_FILE, KV, ONNX_FILE, SUBFIT_FILES, unit_key
 from ..onnx_files import export_file, external_data_names, model_file_bytes
-from ..passes.bypass import InsertBypassPass
 from ..passes.external_data import LoadExternalTensorsPass
-from ..passes.kv_cache import DropPastInputsPass, DropPresentOutputsPass
-from ..passes.metadata import RecordSubFitMetadataPass
+from ..passes.pipeline import SubFitRewritePass
 from ..passes.structure import DecoderStructure, find_decoder_structure
 from ..plan import Plan, bypass_from_tensors
 from ..progress import ProgressFactory, silent
@@ -100,20 +97,6 @@ def plan_bypasses(plan: Plan, tensors: Mapping[str, np.ndarray]) -> dict[tuple[i
     return {(u.layer, u.kind): bypass_from_tensors(u, available) for u in plan.removed}
 
 
-def rewrite_model(model: ir.Model, bypasses: Mapping[tuple[int, UnitKind], Bypass],
-                  metadata: Mapping | None = None) -> int:
-    """Run the rewrite passes on ``model`` in place; returns the bypass parameter count."""
-    attention = sorted(layer for layer, kind in bypasses if kind == "attention")
-    insert = InsertBypassPass(bypasses)
-    steps: list[ir.passes.PassBase] = [insert]
-    if attention:
-        steps += [DropPresentOutputsPass(attention), RemoveUnusedNodesPass(), DropPastInputsPass(attention)]
-    steps += [RemoveUnusedNodesPass(), RecordSubFitMetadataPass(bypasses.keys(), metadata)]
-    for step in steps:
-        step(model)
-    return insert.bypass_params
-
-
 # Files that describe the *source* graph or a previous SubFit run; copying them would describe the wrong model.
 _NOT_COPIED = {GENAI_CONFIG_FILE, *SUBFIT_FILES}
 
@@ -164,8 +147,8 @@ def rewrite_into(source: Path, plan: Plan, tensors: Mapping[str, np.ndarray], ou
         bar.update(1)
 
         removed = [unit_key(u.layer, u.kind) for u in plan.removed]
-        bypass_params = rewrite_model(model, plan_bypasses(plan, tensors),
-                                      {"format": 1, "sparsity": plan.sparsity.achieved})
+        rewritten = SubFitRewritePass(before, plan_bypasses(plan, tensors),
+                                      {"format": 1, "sparsity": plan.sparsity.achieved})(model)
         after = find_decoder_structure(model, model_type)
         bar.update(1)
 
@@ -204,7 +187,7 @@ def rewrite_into(source: Path, plan: Plan, tensors: Mapping[str, np.ndarray], ou
         kv_inputs_before=counts[2],
         kv_inputs_after=sum(v.name.startswith(KV.past_prefix) for v in model.graph.inputs),
         removed_kv_layers=sorted(set(before.kv_layers()) - set(after.kv_layers())),
-        unit_params_removed=unit_params, bypass_params=bypass_params,
+        unit_params_removed=unit_params, bypass_params=rewritten.bypass_params,
         file_bytes_before=bytes_before, file_bytes_after=bytes_after,
         kv_bytes_per_token_before=before.kv_bytes_per_token(), kv_bytes_per_token_after=after.kv_bytes_per_token(),
         external_data=external, config_overrides={k: v for k, v in config.items()

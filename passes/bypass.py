@@ -10,6 +10,7 @@ to the dtype of the operand it replaces (fp16 exports widen the residual stream 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx_ir as ir
@@ -17,7 +18,8 @@ import onnx_ir as ir
 from ..architectures import UnitKind
 from ..bypass import Bypass
 from ..errors import PlanMismatchError, SubFitError
-from .structure import BYPASS_SCOPE, UnitBoundary, find_decoder_structure
+from .graph_tools import value_dtype
+from .structure import BYPASS_SCOPE, DecoderStructure, UnitBoundary, unit_params
 
 
 def bypass_initializer_name(layer: int, kind: UnitKind, role: str) -> str:
@@ -69,8 +71,11 @@ class _Builder:
         return node.outputs[0]
 
 
-def _insert(graph: ir.Graph, unit: UnitBoundary, bypass: Bypass, fallback: ir.DataType) -> int:
-    """Build one bypass before its residual Add and rewire the Add; returns the bypass's parameter count."""
+def _insert(graph: ir.Graph, unit: UnitBoundary, bypass: Bypass, fallback: ir.DataType) -> UnitBoundary:
+    """Build one bypass before its residual Add and rewire the Add; returns the unit's new boundary.
+
+    The boundary is what ``find_decoder_structure`` would now find there, worked out from the nodes just built.
+    """
     dtype = unit.input_dtype or fallback
     b = _Builder(graph, unit, dtype)
     x = unit.norm_output
@@ -88,25 +93,35 @@ def _insert(graph: ir.Graph, unit: UnitBoundary, bypass: Bypass, fallback: ir.Da
         out = b.op("Cast", [out], {"to": target.value})
     graph.insert_before(unit.residual_add, b.nodes)
     unit.residual_add.replace_input_with(unit.unit_operand, out)
-    return bypass.num_params
+    reads = x if y is not None else None  # a constant bypass reads nothing
+    return replace(unit, norm_output=reads, params=unit_params(b.nodes), bypassed=True,
+                   input_dtype=value_dtype(reads) if reads is not None else None, output_dtype=value_dtype(out))
+
+
+@dataclass
+class BypassResult(ir.passes.PassResult):
+    """The pass's result plus each replaced unit's new boundary, for callers that keep the structure."""
+
+    units: dict[tuple[int, UnitKind], UnitBoundary] = field(default_factory=dict)
 
 
 class InsertBypassPass(ir.passes.InPlacePass):
     """Rewire each listed unit's residual Add to a MatMul(+MatMul)+Add bypass of its pre-norm output.
 
-    The units' old nodes become dead but stay in the graph; run ``RemoveUnusedNodesPass`` afterwards (after
-    dropping removed attentions' ``present`` outputs, which keep their K/V projections alive).
+    ``structure`` is the graph's ``find_decoder_structure``, found by the caller and not searched again; it is
+    only read. The units' old nodes become dead but stay in the graph; run ``RemoveUnusedNodesPass`` afterwards
+    (after dropping removed attentions' ``present`` outputs, which keep their K/V projections alive).
     """
 
-    def __init__(self, bypasses: Mapping[tuple[int, UnitKind], Bypass]) -> None:
+    def __init__(self, structure: DecoderStructure, bypasses: Mapping[tuple[int, UnitKind], Bypass]) -> None:
         super().__init__()
+        self.structure = structure
         self.bypasses = dict(bypasses)
-        self.bypass_params = 0
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        structure = find_decoder_structure(model)
+    def call(self, model: ir.Model) -> BypassResult:
+        structure = self.structure
         fallback = structure.dtype or ir.DataType.FLOAT
-        self.bypass_params = 0
+        units = {}
         for (layer, kind), bypass in sorted(self.bypasses.items()):
             where = f"layer {layer} {kind}"
             if not 0 <= layer < structure.num_layers:
@@ -115,5 +130,5 @@ class InsertBypassPass(ir.passes.InPlacePass):
             if unit.bypassed:
                 raise SubFitError(f"{where} is already a bypass in this graph")
             _check_shapes(bypass, structure.hidden_size, where)
-            self.bypass_params += _insert(model.graph, unit, bypass, fallback)
-        return ir.passes.PassResult(model, modified=bool(self.bypasses))
+            units[(layer, kind)] = _insert(model.graph, unit, bypass, fallback)
+        return BypassResult(model, modified=bool(self.bypasses), units=units)

@@ -37,7 +37,7 @@ from subfit_onnx.calibration.onnx_session import CPU, CUDA, SessionFactory, defa
 from subfit_onnx.calibration.stats import UnitStats
 from subfit_onnx.config import SubFitConfig
 from subfit_onnx.errors import SubFitError
-from subfit_onnx.exporters.rewrite import rewrite_model
+from subfit_onnx.passes.pipeline import SubFitRewritePass
 from subfit_onnx.passes.structure import find_decoder_structure
 from tiny_models import FAMILY_CONFIGS, tiny_model
 
@@ -227,7 +227,7 @@ def test_installed_bypasses_are_the_rewritten_graph_and_undo_restores(tiny_expor
         swaps = [runner.install_bypass(layer, kind, b) for (layer, kind), b in bypasses.items()]
         compressed = final_stream()
         rewritten = ir.load(export / "model.onnx")
-        rewrite_model(rewritten, bypasses)
+        SubFitRewritePass(find_decoder_structure(rewritten), bypasses)(rewritten)
         np.testing.assert_allclose(compressed, _graph_run(rewritten, TOKENS[:4], last), rtol=1e-5, atol=1e-5)
         assert rel(compressed, dense) > 1e-2
         for swap in reversed(swaps):
@@ -310,7 +310,8 @@ def test_an_already_compressed_export_is_refused(tiny_export, tmp_path):
     out = tmp_path / "compressed"
     shutil.copytree(export, out)
     model = ir.load(export / "model.onnx")
-    rewrite_model(model, {(1, "mlp"): random_bypass(64, "full", np.random.default_rng(0))})
+    bypass = {(1, "mlp"): random_bypass(64, "full", np.random.default_rng(0))}
+    SubFitRewritePass(find_decoder_structure(model), bypass)(model)
     ir.save(model, out / "model.onnx")
     with pytest.raises(SubFitError, match="already compressed"):
         calibrate_export(out, TOKENS, CONFIG)

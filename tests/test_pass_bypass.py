@@ -45,7 +45,7 @@ def probe(model: ir.Model, layer: int, kind: str, path) -> dict[str, np.ndarray]
 def test_residual_add_gets_the_bypass(exports, tmp_path, form, layer, kind):
     bypass = random_bypass(HIDDEN, form, np.random.default_rng(1))
     model = ir.load(exports["fp32"])
-    InsertBypassPass({(layer, kind): bypass})(model)
+    InsertBypassPass(find_decoder_structure(model), {(layer, kind): bypass})(model)
     RemoveUnusedNodesPass()(model)
     unit = find_decoder_structure(model).unit(layer, kind)
     assert unit.bypassed
@@ -64,7 +64,7 @@ def test_fp16_weights_and_cast_to_the_wider_stream(exports, tmp_path):
     model = ir.load(exports["fp16"])
     before = find_decoder_structure(model).unit(1, "mlp")
     assert (before.input_dtype, before.output_dtype) == (ir.DataType.FLOAT16, ir.DataType.FLOAT)
-    InsertBypassPass({(1, "mlp"): bypass})(model)
+    InsertBypassPass(find_decoder_structure(model), {(1, "mlp"): bypass})(model)
     RemoveUnusedNodesPass()(model)
     assert model.graph.initializers["subfit.layers.1.mlp.weight"].const_value.dtype == ir.DataType.FLOAT16
     cast = [n for n in model.graph if n.name.startswith("/model/layers.1/mlp/subfit/") and n.op_type == "Cast"]
@@ -75,13 +75,27 @@ def test_fp16_weights_and_cast_to_the_wider_stream(exports, tmp_path):
     assert np.max(np.abs(out["sum"] - expected)) < 2e-2 * np.max(np.abs(expected))
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+@pytest.mark.parametrize("form,layer,kind", [("full", 1, "mlp"), ("lowrank", 0, "attention"), ("constant", 2, "mlp")])
+def test_returned_boundary_is_what_a_fresh_search_finds(exports, dtype, form, layer, kind):
+    """The pass hands back the unit's new boundary, so callers keep their structure instead of searching again."""
+    model = ir.load(exports[dtype])
+    structure = find_decoder_structure(model)
+    result = InsertBypassPass(structure, {(layer, kind): random_bypass(HIDDEN, form, np.random.default_rng(4))})(model)
+    assert not structure.unit(layer, kind).bypassed  # the structure handed in is only read
+    new, fresh = result.units[(layer, kind)], find_decoder_structure(model).unit(layer, kind)
+    assert new.summary() == fresh.summary() and new.bypassed
+    assert (new.norm_output, new.input_dtype, new.output_dtype) == (fresh.norm_output, fresh.input_dtype,
+                                                                   fresh.output_dtype)
+
+
 def test_shared_rope_of_layer_zero_survives(exports):
     """Layer 0's attention scope computes cos/sin for every layer; bypassing it must keep those nodes."""
     model = ir.load(exports["fp32"])
     shared = [n for n in model.graph if n.name.startswith("/model/layers.0/self_attn/")
               and any(u.name.startswith("/model/layers.1/") for o in n.outputs for u, _ in o.uses())]
     assert shared
-    InsertBypassPass({(0, "attention"): random_bypass(HIDDEN, "lowrank", np.random.default_rng(3))})(model)
+    InsertBypassPass(find_decoder_structure(model), {(0, "attention"): random_bypass(HIDDEN, "lowrank", np.random.default_rng(3))})(model)
     RemoveUnusedNodesPass()(model)
     alive = {n.name for n in model.graph}
     assert all(n.name in alive for n in shared)
@@ -91,9 +105,9 @@ def test_shared_rope_of_layer_zero_survives(exports):
 def test_refuses_wrong_shapes_and_double_bypass(exports):
     model = ir.load(exports["fp32"])
     with pytest.raises(PlanMismatchError, match=r"bias has shape \(72,\), the graph needs \(64,\)"):
-        InsertBypassPass({(1, "mlp"): random_bypass(HIDDEN + 8, "full", np.random.default_rng(0))})(model)
+        InsertBypassPass(find_decoder_structure(model), {(1, "mlp"): random_bypass(HIDDEN + 8, "full", np.random.default_rng(0))})(model)
     with pytest.raises(PlanMismatchError, match="graph has 4 layers"):
-        InsertBypassPass({(7, "mlp"): random_bypass(HIDDEN, "full", np.random.default_rng(0))})(model)
-    InsertBypassPass({(1, "mlp"): random_bypass(HIDDEN, "full", np.random.default_rng(0))})(model)
+        InsertBypassPass(find_decoder_structure(model), {(7, "mlp"): random_bypass(HIDDEN, "full", np.random.default_rng(0))})(model)
+    InsertBypassPass(find_decoder_structure(model), {(1, "mlp"): random_bypass(HIDDEN, "full", np.random.default_rng(0))})(model)
     with pytest.raises(SubFitError, match="already a bypass"):
-        InsertBypassPass({(1, "mlp"): random_bypass(HIDDEN, "full", np.random.default_rng(0))})(model)
+        InsertBypassPass(find_decoder_structure(model), {(1, "mlp"): random_bypass(HIDDEN, "full", np.random.default_rng(0))})(model)

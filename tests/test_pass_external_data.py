@@ -11,8 +11,10 @@ import pytest
 
 from rewrite_helpers import hand_plan, ort_prefill_decode, rel_diff
 from subfit_onnx.exporters.optimum_export import export_decoder
-from subfit_onnx.exporters.rewrite import plan_bypasses, rewrite_model
+from subfit_onnx.exporters.rewrite import plan_bypasses
 from subfit_onnx.passes.external_data import LoadExternalTensorsPass
+from subfit_onnx.passes.pipeline import SubFitRewritePass
+from subfit_onnx.passes.structure import find_decoder_structure
 from tiny_models import tiny_model
 
 
@@ -60,7 +62,7 @@ def test_saved_rewrite_loads_in_onnxruntime_only_with_the_pass(all_external, tmp
     expected = {}
     for name, source in (("inline", dense), ("external", ext)):
         model = ir.load(source)
-        rewrite_model(model, plan_bypasses(plan, tensors))
+        SubFitRewritePass(find_decoder_structure(model), plan_bypasses(plan, tensors))(model)
         if with_pass or name == "inline":
             LoadExternalTensorsPass(max_bytes=None if name == "inline" else 1024)(model)
         (tmp_path / name).mkdir()

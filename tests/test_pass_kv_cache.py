@@ -12,6 +12,7 @@ from subfit_onnx.errors import UnsupportedModelError
 from subfit_onnx.exporters.optimum_export import export_decoder
 from subfit_onnx.passes.bypass import InsertBypassPass
 from subfit_onnx.passes.kv_cache import DropPastInputsPass, DropPresentOutputsPass
+from subfit_onnx.passes.structure import find_decoder_structure
 from tiny_models import HIDDEN, LAYERS, tiny_model
 
 
@@ -24,7 +25,8 @@ def export(tmp_path_factory):
 
 def bypass_attention(model: ir.Model, layers: list[int]) -> None:
     rng = np.random.default_rng(0)
-    InsertBypassPass({(i, "attention"): random_bypass(HIDDEN, "lowrank", rng) for i in layers})(model)
+    bypasses = {(i, "attention"): random_bypass(HIDDEN, "lowrank", rng) for i in layers}
+    InsertBypassPass(find_decoder_structure(model), bypasses)(model)
 
 
 def test_present_outputs_removed_and_projections_become_dead(export):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import onnx_ir as ir
 import pytest
 
@@ -125,3 +126,38 @@ def test_refuses_non_llm_graph():
     graph = ir.Graph([x], node.outputs, nodes=[node], opset_imports={"": 18})
     with pytest.raises(UnsupportedModelError):
         find_decoder_structure(ir.Model(graph, ir_version=10))
+
+
+def test_a_new_graph_layout_is_one_table_row(exports, tmp_path):
+    """An exporter naming its scopes otherwise is found by adding one GraphLayout row, and rewritten alike."""
+    from rewrite_helpers import hand_plan, ort_prefill_decode
+    from subfit_onnx.architectures import GRAPH_LAYOUTS, GraphLayout, UnitLayout
+    from subfit_onnx.exporters.rewrite import plan_bypasses
+    from subfit_onnx.passes.pipeline import SubFitRewritePass
+
+    renames = {"/self_attn/": "/attn/", "/input_layernorm/": "/ln_attn/", "/post_attention_layernorm/": "/ln_ffn/",
+               "/mlp/": "/ffn/"}
+    renamed, _ = load(exports, "llama")
+    for node in renamed.graph:
+        for old, new in renames.items():
+            node.name = (node.name or "").replace(old, new)
+    with pytest.raises(UnsupportedModelError, match="no nodes under /model/layers.0/self_attn/"):
+        find_decoder_structure(renamed, "llama")
+    row = GraphLayout(exporter="renamed", families=("llama",), layer_scope="/model/layers.{i}/",
+                      attention=UnitLayout("attn", "ln_attn"), mlp=UnitLayout("ffn", "ln_ffn"))
+    found = find_decoder_structure(renamed, "llama", layouts=(*GRAPH_LAYOUTS, row))
+    original, _ = load(exports, "llama")
+    expected = find_decoder_structure(original, "llama")
+    assert found.layout is row and found.layout is not expected.layout
+    assert [u.params for u in found.units()] == [u.params for u in expected.units()]
+
+    plan, tensors = hand_plan(tiny_model("llama"), [(1, "attention", "lowrank"), (2, "mlp", "full")])
+    ids = np.array([[5, 80, 13, 200]])
+    logits = []
+    for name, model, structure in (("renamed", renamed, found), ("original", original, expected)):
+        SubFitRewritePass(structure, plan_bypasses(plan, tensors))(model)
+        ir.save(model, tmp_path / f"{name}.onnx")
+        logits.append(ort_prefill_decode(tmp_path / f"{name}.onnx", ids, ids[:, :1]))
+    np.testing.assert_array_equal(logits[0][0], logits[1][0])
+    np.testing.assert_array_equal(logits[0][1], logits[1][1])
+    assert logits[0][2] == logits[1][2] and "past_key_values.1.key" not in logits[0][2]

@@ -37,7 +37,7 @@ from ..identity import export_identity, structure_facts
 from ..model_config import config_value, model_type, read_config
 from ..onnx_files import export_file
 from ..passes.bypass import InsertBypassPass, bypass_initializer_name
-from ..passes.structure import BYPASS_SCOPE, DecoderStructure, find_decoder_structure
+from ..passes.structure import BYPASS_SCOPE, DecoderStructure, UnitBoundary, find_decoder_structure
 from ..progress import ProgressFactory, silent
 from .activations import ActivationStore
 from .calibrate import CalibrationResult, DensePass, run_calibration
@@ -112,11 +112,8 @@ class BypassSwap:
     """Undoes one ``install_bypass`` on the runner's private graph (the residual Add gets its unit back)."""
 
     runner: OrtLayerRunner
-    layer: int
-    kind: UnitKind
-    add: ir.Node
-    operand: int
-    original: ir.Value
+    unit: UnitBoundary  # the unit's boundary before the bypass
+    original: ir.Value  # what its residual Add read
 
     def undo(self) -> None:
         self.runner.remove_bypass(self)
@@ -134,14 +131,13 @@ class OrtLayerRunner(RowBatches):
         config = read_config(self.path.parent)
         if config is None:
             raise SubFitError(f"{self.path.parent} has no config.json; the ONNX backend reads the model's shape from it")
-        self.model_type = model_type(config)
         self.tokens = check_tokens(tokens, config_value(config, "vocab_size"))  # before any heavy work
         self.sessions = SessionFactory.create(self.path.parent, providers, threads)
         self.times = RunnerTimes()
         with self.times.timed("load"):
             self.model = ir.load(self.path)
             ShapeInferencePass(strict_mode=False)(self.model)  # element types for the values the cuts expose
-            self.structure = find_decoder_structure(self.model, self.model_type)
+            self.structure = find_decoder_structure(self.model, model_type(config))
         require_dense(self.structure, self.path)
         self.identity, self.unit_params = export_identity(config, structure_facts(self.structure), self.path.parent)
         self.batch_size = batch_size
@@ -174,18 +170,21 @@ class OrtLayerRunner(RowBatches):
         unit = self.structure.unit(index, kind)
         original = unit.residual_add.inputs[unit.unit_operand]
         assert original is not None
-        InsertBypassPass({(index, kind): bypass})(self.model)
+        result = InsertBypassPass(self.structure, {(index, kind): bypass})(self.model)
+        self.structure.set_unit(result.units[(index, kind)])
         self._refresh(index)
-        return BypassSwap(self, index, kind, unit.residual_add, unit.unit_operand, original)
+        return BypassSwap(self, unit, original)
 
     def remove_bypass(self, swap: BypassSwap) -> None:
-        scope = self.structure.unit(swap.layer, swap.kind).scope + BYPASS_SCOPE
+        unit = swap.unit
+        scope = unit.scope + BYPASS_SCOPE
         graph = self.model.graph
-        swap.add.replace_input_with(swap.operand, swap.original)
+        unit.residual_add.replace_input_with(unit.unit_operand, swap.original)
         graph.remove([n for n in graph if n.name and n.name.startswith(scope)], safe=True)
         for role in ("weight", "down", "up", "bias"):
-            graph.initializers.pop(bypass_initializer_name(swap.layer, swap.kind, role), None)
-        self._refresh(swap.layer)
+            graph.initializers.pop(bypass_initializer_name(unit.layer, unit.kind, role), None)
+        self.structure.set_unit(unit)
+        self._refresh(unit.layer)
 
     def sweep(self, index: int, collect: tuple[UnitKind, ...], weighting: TokenWeighting, desc: str,
               dense: DenseTargets | None = None) -> dict[UnitKind, UnitStats]:
@@ -242,9 +241,9 @@ class OrtLayerRunner(RowBatches):
 
     # ---- internals --------------------------------------------------------------------------------------------
     def _refresh(self, changed: int) -> None:
-        """Re-read the structure after a graph change; only the changed layer's session is rebuilt."""
+        """Re-cut after a graph change (the structure was updated by the caller); only the changed layer's
+        session is rebuilt."""
         with self.times.timed("build"):
-            self.structure = find_decoder_structure(self.model, self.model_type)
             self.cutter = GraphCutter(self.model, self.structure)
         if self._layer is not None and self._layer.index == changed:
             self._layer = None
