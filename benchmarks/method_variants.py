@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from subfit_onnx.assets import fetch_assets
 from subfit_onnx.calibration.calibrate import calibrate_model
 from subfit_onnx.calibration.text import calibration_tokens, load_documents, token_windows, tokenize_documents
-from subfit_onnx.config import SubFitConfig
+from subfit_onnx.config import Portion, SubFitConfig
 from subfit_onnx.torch_eval import torch_perplexity
 
 VARIANTS: dict[str, dict] = {
@@ -30,14 +30,14 @@ VARIANTS: dict[str, dict] = {
     "schedule=oneshot": {"schedule": "oneshot"},
     "weighting=uniform": {"weighting": "uniform"},
     "weighting=skip_first": {"weighting": "skip_first"},
-    "attention_rank=full": {"attention_rank": None},
-    "mlp_rank=1/4": {"mlp_rank": 0.25},
+    "attention_rank=full": {"attention_rank": Portion()},
+    "mlp_rank=1/4": {"mlp_rank": Portion(fraction=0.25)},
     "ridge=1e-4": {"ridge": 1e-4},
     "ridge=1e-2": {"ridge": 1e-2},
     "no bypass (submodule drop)": {"bypass": False},
     "target=dense_stream": {"target": "dense_stream"},
-    "prior_samples=1/4": {"prior_samples": 0.25},
-    "prior_samples=1/2": {"prior_samples": 0.5},
+    "prior_samples=1/4": {"prior_samples": Portion(fraction=0.25)},
+    "prior_samples=1/2": {"prior_samples": Portion(fraction=0.5)},
     "ridge=1": {"ridge": 1.0},
     "ridge=0.3": {"ridge": 0.3},
 }

@@ -19,7 +19,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from subfit_onnx.calibration.text import calibration_tokens
-from subfit_onnx.config import SubFitConfig
+from subfit_onnx.config import read_settings
+from subfit_onnx.names import REPORT_FILE, SETTINGS_FILE
 
 
 def forward_seconds(model_dir: str, source: str, num_samples: int, seq_len: int, batch_size: int) -> float:
@@ -42,8 +43,8 @@ def main() -> None:
     args = parser.parse_args()
 
     out = Path(args.output)
-    report = json.loads((out / "subfit_report.json").read_text())
-    settings = SubFitConfig.model_validate_json((out / "subfit_config.json").read_text())
+    report = json.loads((out / REPORT_FILE).read_text())
+    settings = read_settings(out / SETTINGS_FILE)
     cal = report["plan"]["calibration"]
     forward = forward_seconds(args.model, cal["source"], cal["num_samples"], cal["seq_len"], settings.batch_size)
     seconds = report["seconds"]

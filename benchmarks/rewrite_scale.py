@@ -77,7 +77,7 @@ def stage_export(args: argparse.Namespace, work: Path) -> dict:
 def _identity(args: argparse.Namespace, work: Path):
     """The plan's model identity from config.json alone (no torch in this stage)."""
     from subfit_onnx.architectures import family_for
-    from subfit_onnx.plan import ModelIdentity
+    from subfit_onnx.identity import ModelIdentity
 
     cfg = json.loads((work / "export" / "config.json").read_text())
     hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
@@ -96,7 +96,8 @@ def synthetic_plan(identity, sparsity: float, seed: int = 0):
     import numpy as np
 
     from subfit_onnx.bypass import Bypass
-    from subfit_onnx.plan import Plan, RemovedUnit, SparsityReport, bypass_spec, bypass_tensors
+    from subfit_onnx.names import unit_key
+    from subfit_onnx.plan import Baseline, Plan, RemovedUnit, SparsityReport, bypass_spec, bypass_tensors
 
     rng = np.random.default_rng(seed)
     d, n = identity.hidden_size, identity.num_layers
@@ -113,14 +114,14 @@ def synthetic_plan(identity, sparsity: float, seed: int = 0):
                             up=0.5 * rng.standard_normal((rank, d)) / np.sqrt(rank))
         else:
             bypass = Bypass(bias=0.05 * rng.standard_normal(d), weight=0.5 * rng.standard_normal((d, d)) / np.sqrt(d))
-        key = f"layers.{layer}.{kind}"
+        key = unit_key(layer, kind)
         tensors.update(bypass_tensors(key, bypass))
         removed.append(RemovedUnit(layer=layer, kind=kind, score=0.0, fit_error=0.1, stream_error=0.01,
                                    params_removed=sizes[kind], bypass=bypass_spec(key, bypass)))
         gone += sizes[kind]
     extra = sum(u.bypass.params for u in removed)
     removed.sort(key=lambda u: (u.layer, u.kind != "attention"))
-    plan = Plan(model=identity, removed=removed, method={"synthetic": True},
+    plan = Plan(model=identity, removed=removed, baseline=Baseline(name="synthetic"),
                 sparsity=SparsityReport(target=sparsity, achieved=gone / block, removed_params=gone,
                                         bypass_params=extra, net=(gone - extra) / block, block_params=block))
     return plan, tensors

@@ -19,6 +19,7 @@ _EXPORTS = {
     "CalibratedPlan": "api",
     "DEFAULT_CALIBRATION": "api",
     "SubFitConfig": "config",
+    "Portion": "config",
     "Plan": "plan",
     "load_plan": "plan",
     "save_plan": "plan",
@@ -38,6 +39,7 @@ __all__ = [
     "CalibrationDataError",
     "Plan",
     "PlanMismatchError",
+    "Portion",
     "Result",
     "SubFitConfig",
     "SubFitError",
@@ -56,7 +58,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # pragma: no cover
     from .api import DEFAULT_CALIBRATION, CalibratedPlan, Result, calibrate, optimize, rewrite
-    from .config import SubFitConfig
+    from .config import Portion, SubFitConfig
     from .errors import CalibrationDataError, PlanMismatchError, SubFitError, UnsupportedModelError
     from .plan import Plan, load_plan, save_plan
     from .progress import silent, tqdm_progress

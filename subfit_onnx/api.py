@@ -203,24 +203,28 @@ def _run_calibration(job: CalibrationJob, config: SubFitConfig, progress: Progre
     return CalibratedPlan(result.plan, result.tensors, seconds=time.perf_counter() - start)
 
 
-def _config_of(plan: Plan, fallback: SubFitConfig) -> SubFitConfig:
-    """The settings a plan was made with (method + calibration), for ``subfit_config.json``."""
+def _settings_of(plan: Plan) -> SubFitConfig | None:
+    """The settings a plan was made with (method + calibration data), for ``subfit_config.json``.
+
+    None when SubFit's method did not choose the units (a baseline or a hand-made plan): then there are no
+    settings to record.
+    """
+    if plan.method is None:
+        return None
     cal = plan.calibration
-    fields = {**plan.method, "sparsity": plan.sparsity.target, "calibration": cal.get("source"),
-              "num_samples": cal.get("num_samples"), "seq_len": cal.get("seq_len")}
-    try:
-        return SubFitConfig.model_validate({k: v for k, v in fields.items() if v is not None})
-    except ValidationError:
-        return fallback
+    data = {"calibration": cal.get("source"), "num_samples": cal.get("num_samples"), "seq_len": cal.get("seq_len")}
+    return SubFitConfig(sparsity=plan.sparsity.target, **plan.method.model_dump(),
+                        **{k: v for k, v in data.items() if v is not None})
 
 
-def _write_outputs(staged: Path, calibrated: CalibratedPlan, config: SubFitConfig, report: dict[str, Any],
+def _write_outputs(staged: Path, calibrated: CalibratedPlan, config: SubFitConfig | None, report: dict[str, Any],
                    progress: ProgressFactory) -> None:
     bar = progress("saving plan and report", 3)
     try:
         save_plan(calibrated.plan, calibrated.tensors, staged)
         bar.update(1)
-        (staged / SETTINGS_FILE).write_text(config.model_dump_json(indent=2) + "\n")
+        if config is not None:
+            (staged / SETTINGS_FILE).write_text(config.model_dump_json(indent=2) + "\n")
         bar.update(1)
         (staged / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         bar.update(1)
@@ -265,7 +269,7 @@ def _compress(src: Source, out: Path, config: SubFitConfig, *, calibrated: Calib
             export=None if src.needs_export else str(facts.onnx_file.parent),
             checkpoint=job.checkpoint.label if job is not None and job.checkpoint is not None else None,
         )
-        saved_config = config if job is not None else _config_of(calibrated.plan, config)
+        saved_config = config if job is not None else _settings_of(calibrated.plan)
         _write_outputs(work / STAGED, calibrated, saved_config, report, progress)
         files = sorted(p.name for p in (work / STAGED).iterdir())
     return Result(out, report, calibrated.plan, files)

@@ -25,7 +25,7 @@ from .calibration.selection import target_params
 from .calibration.stats import TokenWeighting, UnitStats
 from .calibration.torch_backend import TorchLayerRunner
 from .names import unit_key
-from .plan import Plan, RemovedUnit, bypass_spec, bypass_tensors, sparsity_report
+from .plan import Baseline, Plan, RemovedUnit, bypass_spec, bypass_tensors, sparsity_report
 from .torch_model import model_identity, unit_param_table
 
 
@@ -36,11 +36,12 @@ def _unit(layer: int, kind: str, params: int, bypass: Bypass, fit_error: float =
     return unit, bypass_tensors(key, bypass)
 
 
-def _plan(model: nn.Module, units: list[tuple[RemovedUnit, dict]], sparsity: float, method: dict) -> tuple[Plan, dict]:
+def _plan(model: nn.Module, units: list[tuple[RemovedUnit, dict]], sparsity: float,
+          baseline: Baseline) -> tuple[Plan, dict]:
     params = unit_param_table(model)
     removed = [u for u, _ in units]
     tensors = {k: v for _, t in units for k, v in t.items()}
-    plan = Plan(model=model_identity(model), removed=removed, method=method, versions=package_versions(),
+    plan = Plan(model=model_identity(model), removed=removed, baseline=baseline, versions=package_versions(),
                 sparsity=sparsity_report(removed, sum(params.values()), sparsity))
     return plan, tensors
 
@@ -59,7 +60,7 @@ def layer_drop_plan(model: nn.Module, dense: DensePass, sparsity: float) -> tupl
     params = unit_param_table(model)
     units = [_unit(int(i), kind, params[(int(i), kind)], Bypass(bias=np.zeros(hidden)))
              for i in sorted(order) for kind in UNIT_KINDS]
-    return _plan(model, units, sparsity, {"baseline": "layer_drop", "block_influence": dense.block_influence})
+    return _plan(model, units, sparsity, Baseline(name="layer_drop", details={"block_influence": dense.block_influence}))
 
 
 @torch.no_grad()
@@ -122,12 +123,12 @@ def replaceme_plan(model: nn.Module, tokens: np.ndarray, sparsity: float, weight
     units += [_unit(start, "mlp", params[(start, "mlp")], Bypass(bias=np.zeros(hidden)))]
     units += [_unit(i, kind, params[(i, kind)], Bypass(bias=np.zeros(hidden)))
               for i in range(start + 1, start + n) for kind in UNIT_KINDS]
-    return _plan(model, units, sparsity, {"baseline": "replaceme", "block_start": start, "block_layers": n,
-                                          "angular_distance": dist})
+    return _plan(model, units, sparsity, Baseline(name="replaceme", details={
+        "block_start": start, "block_layers": n, "angular_distance": dist}))
 
 
 def drop_bypasses(plan: Plan, tensors: dict) -> tuple[Plan, dict]:
-    """The same units removed with no bypass at all."""
+    """The same units removed with no bypass at all (the plan keeps the method that chose them)."""
     units = []
     for u in plan.removed:
         units.append(_unit(u.layer, u.kind, u.params_removed, Bypass(bias=np.zeros(plan.model.hidden_size))))
@@ -135,6 +136,6 @@ def drop_bypasses(plan: Plan, tensors: dict) -> tuple[Plan, dict]:
     new = plan.model_copy(update={
         "removed": removed,
         "sparsity": sparsity_report(removed, plan.sparsity.block_params, plan.sparsity.target),
-        "method": {**plan.method, "baseline": "submodule_drop"},
+        "baseline": Baseline(name="submodule_drop"),
     })
     return new, {k: v for _, t in units for k, v in t.items()}

@@ -1,4 +1,10 @@
-"""``SubFitConfig``: every knob of calibration, selection and fitting, typed and validated in one place.
+"""SubFit's settings, typed and validated in one place.
+
+Two parts that change for different reasons: ``CalibrationData`` says what calibration runs on (which text, how
+many sequences of how many tokens, in which batches), ``MethodSettings`` how units are scored, chosen and fitted.
+``SubFitConfig`` is both plus the target sparsity, and is what users pass; a plan records only the method part,
+since the data part does not change what the plan means. Counts that may be given absolutely or relative to a
+whole (bypass ranks, pass-1 sequences) are a ``Portion``, never an int-or-float.
 
 Defaults were chosen by measured perplexity on SmolLM2-135M-Instruct (``benchmarks/method_variants.py``;
 results in ``benchmarks/results/method_variants.json``), not by taste.
@@ -6,71 +12,139 @@ results in ``benchmarks/results/method_variants.json``), not by taste.
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .calibration.scoring import ScoreKind
-from .calibration.stats import TokenWeighting
+from .errors import SubFitError
 
+ScoreKind = Literal["contribution", "replaceability", "stream_error"]  # see calibration.scoring
+TokenWeighting = Literal["uniform", "stream", "skip_first"]  # see calibration.stats
 DEFAULT_CALIBRATION_HINT = "a .txt/.jsonl file or folder, or NAME[:CONFIG[:SPLIT[:COLUMN]]] for datasets"
 
 
-class SubFitConfig(BaseModel):
-    """How to compress: target sparsity, calibration data and method choices."""
+class Portion(BaseModel):
+    """Part of something countable: ``count`` of it, a ``fraction`` of it, or, with neither, all of it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    count: int | None = Field(None, ge=1)
+    fraction: float | None = Field(None, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> Portion:
+        if self.count is not None and self.fraction is not None:
+            raise ValueError("give count or fraction, not both")
+        return self
+
+    @property
+    def is_all(self) -> bool:
+        return self.count is None and self.fraction is None
+
+    def of(self, whole: int) -> int | None:
+        """How many of ``whole`` (a fraction rounds, and is at least 1); None for all of it."""
+        if self.count is not None:
+            return self.count
+        if self.fraction is not None:
+            return max(1, round(self.fraction * whole))
+        return None
+
+
+class CalibrationData(BaseModel):
+    """What calibration runs on."""
 
     model_config = ConfigDict(extra="forbid")
 
-    sparsity: float = Field(0.25, gt=0.0, lt=1.0, description="fraction of decoder-block weight parameters to remove")
     calibration: str | None = Field(None, description=DEFAULT_CALIBRATION_HINT)
     num_samples: int = Field(64, ge=1, description="calibration sequences (N)")
     seq_len: int = Field(256, ge=2, description="tokens per calibration sequence (L)")
     batch_size: int = Field(8, ge=1)
+
+
+class MethodSettings(BaseModel):
+    """How units are scored, chosen and fitted: what a plan records as its ``method``."""
+
+    model_config = ConfigDict(extra="forbid")
+
     score: ScoreKind = "stream_error"
     schedule: Literal["sequential", "oneshot"] = "sequential"
     weighting: TokenWeighting = "stream"
-    attention_rank: int | float | None = Field(
-        0.125, description="bypass rank for attention: None = full, int = rank, float in (0,1) = fraction of hidden"
-    )
-    mlp_rank: int | float | None = Field(None, description="bypass rank for FFNs (same convention)")
-    target: Literal["contribution", "dense_stream"] = Field(
-        "contribution",
+    attention_rank: Portion = Field(
+        Portion(fraction=0.125), description="bypass rank for attention: a count, a fraction of the hidden size, "
+        "or neither for full rank")
+    mlp_rank: Portion = Field(Portion(), description="bypass rank for FFNs (same convention)")
+    target: Literal["unit_output", "dense_stream"] = Field(
+        "unit_output",
         description="fit each bypass to the unit's own output, or to what restores the dense model's stream there",
     )
-    prior_samples: int | float | None = Field(
-        None, description="calibration sequences pass 1 scores on (its scores are only priors): None = all, "
-        "int = count, float in (0, 1] = fraction of num_samples",
-    )
+    prior_samples: Portion = Field(
+        Portion(), description="calibration sequences pass 1 scores on (its scores are only priors): a count, a "
+        "fraction of num_samples, or neither for all")
     ridge: float = Field(0.1, ge=0.0, description="ridge strength relative to mean diag(X^T X)")
     bypass: bool = Field(True, description="False drops units with no bypass (the 'submodule drop' baseline)")
 
     @field_validator("attention_rank", "mlp_rank")
     @classmethod
-    def _rank(cls, v: float | None) -> int | float | None:
-        if v is not None and (v <= 0 or (isinstance(v, float) and v >= 1.0 and not float(v).is_integer())):
-            raise ValueError("rank must be None, a positive int, or a fraction in (0, 1)")
-        return v
-
-    @field_validator("prior_samples")
-    @classmethod
-    def _prior_samples(cls, v: float | None) -> int | float | None:
-        if v is not None and (v <= 0 or (isinstance(v, float) and v > 1.0)):
-            raise ValueError("prior_samples must be None, a positive int, or a fraction in (0, 1]")
+    def _rank(cls, v: Portion) -> Portion:
+        if v.fraction is not None and v.fraction >= 1.0:
+            raise ValueError("a rank fraction must be below 1 (leave count and fraction unset for full rank)")
         return v
 
     def prior_rows(self, rows: int) -> int:
         """How many of ``rows`` calibration sequences pass 1 runs on."""
-        v = self.prior_samples
-        if v is None:
-            return rows
-        if isinstance(v, float):
-            return max(1, min(rows, round(v * rows)))
-        return max(1, min(rows, int(v)))
+        n = self.prior_samples.of(rows)
+        return rows if n is None else max(1, min(rows, n))
 
     def rank_for(self, kind: str, hidden: int) -> int | None:
-        value = self.attention_rank if kind == "attention" else self.mlp_rank
-        if value is None:
-            return None
-        if isinstance(value, float) and value < 1.0:
-            return max(1, round(value * hidden))
-        return int(value)
+        """The bypass rank of an attention or FFN unit; None for full rank."""
+        return (self.attention_rank if kind == "attention" else self.mlp_rank).of(hidden)
+
+
+class SubFitConfig(MethodSettings, CalibrationData):
+    """How to compress: target sparsity, calibration data and method choices (see the module docstring)."""
+
+    sparsity: float = Field(0.25, gt=0.0, lt=1.0, description="fraction of decoder-block weight parameters to remove")
+
+    @property
+    def method(self) -> MethodSettings:
+        return MethodSettings.model_validate(self.model_dump(include=set(MethodSettings.model_fields)))
+
+
+# ---- settings written by earlier versions ------------------------------------------------------------------------
+_OLD_TARGETS = {"contribution": "unit_output"}  # renamed: it collided with score="contribution"
+
+
+def _old_portion(key: str, value: Any) -> Any:
+    """Version 1 wrote ranks and prior_samples as None (all), an int (a count) or a float: a fraction, except that
+    a whole float of 1 or more was a rank (``2.0``)."""
+    if value is None:
+        return {}
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value  # already a Portion (or invalid, which validation reports)
+    if isinstance(value, int):
+        return {"count": value}
+    if value < 1.0 or key == "prior_samples":
+        return {"fraction": value}
+    return {"count": int(value)}
+
+
+def upgrade_settings_data(data: dict[str, Any]) -> dict[str, Any]:
+    """Settings (a plan's method or a subfit_config.json) in the current spelling; current data passes unchanged."""
+    out = dict(data)
+    for key in ("attention_rank", "mlp_rank", "prior_samples"):
+        if key in out:
+            out[key] = _old_portion(key, out[key])
+    if out.get("target") in _OLD_TARGETS:
+        out["target"] = _OLD_TARGETS[out["target"]]
+    return out
+
+
+def read_settings(path: str | Path) -> SubFitConfig:
+    """A ``subfit_config.json``, from this version or an earlier one."""
+    p = Path(path)
+    try:
+        return SubFitConfig.model_validate(upgrade_settings_data(json.loads(p.read_text(encoding="utf-8"))))
+    except (OSError, json.JSONDecodeError, ValueError) as exc:
+        raise SubFitError(f"{p} is not a valid SubFit settings file: {str(exc).splitlines()[0]}") from None

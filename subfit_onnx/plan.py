@@ -17,11 +17,13 @@ from pydantic import BaseModel, Field, ValidationError
 
 from .architectures import UnitKind
 from .bypass import Bypass
+from .config import MethodSettings, upgrade_settings_data
 from .errors import SubFitError
 from .identity import ModelIdentity
 from .names import BYPASS_FILE, PLAN_FILE, unit_key
 
-PLAN_FORMAT = 1
+PLAN_FORMAT = 2  # 1: method was an untyped dict (read by upgrade_plan_data)
+TENSORS_FORMAT = 1  # the safetensors file's own layout (one float32 tensor per role, keyed by unit)
 
 
 class BypassSpec(BaseModel):
@@ -68,12 +70,20 @@ def sparsity_report(removed: list[RemovedUnit], block_params: int, target: float
     )
 
 
+class Baseline(BaseModel):
+    """A plan whose units another method chose (layer drop, ReplaceMe, ...), expressed as a SubFit plan."""
+
+    name: str
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
 class Plan(BaseModel):
     format: int = PLAN_FORMAT
     model: ModelIdentity
     removed: list[RemovedUnit]
     sparsity: SparsityReport
-    method: dict[str, Any] = Field(default_factory=dict)
+    method: MethodSettings | None = None  # how SubFit chose and fitted the units; None when it did not choose them
+    baseline: Baseline | None = None
     calibration: dict[str, Any] = Field(default_factory=dict)
     versions: dict[str, str] = Field(default_factory=dict)
 
@@ -113,10 +123,29 @@ def save_plan(plan: Plan, bypasses: dict[str, np.ndarray], folder: str | os.Path
 
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(bypasses, str(out / BYPASS_FILE), metadata={"format": str(PLAN_FORMAT)})
+    save_file(bypasses, str(out / BYPASS_FILE), metadata={"format": str(TENSORS_FORMAT)})
     path = out / PLAN_FILE
     path.write_text(plan.model_dump_json(indent=2) + "\n")
     return path
+
+
+def upgrade_plan_data(data: Any) -> Any:
+    """A plan file's JSON in the current format; format 1 is converted, the current format passes unchanged.
+
+    Format 1 kept the method as an untyped dict: the settings (with int-or-float ranks and prior_samples, and
+    ``target="contribution"`` for today's ``unit_output``), the sparsity target once more, and for baselines
+    their name and numbers under the same dict.
+    """
+    if not isinstance(data, dict) or data.get("format", 1) != 1:
+        if isinstance(data, dict) and isinstance(data.get("format"), int) and data["format"] > PLAN_FORMAT:
+            raise SubFitError(f"the plan has format {data['format']}, newer than this SubFit reads ({PLAN_FORMAT})")
+        return data
+    method = dict(data.get("method") or {})
+    method.pop("sparsity", None)  # the same as sparsity.target
+    name = method.pop("baseline", None)
+    details = {k: method.pop(k) for k in list(method) if k not in MethodSettings.model_fields}
+    return {**data, "format": PLAN_FORMAT, "method": upgrade_settings_data(method) if method else None,
+            "baseline": {"name": name, "details": details} if name else None}
 
 
 def load_plan(path: str | os.PathLike) -> tuple[Plan, dict[str, np.ndarray]]:
@@ -128,7 +157,7 @@ def load_plan(path: str | os.PathLike) -> tuple[Plan, dict[str, np.ndarray]]:
     if not json_path.is_file():
         raise SubFitError(f"no SubFit plan at {json_path}")
     try:
-        plan = Plan.model_validate(json.loads(json_path.read_text()))
+        plan = Plan.model_validate(upgrade_plan_data(json.loads(json_path.read_text())))
     except (json.JSONDecodeError, ValidationError) as exc:
         first = str(exc).splitlines()[0]
         raise SubFitError(f"{json_path} is not a valid SubFit plan: {first}") from None

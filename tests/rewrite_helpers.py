@@ -14,6 +14,7 @@ import onnxruntime as ort
 import torch
 
 from subfit_onnx.bypass import Bypass
+from subfit_onnx.names import unit_key
 from subfit_onnx.plan import Plan, RemovedUnit, SparsityReport, bypass_spec, bypass_tensors
 from subfit_onnx.torch_model import model_identity, unit_param_table
 
@@ -37,7 +38,7 @@ def hand_plan(model: torch.nn.Module, units: Sequence[UnitSpec], seed: int = 0) 
     rng = np.random.default_rng(seed)
     removed, tensors = [], {}
     for layer, kind, form in units:
-        key = f"layers.{layer}.{kind}"
+        key = unit_key(layer, kind)
         bypass = random_bypass(identity.hidden_size, form, rng)
         tensors.update(bypass_tensors(key, bypass))
         removed.append(RemovedUnit(layer=layer, kind=kind, score=0.0, fit_error=0.1, stream_error=0.01,

@@ -7,7 +7,7 @@ import torch
 from progress_recorder import Recorder
 from subfit_onnx.bypass import Bypass
 from subfit_onnx.calibration.calibrate import calibrate_model
-from subfit_onnx.config import SubFitConfig
+from subfit_onnx.config import Portion, SubFitConfig
 from subfit_onnx.errors import PlanMismatchError, SubFitError, UnsupportedModelError
 from subfit_onnx.plan import RemovedUnit, bypass_spec, bypass_tensors, load_plan, save_plan
 from subfit_onnx.reference import apply_plan
@@ -20,7 +20,7 @@ TOKENS = np.random.default_rng(0).integers(0, 256, size=(8, 32))
 @pytest.fixture(scope="module", params=sorted(FAMILY_CONFIGS))
 def calibrated(request):
     model = tiny_model(request.param)
-    config = SubFitConfig(sparsity=0.3, num_samples=8, seq_len=32, batch_size=4, attention_rank=8)
+    config = SubFitConfig(sparsity=0.3, num_samples=8, seq_len=32, batch_size=4, attention_rank=Portion(count=8))
     before = model(torch.as_tensor(TOKENS[:2])).logits
     result = calibrate_model(model, TOKENS, config)
     after = model(torch.as_tensor(TOKENS[:2])).logits
@@ -70,7 +70,7 @@ def test_plan_for_another_model_is_refused(calibrated, tmp_path):
 def test_apply_plan_equals_hand_built_reference():
     """Remove layer 1's MLP by hand (patching the MLP's forward with x @ W + b) and via apply_plan."""
     model = tiny_model("llama")
-    result = calibrate_model(model, TOKENS, SubFitConfig(sparsity=0.2, num_samples=8, seq_len=32, attention_rank=None))
+    result = calibrate_model(model, TOKENS, SubFitConfig(sparsity=0.2, num_samples=8, seq_len=32, attention_rank=Portion()))
     unit = result.plan.removed[0]
     plan = result.plan.model_copy(update={"removed": [unit]})
     w = torch.as_tensor(result.tensors[f"{unit.key}.weight"]) if unit.bypass.form == "full" else None
@@ -127,14 +127,25 @@ def test_bad_inputs_are_refused():
 def test_prior_samples_limits_pass_one_only():
     """Pass 1 (scoring priors) runs on the first rows only; pass 2 (selection and fits) still sees them all."""
     progress = Recorder()
-    config = SubFitConfig(sparsity=0.3, num_samples=8, seq_len=32, batch_size=2, prior_samples=0.25)
+    config = SubFitConfig(sparsity=0.3, num_samples=8, seq_len=32, batch_size=2, prior_samples=Portion(fraction=0.25))
     result = calibrate_model(tiny_model("llama"), TOKENS, config, progress=progress)
     assert progress.done("scoring") == {2}  # a quarter of 8 sequences
     assert progress.done("fitting") == progress.done("embedding") == {8}
     assert result.plan.sparsity.achieved >= 0.3
-    assert config.prior_rows(8) == 2 and SubFitConfig(prior_samples=3).prior_rows(8) == 3
+    assert config.prior_rows(8) == 2 and SubFitConfig(prior_samples=Portion(count=3)).prior_rows(8) == 3
+    assert SubFitConfig(prior_samples=Portion(count=30)).prior_rows(8) == 8 == SubFitConfig().prior_rows(8)
     with pytest.raises(ValueError):
-        SubFitConfig(prior_samples=1.5)
+        SubFitConfig(prior_samples=Portion(fraction=1.5))
+    with pytest.raises(ValueError):
+        Portion(count=3, fraction=0.5)
+
+
+def test_ranks_are_a_count_a_fraction_of_the_hidden_size_or_full():
+    assert SubFitConfig().rank_for("attention", 576) == 72 and SubFitConfig().rank_for("mlp", 576) is None
+    assert SubFitConfig(mlp_rank=Portion(count=16)).rank_for("mlp", 576) == 16
+    assert SubFitConfig(attention_rank=Portion(fraction=0.001)).rank_for("attention", 64) == 1
+    with pytest.raises(ValueError, match="below 1"):
+        SubFitConfig(attention_rank=Portion(fraction=1.0))
 
 
 def test_numpy_blas_runs_single_threaded_while_calibrating():

@@ -35,7 +35,7 @@ from subfit_onnx.calibration.onnx_backend import OrtLayerRunner, calibrate_expor
 from subfit_onnx.calibration.onnx_cut import GraphCutter
 from subfit_onnx.calibration.onnx_session import CPU, CUDA, SessionFactory, default_providers, prefill_inputs
 from subfit_onnx.calibration.stats import UnitStats
-from subfit_onnx.config import SubFitConfig
+from subfit_onnx.config import Portion, SubFitConfig
 from subfit_onnx.errors import SubFitError
 from subfit_onnx.passes.pipeline import SubFitRewritePass
 from subfit_onnx.passes.structure import find_decoder_structure
@@ -43,7 +43,7 @@ from tiny_models import FAMILY_CONFIGS, tiny_model
 
 TOKENS = np.random.default_rng(0).integers(3, 256, size=(8, 32))
 FP32_TOL = 1e-3
-CONFIG = SubFitConfig(sparsity=0.7, num_samples=8, seq_len=32, batch_size=4, attention_rank=8)
+CONFIG = SubFitConfig(sparsity=0.7, num_samples=8, seq_len=32, batch_size=4, attention_rank=Portion(count=8))
 
 
 def torch_reference(family: str):
@@ -136,7 +136,7 @@ def test_gemma2_against_eager_pytorch(tiny_export):
 
 
 def test_fp16_export_selects_like_fp32(tiny_export):
-    config = SubFitConfig(sparsity=0.3, num_samples=8, seq_len=32, batch_size=4, attention_rank=8)
+    config = SubFitConfig(sparsity=0.3, num_samples=8, seq_len=32, batch_size=4, attention_rank=Portion(count=8))
     half = calibrate_export(tiny_export("llama", "fp16"), TOKENS, config)
     full = calibrate_model(tiny_model("llama"), TOKENS, config)
     assert removed(half) == removed(full)

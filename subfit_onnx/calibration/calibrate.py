@@ -166,7 +166,7 @@ class Calibrator:
             model=self.identity,
             removed=sorted(self.removed, key=lambda u: (u.layer, UNIT_KINDS.index(u.kind))),
             sparsity=sparsity_report(self.removed, self.block_params, self.config.sparsity),
-            method=self.config.model_dump(exclude={"calibration", "num_samples", "seq_len", "batch_size"}),
+            method=self.config.method,
             calibration=calibration_info,
             versions=package_versions(),
         )

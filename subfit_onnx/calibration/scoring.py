@@ -13,14 +13,11 @@ Lower is better (removed first). Each score is computed from ``UnitStats`` alone
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 from ..bypass import Bypass
+from ..config import ScoreKind
 from .fitting import fit_bypass
 from .stats import UnitStats
-
-ScoreKind = Literal["contribution", "replaceability", "stream_error"]
-SCORE_KINDS: tuple[ScoreKind, ...] = ("contribution", "replaceability", "stream_error")
 
 
 @dataclass

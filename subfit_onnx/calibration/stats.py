@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 
-TokenWeighting = Literal["uniform", "stream", "skip_first"]
+from ..config import TokenWeighting
+
 TransposedProduct = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
