@@ -81,3 +81,11 @@ def test_the_vocabulary_depends_on_nothing_else_of_subfit(module):
                                                 if m.startswith("subfit_onnx.calibration")))
 def test_calibration_does_not_import_the_exporters(module, path):
     assert not {n for n in imports(module, path) if n.startswith("subfit_onnx.exporters")}
+
+
+@pytest.mark.parametrize("module", ["subfit_onnx.plan", "subfit_onnx.config", "subfit_onnx.identity",
+                                    "subfit_onnx.model_config"])
+def test_the_plan_and_settings_do_not_import_calibration(module):
+    """The plan is the bridge between calibration and the rewrite; it must not need either side's code."""
+    path = modules("subfit_onnx")[module]
+    assert not {n for n in imports(module, path) if n.startswith(("subfit_onnx.calibration", "subfit_onnx.passes"))}
