@@ -16,7 +16,7 @@ from typing import Literal
 from ..errors import SubFitError
 from ..model_config import read_config, write_config
 from ..names import CONFIG_FILE, ONNX_FILE
-from ..progress import ProgressFactory, silent
+from ..progress import ProgressFactory, progress_bar, silent
 from ..quiet import quiet
 from ..staging import STAGED, staged_output
 
@@ -64,8 +64,7 @@ def export_into(model_dir: str | os.PathLike, folder: Path, *, dtype: Literal["f
     src = Path(model_dir)
     if not (src / CONFIG_FILE).is_file():
         raise SubFitError(f"{src} is not a Hugging Face model folder (no {CONFIG_FILE})")
-    bar = progress(f"exporting {src.name} ({dtype})", 1)
-    try:
+    with progress_bar(progress, f"exporting {src.name} ({dtype})", 1) as bar:
         from optimum.exporters.onnx import main_export
 
         with _quiet():
@@ -74,7 +73,5 @@ def export_into(model_dir: str | os.PathLike, folder: Path, *, dtype: Literal["f
         if not (folder / ONNX_FILE).is_file():
             raise SubFitError(f"Optimum produced no {ONNX_FILE} for {src}")
         _record_source(folder, src)
-    finally:
         bar.update(1)
-        bar.close()
     return folder / ONNX_FILE

@@ -31,7 +31,7 @@ from ..passes.external_data import LoadExternalTensorsPass
 from ..passes.pipeline import SubFitRewritePass
 from ..passes.structure import DecoderStructure, find_decoder_structure
 from ..plan import Plan, bypass_from_tensors
-from ..progress import ProgressFactory, silent
+from ..progress import ProgressFactory, progress_bar, silent
 from ..staging import STAGED, staged_output
 from .hf_config import subfit_config
 
@@ -135,8 +135,7 @@ def rewrite_into(source: Path, plan: Plan, tensors: Mapping[str, np.ndarray], ou
     export_config = read_config(source.parent)
     model_type = export_config.get("model_type") if export_config else None
 
-    bar = progress("rewriting", 5)
-    try:
+    with progress_bar(progress, "rewriting", 5) as bar:
         model = ir.load(source)
         before = find_decoder_structure(model, model_type)
         check_plan_matches(plan, before, tensors, export_config or {}, source)
@@ -176,8 +175,6 @@ def rewrite_into(source: Path, plan: Plan, tensors: Mapping[str, np.ndarray], ou
             write_genai_config(out)
         bytes_after = model_file_bytes(target, [DATA_FILE] if external else [])
         bar.update(1)
-    finally:
-        bar.close()
 
     unit_params = sum(before.unit(u.layer, u.kind).params for u in plan.removed)
     return RewriteReport(

@@ -6,7 +6,8 @@ factory (logging, a UI) with the same two methods.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 
@@ -35,3 +36,13 @@ def tqdm_progress(desc: str, total: int) -> ProgressBar:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+@contextmanager
+def progress_bar(progress: ProgressFactory, desc: str, total: int) -> Iterator[ProgressBar]:
+    """A bar from ``progress``, closed however the block ends (any factory's bars, tqdm's or a caller's)."""
+    bar = progress(desc, total)
+    try:
+        yield bar
+    finally:
+        bar.close()

@@ -38,7 +38,7 @@ from ..model_config import config_value, model_type, read_config
 from ..onnx_files import export_file
 from ..passes.bypass import InsertBypassPass, bypass_initializer_name
 from ..passes.structure import BYPASS_SCOPE, DecoderStructure, UnitBoundary, find_decoder_structure
-from ..progress import ProgressFactory, silent
+from ..progress import ProgressFactory, progress_bar, silent
 from .activations import ActivationStore
 from .calibrate import CalibrationResult, DensePass, run_calibration
 from .dense_targets import DenseTargets
@@ -197,8 +197,7 @@ class OrtLayerRunner(RowBatches):
         hidden = self.store.shape[2]
         stats = {kind: UnitStats(hidden, hidden, weighting) for kind in collect}
         taps = self._tap_names(layer, collect)
-        bar = self.progress(desc, self.active_rows)
-        try:
+        with progress_bar(self.progress, desc, self.active_rows) as bar:
             for rows in self.batches():
                 h = np.asarray(self.store.current[rows])
                 shared = self._shared_values(rows)
@@ -211,16 +210,13 @@ class OrtLayerRunner(RowBatches):
                         self.collect_batch(stats, rows, np.asarray(h, dtype=np.float32), arrays,
                                            dense.batch(rows) if dense else None)
                 bar.update(rows.stop - rows.start)
-        finally:
-            bar.close()
         return stats
 
     def dense_sweep(self, index: int, dense: DenseTargets, desc: str) -> None:
         """Advance the dense reference stream through layer ``index`` (not yet bypassed when this runs)."""
         layer = self._session(index)
         y_att = layer.graph.taps["attention.y"]
-        bar = self.progress(desc, self.active_rows)
-        try:
+        with progress_bar(self.progress, desc, self.active_rows) as bar:
             for rows in self.batches():
                 h = np.asarray(dense.store.current[rows])
                 shared = self._shared_values(rows)
@@ -229,8 +225,6 @@ class OrtLayerRunner(RowBatches):
                 dense.after_attention[rows] = h + np.asarray(out[y_att], dtype=np.float32)
                 dense.store.next[rows] = out[layer.graph.stream_out]
                 bar.update(rows.stop - rows.start)
-        finally:
-            bar.close()
 
     def close(self) -> None:
         self._layer = None
@@ -280,16 +274,13 @@ class OrtLayerRunner(RowBatches):
         """Run the prelude on every batch: ``B_0`` into the store, shared values kept per batch size."""
         with self.times.timed("build"):
             self._prelude = _Prelude(self.cutter, self.sessions, self.structure)
-        bar = self.progress("embedding calibration tokens", self.tokens.shape[0])
-        try:
+        with progress_bar(self.progress, "embedding calibration tokens", self.tokens.shape[0]) as bar:
             for rows in self.batches():
                 with self.times.timed("graph"):
                     stream, shared = self._prelude.run(self.tokens[rows])
                 self.store.current[rows] = stream
                 self._shared.setdefault(rows.stop - rows.start, shared)
                 bar.update(rows.stop - rows.start)
-        finally:
-            bar.close()
         self.store.snapshot()
         if not self._prelude.per_batch:
             self._prelude = None  # its embedding table is no longer needed

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..architectures import UNIT_KINDS, FamilyLayout, UnitKind
 from ..bypass import Bypass
-from ..progress import ProgressFactory, silent
+from ..progress import ProgressFactory, progress_bar, silent
 from ..reference import UnitSwap, install_bypass
 from ..torch_model import (
     decoder_base,
@@ -125,18 +125,17 @@ class TorchLayerRunner(RowBatches):
             raise _StopForward
 
         handle = self.layers[0].register_forward_pre_hook(stop, with_kwargs=True)
-        bar = self.progress("embedding calibration tokens", self.tokens.shape[0])
         try:
-            for rows in self.batches():
-                try:
-                    self.base(input_ids=self._input_ids(rows), use_cache=False)
-                except _StopForward:
-                    pass
-                self.store.current[rows] = self._caught.float().cpu().numpy()
-                bar.update(rows.stop - rows.start)
+            with progress_bar(self.progress, "embedding calibration tokens", self.tokens.shape[0]) as bar:
+                for rows in self.batches():
+                    try:
+                        self.base(input_ids=self._input_ids(rows), use_cache=False)
+                    except _StopForward:
+                        pass
+                    self.store.current[rows] = self._caught.float().cpu().numpy()
+                    bar.update(rows.stop - rows.start)
         finally:
             handle.remove()
-            bar.close()
         self.store.snapshot()
 
     @contextmanager
@@ -175,20 +174,17 @@ class TorchLayerRunner(RowBatches):
         args, kwargs = self.layer_args[index]
         hidden = self.store.shape[2]
         stats = {kind: UnitStats(hidden, hidden, weighting, products=torch_tn) for kind in collect}
-        bar = self.progress(desc, self.active_rows)
-        try:
-            with self._unit_taps(layer, tuple(UNIT_KINDS)) as seen:
-                for rows in self.batches():
-                    h = torch.from_numpy(np.asarray(self.store.current[rows])).to(self.device, self.dtype)
-                    out = _output_tensor(layer(h, *args, **kwargs))
-                    self.store.next[rows] = out.float().cpu().numpy()
-                    if collect:
-                        taps = {name: _as_numpy(t) for name, t in seen.items()}
-                        self.collect_batch(stats, rows, _as_numpy(h), taps,
-                                           dense.batch(rows) if dense else None)
-                    bar.update(rows.stop - rows.start)
-        finally:
-            bar.close()
+        with progress_bar(self.progress, desc, self.active_rows) as bar, \
+                self._unit_taps(layer, tuple(UNIT_KINDS)) as seen:
+            for rows in self.batches():
+                h = torch.from_numpy(np.asarray(self.store.current[rows])).to(self.device, self.dtype)
+                out = _output_tensor(layer(h, *args, **kwargs))
+                self.store.next[rows] = out.float().cpu().numpy()
+                if collect:
+                    taps = {name: _as_numpy(t) for name, t in seen.items()}
+                    self.collect_batch(stats, rows, _as_numpy(h), taps,
+                                       dense.batch(rows) if dense else None)
+                bar.update(rows.stop - rows.start)
         return stats
 
     @torch.no_grad()
@@ -196,17 +192,14 @@ class TorchLayerRunner(RowBatches):
         """Advance the dense reference stream through layer ``index`` (its original modules)."""
         layer = self.layers[index]
         args, kwargs = self.layer_args[index]
-        bar = self.progress(desc, self.active_rows)
-        try:
-            with self._unit_taps(layer, ("attention",)) as seen:
-                for rows in self.batches():
-                    h = torch.from_numpy(np.asarray(dense.store.current[rows])).to(self.device, self.dtype)
-                    out = _output_tensor(layer(h, *args, **kwargs))
-                    dense.after_attention[rows] = (h + seen["attention.y"]).float().cpu().numpy()
-                    dense.store.next[rows] = out.float().cpu().numpy()
-                    bar.update(rows.stop - rows.start)
-        finally:
-            bar.close()
+        with progress_bar(self.progress, desc, self.active_rows) as bar, \
+                self._unit_taps(layer, ("attention",)) as seen:
+            for rows in self.batches():
+                h = torch.from_numpy(np.asarray(dense.store.current[rows])).to(self.device, self.dtype)
+                out = _output_tensor(layer(h, *args, **kwargs))
+                dense.after_attention[rows] = (h + seen["attention.y"]).float().cpu().numpy()
+                dense.store.next[rows] = out.float().cpu().numpy()
+                bar.update(rows.stop - rows.start)
 
     def close(self) -> None:
         self.store.close()

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..onnx_files import model_file_bytes
-from ..progress import ProgressFactory, silent
+from ..progress import ProgressFactory, progress_bar, silent
 from ..runtime import load_for_generation, ort_provider, ort_session_options
 from .decoder import OnnxDecoder, check_same_vocab
 from .latency import prompt_ids, time_decode, time_generate, time_prefill
@@ -110,15 +110,12 @@ def run_benchmark(candidate_dir: str | os.PathLike, reference_dir: str | os.Path
     results = [_static_facts(d, settings.kv_context) for d in decoders]
     for d, g in zip(decoders, generators):  # warm-up: first runs allocate arenas and are not representative
         _measure_once(d, g, BenchmarkSettings(**{**asdict(settings), "decode_steps": 2, "generate_tokens": 4}), vocab)
-    bar = progress("benchmark", settings.repeats * len(decoders))
-    try:
+    with progress_bar(progress, "benchmark", settings.repeats * len(decoders)) as bar:
         for r in range(settings.repeats):
             for i in alternating(range(len(decoders)), r):
                 for key, values in _measure_once(decoders[i], generators[i], settings, vocab).items():
                     results[i].samples.setdefault(key, []).extend(values)
                 bar.update(1)
-    finally:
-        bar.close()
     for res in results:
         res.metrics = {k: statistics.median(v) for k, v in res.samples.items()}
         res.metrics.update(kv_bytes_per_token=float(res.kv_bytes_per_token),

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import SubFitError
 from ..jsonl import read_jsonl
-from ..progress import ProgressFactory, silent
+from ..progress import ProgressFactory, progress_bar, silent
 from .decoder import OnnxDecoder
 from .logprobs import ContinuationScorer
 
@@ -110,12 +110,9 @@ def evaluate_mc(decoder: OnnxDecoder, path: str | os.PathLike, limit: int | None
     items = load_mc_items(path, limit)
     tok = tokenizer if tokenizer is not None else decoder.tokenizer
     scorer = ContinuationScorer(decoder)
-    bar = progress(f"{Path(path).stem} {decoder.name}", len(items))
     lls = []
-    try:
+    with progress_bar(progress, f"{Path(path).stem} {decoder.name}", len(items)) as bar:
         for item in items:
             lls.append(choice_loglikelihoods(scorer, tok, item))
             bar.update(1)
-    finally:
-        bar.close()
     return accuracy(lls, items, Path(path).stem)

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..calibration.text import load_documents, token_windows, tokenize_documents
 from ..errors import SubFitError
-from ..progress import ProgressFactory, silent
+from ..progress import ProgressFactory, progress_bar, silent
 from .decoder import OnnxDecoder
 from .logprobs import token_logprobs
 
@@ -78,17 +78,14 @@ def window_perplexity(decoder: OnnxDecoder, windows: TokenWindows, progress: Pro
     """exp(mean next-token NLL) over every window, each run as one prefill with an empty past."""
     if decoder.vocab_size and int(windows.windows.max()) >= decoder.vocab_size:
         raise SubFitError(f"token ids exceed the vocabulary of {decoder.model_dir}; tokenize with its own tokenizer")
-    bar = progress(f"perplexity {decoder.name}", windows.num_windows)
     nll, count = 0.0, 0
-    try:
+    with progress_bar(progress, f"perplexity {decoder.name}", windows.num_windows) as bar:
         for window in windows.windows:
             logits = decoder.forward(window[None, :]).logits[0, :-1]
             lp = token_logprobs(logits, window[1:])
             nll -= float(lp.sum())
             count += lp.size
             bar.update(1)
-    finally:
-        bar.close()
     mean = nll / count
     return PerplexityResult(perplexity=math.exp(mean), mean_nll=mean, scored_tokens=count,
                             num_windows=windows.num_windows, window_len=windows.window_len,

@@ -28,7 +28,7 @@ from ..errors import SubFitError
 from ..model_config import config_value, read_config
 from ..names import ONNX_FILE
 from ..onnx_files import export_paths
-from ..progress import ProgressFactory, silent
+from ..progress import ProgressFactory, progress_bar, silent
 from ..runtime import (
     load_for_generation,
     ort_provider,
@@ -159,12 +159,12 @@ def benchmark_runtimes(candidate_dir: str | os.PathLike, reference_dir: str | os
     before = torch.get_num_threads()  # restored at the end: the runners switch it per runtime
     default_threads = torch_default_threads()
     results = []
-    bar = progress("runtimes", len(runtimes) * repeats * len(dirs))
     try:
-        for kind in runtimes:
-            results.append(_one_runtime(kind, dirs, names, provider, default_threads, ids, new_tokens, repeats, bar))
+        with progress_bar(progress, "runtimes", len(runtimes) * repeats * len(dirs)) as bar:
+            for kind in runtimes:
+                results.append(_one_runtime(kind, dirs, names, provider, default_threads, ids, new_tokens, repeats,
+                                            bar))
     finally:
-        bar.close()
         torch.set_num_threads(before)
     return RuntimeReport(prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats, provider=provider,
                          models=names, results=results, torch_default_threads=default_threads)
