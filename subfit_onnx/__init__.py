@@ -16,8 +16,8 @@ _EXPORTS = {
     "calibrate": "api",
     "rewrite": "api",
     "Result": "api",
-    "CalibratedPlan": "api",
-    "DEFAULT_CALIBRATION": "api",
+    "CalibratedPlan": "plan",
+    "DEFAULT_CALIBRATION": "config",
     "SubFitConfig": "config",
     "Portion": "config",
     "Plan": "plan",
@@ -57,10 +57,10 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .api import DEFAULT_CALIBRATION, CalibratedPlan, Result, calibrate, optimize, rewrite
-    from .config import Portion, SubFitConfig
+    from .api import Result, calibrate, optimize, rewrite
+    from .config import DEFAULT_CALIBRATION, Portion, SubFitConfig
     from .errors import CalibrationDataError, PlanMismatchError, SubFitError, UnsupportedModelError
-    from .plan import Plan, load_plan, save_plan
+    from .plan import CalibratedPlan, Plan, load_plan, save_plan
     from .progress import silent, tqdm_progress
     from .reference import apply_plan
     from .runtime import load_for_generation

@@ -11,6 +11,7 @@ reachable sparsity and the match with the ONNX graph, so mistakes surface before
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +19,12 @@ from typing import Any, Literal
 
 import numpy as np
 
+from .config import DEFAULT_CALIBRATION, SubFitConfig
 from .errors import SubFitError
+from .graph_checks import ExportFacts
 from .hub import require_hub
-from .identity import ModelIdentity
+from .identity import ModelIdentity, export_identity
+from .plan import CalibratedPlan
 from .progress import ProgressFactory, silent
 from .sources import Source, recorded_checkpoint, resolve_source
 
@@ -176,6 +180,39 @@ def load_weights(ref: ModelRef) -> Any:
     except (OSError, ValueError) as exc:
         raise SubFitError(f"cannot load the model {ref.ref} ({str(exc).splitlines()[0][:160]})") from None
     return model.eval()
+
+
+def prepare_calibration(src: Source, model: Any, config: SubFitConfig, backend: str,
+                        facts: ExportFacts | None) -> CalibrationJob:
+    """Every check that needs no weights: backend, checkpoint shape, reachable sparsity, graph match, tokens."""
+    from .calibration.selection import check_reachable, target_params
+
+    checkpoint = resolve_checkpoint(src, model)
+    export_dir = None if src.needs_export else src.export_dir
+    name = choose_backend(backend, checkpoint, export_dir)
+    export = None
+    if name == "onnx":  # the export alone: identity from its graph and config.json, no checkpoint
+        assert facts is not None
+        checkpoint, export = None, facts.onnx_file
+        identity, params = export_identity(facts.config, facts.facts, export.parent)
+    else:
+        assert checkpoint is not None
+        identity, params, _ = meta_identity(checkpoint)
+    check_reachable(params, target_params(sum(params.values()), config.sparsity), config.sparsity)
+    if facts is not None and checkpoint is not None:
+        facts.check_matches(identity, f"--model {checkpoint.label}")
+    source_text = config.calibration or DEFAULT_CALIBRATION
+    tokens = load_tokens(load_tokenizer(checkpoint, export_dir), source_text, config.num_samples, config.seq_len)
+    origin = {"checkpoint": checkpoint.label} if checkpoint is not None else {"export": str(export)}
+    info = {"source": source_text, **origin, "backend": name}
+    return CalibrationJob(checkpoint, name, tokens, identity, params, info, export=export)
+
+
+def run_calibration(job: CalibrationJob, config: SubFitConfig, progress: ProgressFactory) -> CalibratedPlan:
+    """Load what the job's backend needs and calibrate; the plan comes back with its wall time."""
+    start = time.perf_counter()
+    result = BACKENDS[job.backend](job, config, progress)
+    return CalibratedPlan(result.plan, result.tensors, seconds=time.perf_counter() - start)
 
 
 def run_torch(job: CalibrationJob, config: Any, progress: ProgressFactory = silent) -> Any:

@@ -72,7 +72,7 @@ Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace OUT if it 
 
 def _config(sparsity: float | None, calibration: str | None, num_samples: int | None,
             seq_len: int | None) -> Any:
-    from .api import make_config
+    from .config import make_config
 
     return make_config(None, sparsity, calibration=calibration, num_samples=num_samples, seq_len=seq_len)
 

@@ -16,12 +16,15 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import SubFitError
 
 ScoreKind = Literal["contribution", "replaceability", "stream_error"]  # see calibration.scoring
 TokenWeighting = Literal["uniform", "stream", "skip_first"]  # see calibration.stats
+DEFAULT_CALIBRATION = "Salesforce/wikitext:wikitext-2-raw-v1:train"
+"""WikiText-2 (train split), the usual calibration set for layer-removal methods; it needs the Hugging Face Hub,
+so offline machines pass a local file (``--calibration assets/text/c4_first_half.txt``)."""
 DEFAULT_CALIBRATION_HINT = "a .txt/.jsonl file or folder, or NAME[:CONFIG[:SPLIT[:COLUMN]]] for datasets"
 
 
@@ -110,6 +113,19 @@ class SubFitConfig(MethodSettings, CalibrationData):
     @property
     def method(self) -> MethodSettings:
         return MethodSettings.model_validate(self.model_dump(include=set(MethodSettings.model_fields)))
+
+
+def make_config(config: SubFitConfig | None = None, sparsity: float | None = None, **fields: Any) -> SubFitConfig:
+    """``config`` with ``sparsity`` and any non-None ``fields`` overriding it; invalid values become one error."""
+    updates = {k: v for k, v in {"sparsity": sparsity, **fields}.items() if v is not None}
+    try:
+        return SubFitConfig.model_validate({**(config.model_dump() if config is not None else {}), **updates})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        if where == "sparsity":
+            raise SubFitError(f"sparsity must be between 0 and 1 (exclusive), got {updates.get('sparsity', '?')}") from None
+        raise SubFitError(f"invalid setting {where}: {err['msg']}") from None
 
 
 # ---- settings written by earlier versions ------------------------------------------------------------------------

@@ -8,10 +8,13 @@ input for calibration must not be SubFit's own output already.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import SubFitError, UnsupportedModelError
+from .identity import check_matches, config_facts, graph_facts
+from .model_config import read_config
 
 
 def load_onnx(path: str | Path) -> Any:
@@ -30,7 +33,7 @@ def load_onnx(path: str | Path) -> Any:
 
 def load_decoder_structure(onnx_file: Path) -> tuple[Any, dict[str, Any], Any]:
     """The graph, its config.json and its proven decoder structure: what rewrite and inspect both start from."""
-    from .model_config import model_type, read_config
+    from .model_config import model_type
     from .passes.structure import find_decoder_structure
 
     model = load_onnx(onnx_file)
@@ -49,3 +52,28 @@ def require_dense(structure: Any, onnx_file: Path) -> None:
         names = ", ".join(f"layer {u.layer} {u.kind}" for u in bypassed[:3]) + (", ..." if len(bypassed) > 3 else "")
         raise SubFitError(f"{onnx_file} is already compressed by SubFit ({len(bypassed)} units bypassed: {names}); "
                           "run SubFit on the original export")
+
+
+@dataclass(frozen=True)
+class ExportFacts:
+    """What the checks learnt about an export; the graph itself is not kept (it can be gigabytes)."""
+
+    onnx_file: Path
+    config: dict[str, Any]  # its config.json
+    facts: dict[str, Any]  # identity.graph_facts
+
+    def check_matches(self, identity: Any, what: str) -> None:
+        """Refuse a checkpoint or plan (``what``) whose identity differs from this graph's."""
+        check_matches(identity, what, f"the ONNX graph {self.onnx_file}", self.facts)
+
+
+def check_export_family(export_dir: Path) -> None:
+    """Refuse an unsupported family by config.json alone, before the graph is loaded."""
+    config_facts(read_config(export_dir) or {})
+
+
+def inspect_export(onnx_file: Path) -> ExportFacts:
+    """Load the graph once, run the cheap checks and the structural pass, keep only the facts."""
+    _, config, structure = load_decoder_structure(onnx_file)
+    require_dense(structure, onnx_file)
+    return ExportFacts(onnx_file, config, graph_facts(config, structure))

@@ -56,7 +56,7 @@ def inspect_model(path: str | Path, plan: Any = None) -> dict[str, Any]:
 
 def _plan_preview(plan_arg: Any, structure: Any, config: dict[str, Any], onnx_file: Path,
                   info: dict[str, Any]) -> dict[str, Any]:
-    from .api import as_calibrated_plan
+    from .plan import as_calibrated_plan
 
     calibrated = as_calibrated_plan(plan_arg)
     plan = calibrated.plan

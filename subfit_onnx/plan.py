@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,10 +18,11 @@ from pydantic import BaseModel, Field, ValidationError
 
 from .architectures import UnitKind
 from .bypass import Bypass
-from .config import MethodSettings, upgrade_settings_data
+from .config import MethodSettings, SubFitConfig, upgrade_settings_data
 from .errors import SubFitError
 from .identity import ModelIdentity
 from .names import BYPASS_FILE, PLAN_FILE, unit_key
+from .staging import STAGED, staged_output
 
 PLAN_FORMAT = 2  # 1: method was an untyped dict (read by upgrade_plan_data)
 TENSORS_FORMAT = 1  # the safetensors file's own layout (one float32 tensor per role, keyed by unit)
@@ -94,6 +96,18 @@ class Plan(BaseModel):
 
     def removed_attention_layers(self) -> list[int]:
         return sorted(u.layer for u in self.removed if u.kind == "attention")
+
+    def settings(self) -> SubFitConfig | None:
+        """The settings the plan was made with (method and calibration data), for ``subfit_config.json``.
+
+        None when SubFit's method did not choose the units (a baseline or a hand-made plan): there are none.
+        """
+        if self.method is None:
+            return None
+        cal = self.calibration
+        data = {"calibration": cal.get("source"), "num_samples": cal.get("num_samples"), "seq_len": cal.get("seq_len")}
+        return SubFitConfig(sparsity=self.sparsity.target, **self.method.model_dump(),
+                            **{k: v for k, v in data.items() if v is not None})
 
     def depth_map(self) -> str:
         """One character a layer: ``.`` intact, ``A`` attention gone, ``M`` FFN gone, ``X`` both."""
@@ -174,3 +188,37 @@ def load_plan(path: str | os.PathLike) -> tuple[Plan, dict[str, np.ndarray]]:
 def bypass_from_tensors(unit: RemovedUnit, tensors: dict[str, np.ndarray]) -> Bypass:
     roles = {role: tensors[key] for role, key in unit.bypass.tensors.items()}
     return Bypass(bias=roles["bias"], weight=roles.get("weight"), down=roles.get("down"), up=roles.get("up"))
+
+
+@dataclass
+class CalibratedPlan:
+    """A plan and its bypass tensors: what ``calibrate`` returns and ``rewrite`` consumes."""
+
+    plan: Plan
+    tensors: dict[str, np.ndarray]
+    path: Path | None = None
+    seconds: float | None = None
+
+    def save(self, folder: str | Path, *, overwrite: bool = False) -> Path:
+        """Write ``subfit_plan.json`` and ``subfit_bypass.safetensors`` into ``folder`` (all or nothing)."""
+        with staged_output(folder, overwrite) as work:
+            save_plan(self.plan, self.tensors, work / STAGED)
+        self.path = Path(folder)
+        return self.path
+
+    @classmethod
+    def load(cls, path: str | Path) -> CalibratedPlan:
+        plan, tensors = load_plan(path)
+        p = Path(path)
+        return cls(plan, tensors, p if p.is_dir() else p.parent)
+
+
+def as_calibrated_plan(plan: Any) -> CalibratedPlan:
+    """Accept a plan folder or JSON path, a ``CalibratedPlan``, or a ``(Plan, tensors)`` pair."""
+    if isinstance(plan, CalibratedPlan):
+        return plan
+    if isinstance(plan, tuple) and len(plan) == 2 and isinstance(plan[0], Plan):
+        return CalibratedPlan(plan[0], plan[1])
+    if isinstance(plan, (str, Path)):
+        return CalibratedPlan.load(plan)
+    raise SubFitError(f"plan must be a path, a CalibratedPlan or (Plan, tensors), not {type(plan).__name__}")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from .errors import SubFitError
+from .hub import require_hub
 from .model_config import read_config
 from .names import CONFIG_FILE, ONNX_FILE
 
@@ -114,3 +115,18 @@ def default_output(source: Source, sparsity: float, suffix: str = "") -> Path:
         return Path(name)
     parent = source.path.parent.parent if source.kind == "onnx" else source.path.parent
     return parent / name
+
+
+def localize(src: Source) -> Source:
+    """A hub model id becomes a local snapshot (the exporter and calibration read local folders)."""
+    if src.kind != "hub":
+        return src
+    require_hub(f"{src.given} does not exist locally, and as a hub model id it",
+                "pass a local model folder or ONNX export instead")
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(src.given, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception as exc:  # noqa: BLE001 - hub errors come in many types; all mean "could not get it"
+        raise SubFitError(f"could not download {src.given} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
+    return Source("checkpoint", src.given, Path(path))

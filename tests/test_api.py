@@ -114,7 +114,7 @@ def test_calibration_backend_seam(tiny_export, tiny_checkpoint, config, source, 
 
 
 def test_invalid_settings_are_subfit_errors():
-    from subfit_onnx.api import make_config
+    from subfit_onnx.config import make_config
 
     with pytest.raises(SubFitError, match="between 0 and 1"):
         make_config(None, 1.0)
