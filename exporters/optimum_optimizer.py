@@ -22,10 +22,9 @@ from ..progress import ProgressFactory
 class SubFitOptimizer:
     """Remove attention/FFN units of one Optimum decoder export, replacing each by a fitted linear bypass."""
 
-    def __init__(self, onnx_model_path: str | os.PathLike, *, model: Any = None, from_ortmodel: bool = False) -> None:
+    def __init__(self, onnx_model_path: str | os.PathLike, *, model: Any = None) -> None:
         self.onnx_model_path = Path(onnx_model_path)
         self.model = model
-        self.from_ortmodel = from_ortmodel
         self.last_result: Any = None
 
     @classmethod
@@ -36,7 +35,7 @@ class SubFitOptimizer:
         checkpoint named in the export's config.json is used, and a missing one is reported when optimizing.
         """
         if hasattr(model_or_path, "path") and hasattr(model_or_path, "config"):  # an ORTModel, without importing it
-            return cls(Path(model_or_path.path), model=model, from_ortmodel=True)
+            return cls(Path(model_or_path.path), model=model)
         path = Path(model_or_path)
         if path.is_dir():
             return cls(path / (file_name or ONNX_FILE), model=model)

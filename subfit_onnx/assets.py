@@ -36,9 +36,6 @@ class AssetPaths:
     def text(self) -> Path:
         return self.root / "text"
 
-    def text_file(self, name: str) -> Path:
-        return self.text / f"{name}.txt"
-
     @property
     def c4_calibration(self) -> Path:
         """First half of c4.utf8: calibration text."""

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -28,7 +28,6 @@ from .plan import CalibratedPlan
 from .progress import ProgressFactory, silent
 from .sources import Source, recorded_checkpoint, resolve_source
 
-BackendName = Literal["auto", "torch", "onnx"]
 BACKEND_NAMES: tuple[str, ...] = ("auto", "torch", "onnx")
 
 NEEDS_MODEL = (

@@ -94,9 +94,6 @@ class Plan(BaseModel):
     def removed_units(self, kind: UnitKind | None = None) -> list[RemovedUnit]:
         return [u for u in self.removed if kind is None or u.kind == kind]
 
-    def removed_attention_layers(self) -> list[int]:
-        return sorted(u.layer for u in self.removed if u.kind == "attention")
-
     def settings(self) -> SubFitConfig | None:
         """The settings the plan was made with (method and calibration data), for ``subfit_config.json``.
 

@@ -1,10 +1,10 @@
 """Running an exported decoder fast with ONNX Runtime, and generating through Optimum without the slow defaults.
 
-Why the settings here (measured on 2 vCPUs, see ``/work/shared/FINDINGS.md`` and ``subfit-onnx benchmark
---runtimes``): ``ORTModelForCausalLM.generate`` with defaults ran SmolLM2-135M at 5.6 tok/s, and a model 25%
-smaller was no faster. Two thread pools fight over the cores: torch's intra-op pool (the logits processors and
-tensor glue of ``generate`` run in torch) and ORT's intra-op pool, whose idle threads *spin* waiting for work and
-so steal the cores torch needs between ORT calls. ``torch.set_num_threads(1)`` and the ORT session option
+Why the settings here (measured on 2 vCPUs with ``subfit-onnx benchmark --runtimes``; the README's "Fast
+generation" has the table): ``ORTModelForCausalLM.generate`` with defaults ran SmolLM2-135M at 5.6 tok/s, and a
+model 25% smaller was no faster. Two thread pools fight over the cores: torch's intra-op pool (the logits
+processors and tensor glue of ``generate`` run in torch) and ORT's intra-op pool, whose idle threads *spin*
+waiting for work and so steal the cores torch needs between ORT calls. ``torch.set_num_threads(1)`` and the ORT session option
 ``session.intra_op.allow_spinning=0`` remove the contention; not passing ``min_new_tokens`` drops a per-step
 logits processor. Together they gave 30-33 tok/s, on par with a raw ORT loop, and compressed models got faster
 again in proportion to what was removed. Re-measured here with ``benchmark --runtimes`` (SmolLM2 dense vs SubFit

@@ -96,7 +96,7 @@ def test_subfit_optimizer_from_an_ortmodel(tmp_path, tiny_export, tiny_checkpoin
 
     ort_model = ORTModelForCausalLM.from_pretrained(tiny_export("llama"))
     optimizer = SubFitOptimizer.from_pretrained(ort_model, model=tiny_checkpoint("llama"))
-    assert optimizer.from_ortmodel
+    assert optimizer.onnx_model_path == tiny_export("llama") / "model.onnx"
     save_dir = optimizer.optimize(config.model_copy(update={"sparsity": 0.3}), tmp_path / "out")
     ORTModelForCausalLM.from_pretrained(save_dir)
 

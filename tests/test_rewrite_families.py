@@ -135,4 +135,4 @@ def test_calibrated_plan_matches_reference(family_exports, tmp_path, family):
     rewrite_export(family_exports(family), plan, tensors, out)
     ref = reference(family, plan, tensors)
     check_parity(out, ref, TOL)
-    check_generate(out, ref, use_cache=len(plan.removed_attention_layers()) < LAYERS)
+    check_generate(out, ref, use_cache=len(plan.removed_units("attention")) < LAYERS)

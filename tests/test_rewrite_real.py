@@ -49,7 +49,7 @@ def test_report_and_graph(calibrated, rewritten):
     out, report = rewritten
     assert 0.24 <= plan.sparsity.achieved <= 0.30
     onnx.checker.check_model(out / "model.onnx", full_check=True)
-    attention = plan.removed_attention_layers()
+    attention = [u.layer for u in plan.removed_units("attention")]
     assert report.removed_kv_layers == attention
     assert report.kv_inputs_after == report.kv_inputs_before - 2 * len(attention)
     assert report.unit_params_removed == plan.sparsity.removed_params

@@ -57,7 +57,6 @@ class CalibrationResult:
     plan: Plan
     tensors: dict[str, np.ndarray]
     dense: DensePass
-    dense_scores: dict[UnitKey, float]
 
 
 def _zero_bypass(hidden: int) -> Bypass:
@@ -215,7 +214,7 @@ def run_calibration(runner: LayerRunner, config: SubFitConfig, calibration_info:
         plan = cal.plan(info)
         if not keep_compressed:
             cal.restore_model()
-        return CalibrationResult(plan=plan, tensors=cal.tensors, dense=dense, dense_scores=prior)
+        return CalibrationResult(plan=plan, tensors=cal.tensors, dense=dense)
     except BaseException:
         cal.restore_model()
         raise

@@ -60,8 +60,3 @@ def fit_bypass(stats: UnitStats, rank: int | None = None, ridge: float = 1e-4) -
     up = top.T.copy()
     bias = mean_y - mean_x @ down @ up
     return Bypass(down=down, up=up, bias=bias), fit_error(stats, np.vstack([down @ up, bias]))
-
-
-def constant_error(stats: UnitStats) -> float:
-    """Error of dropping the unit with no bypass at all (y ~ 0)."""
-    return stats.y_energy

@@ -29,7 +29,6 @@ class UnitAssessment:
     stream_relative: float  # (||y - B(x)||^2 - error left when kept) / ||h_out||^2 (weighted)
     turn: float
     growth: float
-    first_token: float
 
     def damage(self, kind: ScoreKind) -> float:
         if kind == "contribution":
@@ -47,7 +46,6 @@ def assess(stats: UnitStats, rank: int | None, ridge: float) -> UnitAssessment:
         stream_relative=(err - stats.kept_error) / max(stats.stream_energy, 1e-30),
         turn=stats.mean_turn,
         growth=stats.mean_growth,
-        first_token=stats.first_token_max,
     )
 
 

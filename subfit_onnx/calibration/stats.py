@@ -44,7 +44,6 @@ class UnitStats:
     stream_energy: float = 0.0  # sum w ||h_out||^2
     turn_sum: float = 0.0  # sum w (1 - cos(h_in, h_out))
     growth_sum: float = 0.0  # sum w ||y|| / ||h_in||
-    first_token_rel: list[float] = field(default_factory=list)  # per-sequence ||y_0||/||h_out,0||
     kept_error: float = 0.0  # sum w ||y_actual - y||^2: the stream error left if the unit is *kept*
 
     def __post_init__(self) -> None:
@@ -68,7 +67,6 @@ class UnitStats:
         h_out = h_in + y
         token_dot = lambda a, b: np.einsum("bsd,bsd->bs", a, b).astype(np.float64)
         out_sq, in_sq, y_sq = token_dot(h_out, h_out), token_dot(h_in, h_in), token_dot(y, y)
-        self.first_token_rel.extend(np.sqrt(y_sq[:, 0] / np.maximum(out_sq[:, 0], 1e-30)).tolist())
 
         w_flat = self._token_weights(out_sq).reshape(-1)
         keep = w_flat > 0
@@ -111,7 +109,3 @@ class UnitStats:
     @property
     def mean_growth(self) -> float:
         return self.growth_sum / max(self.weight_sum, 1e-30)
-
-    @property
-    def first_token_max(self) -> float:
-        return max(self.first_token_rel, default=0.0)

@@ -27,10 +27,6 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
-def mib(n: float | None) -> float | None:
-    return None if n is None else n / 2**20
-
-
 def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b in (None, 0) else a / b
 
