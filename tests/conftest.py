@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 def smollm2_assets():
     from subfit_onnx.assets import fetch_assets
 
-    return fetch_assets(os.environ.get("SUBFIT_ASSETS", REPO / "assets"))
+    return fetch_assets(os.environ.get("SUBFIT_ASSETS", REPO / "assets"), mc=False)  # MC sets: ../shared
 
 
 # ---- tiny checkpoints and exports for the CLI, API and Optimum tests (built once per session) -------------------

@@ -159,8 +159,7 @@ def test_fetch_assets_prints_where_things_are(tmp_path, monkeypatch):
     from subfit_onnx import assets
 
     def fake_fetch(root, force=False):
-        paths = assets.AssetPaths(tmp_path / "a")
-        return paths
+        return assets.AssetPaths(tmp_path / "a")
 
     monkeypatch.setattr(assets, "fetch_assets", fake_fetch)
     result = cli("fetch-assets", tmp_path / "a", "--json")
@@ -168,6 +167,8 @@ def test_fetch_assets_prints_where_things_are(tmp_path, monkeypatch):
     info = json.loads(result.stdout)
     assert info["model"].endswith("smollm2-135m-instruct")
     assert info["calibration_text"].endswith("c4_first_half.txt")
+    assert [p.rsplit("/", 2)[1:] for p in info["mc_tasks"]] == [["mc", "social_iqa.jsonl"],
+                                                                ["mc", "goal_inference.jsonl"]]
     assert "subfit-onnx optimize" in cli("fetch-assets", tmp_path / "a").stdout
 
 
