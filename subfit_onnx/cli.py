@@ -9,7 +9,11 @@ Heavy imports (torch, transformers, onnx) happen inside the commands so ``--help
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from enum import Enum
+from inspect import Signature, signature
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -70,102 +74,145 @@ PlanOut = Annotated[Path | None, typer.Option(
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace OUT if it exists")]
 
 
-def _config(sparsity: float | None, calibration: str | None, num_samples: int | None,
-            seq_len: int | None) -> Any:
-    from .config import make_config
+@dataclass
+class CalibrationInputs:
+    """The arguments optimize and calibrate share: what to compress, from which checkpoint, on which text."""
 
-    return make_config(None, sparsity, calibration=calibration, num_samples=num_samples, seq_len=seq_len)
+    source: str
+    sparsity: float | None
+    model: str | None
+    calibration: str | None
+    num_samples: int | None
+    seq_len: int | None
+    backend: CalibrationBackend
+
+    def config(self, with_sparsity: bool = True) -> Any:
+        from .config import make_config
+
+        return make_config(None, self.sparsity if with_sparsity else None, calibration=self.calibration,
+                           num_samples=self.num_samples, seq_len=self.seq_len)
+
+
+def _calibration_inputs(source: Source, sparsity: Sparsity = None, model: Model = None,
+                        calibration: Calibration = None, num_samples: NumSamples = None, seq_len: SeqLen = None,
+                        backend: Backend = CalibrationBackend.auto) -> CalibrationInputs:
+    """The shared options, declared once: typer reads this signature for every command that takes them."""
+    return CalibrationInputs(source, sparsity, model, calibration, num_samples, seq_len, backend)
+
+
+@dataclass
+class Running:
+    """The options every command that writes an output shares, and what they decide."""
+
+    overwrite: bool
+    as_json: bool
+    debug: bool
+
+    def progress(self) -> Any:
+        return _progress(not self.as_json)
+
+    @contextmanager
+    def api(self, output: Path | None) -> Iterator[Any]:
+        """The API, imported inside the error policy (torch and onnx load only when a command runs)."""
+        with _errors(self.debug, output):
+            from . import api
+
+            yield api
+
+    def emit_result(self, result: Any) -> None:
+        from .report import format_summary
+
+        emit(result.report, self.as_json, format_summary(result.report))
+
+
+def _running(overwrite: Overwrite = False, as_json: Json = False, debug: Debug = False) -> Running:
+    return Running(overwrite, as_json, debug)
+
+
+def with_options(head: tuple[Callable[..., Any], ...] = (), tail: tuple[Callable[..., Any], ...] = ()) -> Any:
+    """A typer command that takes one object per option group, each group declared once as a function signature.
+
+    ``command(*head objects, *tail objects, own parameters...)``; in --help the head groups' options come first,
+    then the command's own, then the tail groups'.
+    """
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        groups = [*head, *tail]
+        declared = [signature(group, eval_str=True).parameters for group in groups]
+        own = list(signature(command, eval_str=True).parameters.values())[len(groups):]
+
+        def run(**kwargs: Any) -> None:
+            objects = [group(**{name: kwargs.pop(name) for name in params}) for group, params in zip(groups, declared)]
+            command(*objects, **kwargs)
+
+        params = [p for d in declared[:len(head)] for p in d.values()] + own + \
+            [p for d in declared[len(head):] for p in d.values()]
+        run.__name__, run.__doc__ = command.__name__, command.__doc__
+        run.__signature__ = Signature(params)  # type: ignore[attr-defined]
+        return run
+
+    return decorate
 
 
 # ---- commands -------------------------------------------------------------------------------------------------
 @app.command()
+@with_options(head=(_calibration_inputs,), tail=(_running,))
 def optimize(
-    source: Source,
-    sparsity: Sparsity = None,
-    model: Model = None,
-    calibration: Calibration = None,
-    num_samples: NumSamples = None,
-    seq_len: SeqLen = None,
-    backend: Backend = CalibrationBackend.auto,
+    inputs: CalibrationInputs,
+    running: Running,
     output: Output = None,
     plan: Annotated[Path | None, typer.Option(
         "--plan", "-p", help="reuse a saved plan (folder or subfit_plan.json) and skip calibration",
         show_default=False)] = None,
     dtype: Annotated[DType, typer.Option(
         "--dtype", help="export precision when SOURCE is a model (fp32 or fp16)")] = DType.fp32,
-    overwrite: Overwrite = False,
-    as_json: Json = False,
-    debug: Debug = False,
 ) -> None:
     """Export (if needed), calibrate, and rewrite the ONNX model: one folder ORTModelForCausalLM can load."""
-    from .report import format_summary
-
-    with _errors(debug, output):
-        from . import api
-
-        config = _config(None, calibration, num_samples, seq_len)
-        result = api.optimize(source, sparsity, config=config, model=model, output=output, plan=plan,
-                              overwrite=overwrite, progress=_progress(not as_json), dtype=dtype.value,
-                              calibration_backend=backend.value)
-        emit(result.report, as_json, format_summary(result.report))
+    with running.api(output) as api:
+        running.emit_result(api.optimize(
+            inputs.source, inputs.sparsity, config=inputs.config(with_sparsity=False), model=inputs.model,
+            output=output, plan=plan, overwrite=running.overwrite, progress=running.progress(), dtype=dtype.value,
+            calibration_backend=inputs.backend.value))
 
 
 @app.command()
-def calibrate(
-    source: Source,
-    sparsity: Sparsity = None,
-    model: Model = None,
-    calibration: Calibration = None,
-    num_samples: NumSamples = None,
-    seq_len: SeqLen = None,
-    backend: Backend = CalibrationBackend.auto,
-    output: PlanOut = None,
-    overwrite: Overwrite = False,
-    as_json: Json = False,
-    debug: Debug = False,
-) -> None:
+@with_options(head=(_calibration_inputs,), tail=(_running,))
+def calibrate(inputs: CalibrationInputs, running: Running, output: PlanOut = None) -> None:
     """Calibrate only and save the plan (subfit_plan.json + subfit_bypass.safetensors) for later rewrites."""
-    from .report import plan_section
-
-    with _errors(debug, output):
-        from . import api
+    with running.api(output) as api:
+        from .report import plan_section
         from .sources import default_output, resolve_source
 
-        config = _config(sparsity, calibration, num_samples, seq_len)
-        out = output or default_output(resolve_source(source), config.sparsity, suffix="-plan")
-        result = api.calibrate(source, config=config, model=model, output=out, overwrite=overwrite,
-                               progress=_progress(not as_json), calibration_backend=backend.value)
+        config = inputs.config()
+        out = output or default_output(resolve_source(inputs.source), config.sparsity, suffix="-plan")
+        result = api.calibrate(inputs.source, config=config, model=inputs.model, output=out,
+                               overwrite=running.overwrite, progress=running.progress(),
+                               calibration_backend=inputs.backend.value)
         report = {"output": str(out), **plan_section(result.plan), "calibration": result.plan.calibration,
                   "seconds": {"calibration": round(result.seconds or 0.0, 3)}}
         sp = report["sparsity"]
         human = "\n".join([
-            f"SubFit plan: {source} -> {out}",
+            f"SubFit plan: {inputs.source} -> {out}",
             f"  removes      {report['depth_map']}   (A attention, M FFN, X both, . kept)",
             f"  sparsity     target {sp['target']:.1%}  achieved {sp['achieved']:.1%}  net {sp['net']:.1%}",
             f"  bypass       {report['params']['bypass']:,} parameters",
             f"  wall time    {result.seconds or 0.0:.1f} s",
             f"  next         subfit-onnx rewrite EXPORT --plan {out}",
         ])
-        emit(report, as_json, human)
+        emit(report, running.as_json, human)
 
 
 @app.command()
+@with_options(tail=(_running,))
 def rewrite(
+    running: Running,
     export: Export,
     plan: Annotated[Path, typer.Option("--plan", "-p", help="plan folder or subfit_plan.json", show_default=False)],
     output: Output = None,
-    overwrite: Overwrite = False,
-    as_json: Json = False,
-    debug: Debug = False,
 ) -> None:
     """Apply a saved plan to an ONNX export (no PyTorch needed); same output as optimize."""
-    from .report import format_summary
-
-    with _errors(debug, output):
-        from . import api
-
-        result = api.rewrite(export, plan, output, overwrite=overwrite, progress=_progress(not as_json))
-        emit(result.report, as_json, format_summary(result.report))
+    with running.api(output) as api:
+        running.emit_result(api.rewrite(export, plan, output, overwrite=running.overwrite,
+                                        progress=running.progress()))
 
 
 @app.command()
