@@ -12,7 +12,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import SubFitError
@@ -26,36 +26,32 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXT_NAMES = ("wiki", "c4", "tiny", "technical", "code")
 
 
+# where fetch_assets puts each asset, relative to its root
+LAYOUT = {
+    "model": "smollm2-135m-instruct",
+    "text": "text",
+    "c4_calibration": "text/c4_first_half.txt",  # first half of c4.utf8: calibration text
+    "c4_heldout": "text/c4_second_half.txt",  # second half: held-out evaluation text
+    "wiki": "text/wiki.utf8",
+    "mc": "mc",  # the multiple-choice sets, one <task>.jsonl each (mc_sets.TASKS)
+}
+
+
 @dataclass(frozen=True)
 class AssetPaths:
+    """The asset files and folders under ``root`` (``LAYOUT``)."""
+
     root: Path
+    model: Path = field(init=False)
+    text: Path = field(init=False)
+    c4_calibration: Path = field(init=False)
+    c4_heldout: Path = field(init=False)
+    wiki: Path = field(init=False)
+    mc: Path = field(init=False)
 
-    @property
-    def model(self) -> Path:
-        return self.root / "smollm2-135m-instruct"
-
-    @property
-    def text(self) -> Path:
-        return self.root / "text"
-
-    @property
-    def c4_calibration(self) -> Path:
-        """First half of c4.utf8: calibration text."""
-        return self.text / "c4_first_half.txt"
-
-    @property
-    def c4_heldout(self) -> Path:
-        """Second half of c4.utf8: held-out evaluation text."""
-        return self.text / "c4_second_half.txt"
-
-    @property
-    def wiki(self) -> Path:
-        return self.text / "wiki.utf8"
-
-    @property
-    def mc(self) -> Path:
-        """The multiple-choice sets, one ``<task>.jsonl`` each (``mc_sets.TASKS``)."""
-        return self.root / "mc"
+    def __post_init__(self) -> None:
+        for name, relative in LAYOUT.items():
+            object.__setattr__(self, name, self.root / relative)
 
     def mc_tasks(self) -> list[Path]:
         return [self.mc / f"{name}.jsonl" for name in TASKS]

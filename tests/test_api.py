@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 import subfit_onnx
+from fresh_python import fresh_python
 from progress_recorder import Recorder
 from subfit_onnx import CalibratedPlan, Result, SubFitConfig, SubFitError
 
@@ -28,9 +27,7 @@ def test_import_is_light():
     code = ("import sys, subfit_onnx, subfit_onnx.api, subfit_onnx.cli, subfit_onnx.passes.structure; "
             "heavy = {'torch', 'transformers', 'optimum.onnxruntime'} & set(sys.modules); "
             "assert not heavy, heavy; print(subfit_onnx.optimize.__module__)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "subfit_onnx.api"
+    assert fresh_python(code) == "subfit_onnx.api"
 
 
 def test_optimize_returns_paths_and_report_and_prints_nothing(tmp_path, tiny_checkpoint, config, capsys):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from fresh_python import fresh_python
 from subfit_onnx import SubFitConfig
 from subfit_onnx.errors import UnsupportedModelError
 from subfit_onnx.exporters.optimum_optimizer import SubFitOptimizer
@@ -62,9 +63,7 @@ def test_registration_keeps_optimum_cli_light_and_working():
     code = ("import sys, optimum.commands.register.register_subfit as r; "
             "heavy = {'torch', 'transformers', 'onnx', 'onnx_ir', 'onnxruntime'} & set(sys.modules); "
             "assert not heavy, heavy; print(r.REGISTER_COMMANDS[0].COMMAND.name)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "subfit"
+    assert fresh_python(code) == "subfit"
     assert optimum_cli("export", "onnx", "--help", timeout=120).returncode == 0  # other commands unaffected
 
 

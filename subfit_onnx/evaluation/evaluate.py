@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,11 @@ def _one_model(decoder: OnnxDecoder, windows: Any, tasks: Sequence[Path], limit:
                progress: ProgressFactory) -> dict[str, Any]:
     out: dict[str, Any] = {"path": str(decoder.model_dir), "kv_layers": list(decoder.signature.kv_layers)}
     if windows is not None:
-        out["perplexity"] = window_perplexity(decoder, windows, progress).to_dict()
+        out["perplexity"] = asdict(window_perplexity(decoder, windows, progress))
     out["tasks"] = {}
     for task in tasks:
         res = evaluate_mc(decoder, task, limit, progress, tokenizer=tokenizer)
-        out["tasks"][res.task] = res.to_dict()
+        out["tasks"][res.task] = asdict(res)
     return out
 
 

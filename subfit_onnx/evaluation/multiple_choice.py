@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +40,6 @@ class MCResult:
     acc: float
     acc_norm: float
     chance: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def load_mc_items(path: str | os.PathLike, limit: int | None = None) -> list[MCItem]:

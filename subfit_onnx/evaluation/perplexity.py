@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -55,9 +55,6 @@ class PerplexityResult:
     window_len: int
     stride: int
     source: str
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def make_windows(tokenizer, source: str | os.PathLike, num_windows: int = DEFAULT_WINDOWS,
