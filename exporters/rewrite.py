@@ -24,7 +24,7 @@ from ..architectures import UnitKind
 from ..bypass import Bypass
 from ..errors import PlanMismatchError, SubFitError
 from ..identity import check_matches, graph_facts
-from ..model_config import read_config, write_config
+from ..model_config import model_type, read_config, write_config
 from ..names import CONFIG_FILE, DATA_FILE, GENAI_CONFIG_FILE, KV, ONNX_FILE, SUBFIT_FILES, unit_key
 from ..onnx_files import export_file, external_data_names, model_file_bytes
 from ..passes.external_data import LoadExternalTensorsPass
@@ -132,13 +132,13 @@ def rewrite_into(source: Path, plan: Plan, tensors: Mapping[str, np.ndarray], ou
                  external_data: bool | None = None, progress: ProgressFactory = silent) -> RewriteReport:
     """``rewrite_export`` into the new folder ``out``, unstaged: the caller stages it (see module docstring)."""
     start = time.perf_counter()
-    export_config = read_config(source.parent)
-    model_type = export_config.get("model_type") if export_config else None
+    export_config = read_config(source.parent) or {}
+    kind = model_type(export_config)
 
     with progress_bar(progress, "rewriting", 5) as bar:
         model = ir.load(source)
-        before = find_decoder_structure(model, model_type)
-        check_plan_matches(plan, before, tensors, export_config or {}, source)
+        before = find_decoder_structure(model, kind)
+        check_plan_matches(plan, before, tensors, export_config, source)
         counts = (model.graph.num_nodes(), len(model.graph.initializers),
                   sum(v.name.startswith(KV.past_prefix) for v in model.graph.inputs))
         bytes_before = model_file_bytes(source, external_data_names(model))
@@ -148,7 +148,7 @@ def rewrite_into(source: Path, plan: Plan, tensors: Mapping[str, np.ndarray], ou
         removed = [unit_key(u.layer, u.kind) for u in plan.removed]
         rewritten = SubFitRewritePass(before, plan_bypasses(plan, tensors),
                                       {"format": 1, "sparsity": plan.sparsity.achieved})(model)
-        after = find_decoder_structure(model, model_type)
+        after = find_decoder_structure(model, kind)
         bar.update(1)
 
         external = external_data if external_data is not None else \
@@ -165,7 +165,7 @@ def rewrite_into(source: Path, plan: Plan, tensors: Mapping[str, np.ndarray], ou
         bar.update(1)
         section = {"format": 1, "removed": [{"layer": u.layer, "kind": u.kind} for u in plan.removed],
                    "kv_layers": after.kv_layers(), "sparsity": plan.sparsity.model_dump()}
-        config = subfit_config(export_config or {}, section, after.num_kv_heads, after.head_dim,
+        config = subfit_config(export_config, section, after.num_kv_heads, after.head_dim,
                                has_kv_cache=bool(after.kv_layers()))
         write_config(out, config)
         _copy_companions(source.parent, out, skip={CONFIG_FILE})
