@@ -19,7 +19,15 @@ from typing import Annotated, Any
 
 import typer
 
-from .cli_common import EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED, EXIT_USER_ERROR, Debug, Json, emit
+from .cli_common import (
+    EXIT_INTERNAL_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_USER_ERROR,
+    Debug,
+    Json,
+    emit,
+    signals_unwind,
+)
 from .cli_common import cli_errors as _errors
 from .cli_common import progress_factory as _progress
 
@@ -278,7 +286,8 @@ _register_optional_commands()
 def main(argv: list[str] | None = None, prog_name: str = "subfit-onnx") -> int:
     """Entry point (``subfit-onnx``); ``argv`` lets ``optimum-cli subfit`` and tests reuse it."""
     try:
-        app(args=argv, prog_name=prog_name, standalone_mode=True)
+        with signals_unwind():
+            app(args=argv, prog_name=prog_name, standalone_mode=True)
     except SystemExit as exc:
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)

@@ -38,7 +38,7 @@ Json = Annotated[bool, typer.Option("--json", help="print the results as JSON on
 
 
 def _errors(debug: bool) -> Any:
-    return cli_errors(debug, memory_hint="lower --windows/--window-len", interrupted="interrupted")
+    return cli_errors(debug, memory_hint="lower --windows/--window-len", after_interrupt="")
 
 
 def evaluate(

@@ -3,13 +3,19 @@
 A crash, Ctrl-C or a full disk must never leave a half-written OUT that ``from_pretrained`` would half-load.
 The temp folder sits in OUT's parent so the final ``rename`` stays on one file system (atomic, no copy), and a
 full disk (ENOSPC, EDQUOT) becomes one ``SubFitError`` line instead of a traceback from deep inside a writer.
+
+A process killed outright (SIGKILL, power loss) cannot clean up after itself, so every scratch folder SubFit makes
+carries an owner marker (process id and host). A later run sweeps the folders whose owner is gone before it makes
+its own: they can hold a whole export (hundreds of MB) and would otherwise stay forever.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +44,51 @@ def disk_error(exc: OSError, where: Path) -> SubFitError | None:
     return None
 
 
+OWNER_FILE = ".subfit-owner"
+STAGING_PREFIX = ".{name}.tmp-"
+
+
+def owned_tempdir(prefix: str, parent: str | Path | None = None) -> Path:
+    """``mkdtemp`` plus an owner marker, after sweeping the same kind of folder left behind by dead runs."""
+    where = Path(parent) if parent is not None else Path(tempfile.gettempdir())
+    sweep_stale(where, prefix)
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=where))
+    (folder / OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    return folder
+
+
+def _owner_gone(folder: Path) -> bool:
+    """True only for a folder whose marker names a process on this host that no longer runs."""
+    try:
+        owner = json.loads((folder / OWNER_FILE).read_text())
+        pid, host = int(owner["pid"]), str(owner["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # no marker: not provably ours, leave it alone
+    if host != socket.gethostname() or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def sweep_stale(parent: Path, prefix: str) -> list[Path]:
+    """Remove ``parent/<prefix>*`` folders whose owner process has died; returns what was removed."""
+    removed = []
+    try:
+        candidates = [p for p in parent.iterdir() if p.name.startswith(prefix) and p.is_dir()]
+    except OSError:
+        return removed
+    for folder in candidates:
+        if _owner_gone(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
 STAGED = "out"  # inside the work folder: what becomes OUT; siblings (a temporary export) are scratch
 
 
@@ -51,7 +102,7 @@ def staged_output(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     final = Path(out)
     check_output_free(final, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    work = owned_tempdir(STAGING_PREFIX.format(name=final.name), final.parent)
     try:
         try:
             yield work

@@ -8,17 +8,20 @@ the layer being processed) keeps RAM flat and swaps roles after each layer.
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from ..staging import owned_tempdir
+
+STORE_PREFIX = "subfit-acts-"
 
 
 class ActivationStore:
     def __init__(self, num_samples: int, seq_len: int, hidden: int, workdir: str | Path | None = None) -> None:
         self.shape = (num_samples, seq_len, hidden)
         self.workdir = workdir
-        self._dir = Path(tempfile.mkdtemp(prefix="subfit-acts-", dir=workdir))
+        self._dir = owned_tempdir(STORE_PREFIX, workdir)
         self.current = self._open("a")
         self.next = self._open("b")
         self._saved: Path | None = None

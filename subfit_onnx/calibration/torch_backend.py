@@ -80,10 +80,14 @@ class TorchLayerRunner(RowBatches):
         self.base = decoder_base(model, self.family)
         hidden = model.get_input_embeddings().weight.shape[1]
         self.store = ActivationStore(tokens.shape[0], tokens.shape[1], hidden, workdir)
-        self.layer_args = self._capture_layer_arguments()
-        self._fill_embeddings()
-        self.identity = model_identity(model)
-        self.unit_params = unit_param_table(model)
+        try:  # the caller's ``finally: close()`` cannot run for a runner that was never returned
+            self.layer_args = self._capture_layer_arguments()
+            self._fill_embeddings()
+            self.identity = model_identity(model)
+            self.unit_params = unit_param_table(model)
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def num_layers(self) -> int:
