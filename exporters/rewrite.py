@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from ..architectures import UnitKind
 from ..bypass import Bypass
 from ..errors import PlanMismatchError, SubFitError
+from ..graph_checks import load_onnx
 from ..identity import check_matches, graph_facts
 from ..model_config import model_type, read_config, write_config
 from ..names import CONFIG_FILE, DATA_FILE, GENAI_CONFIG_FILE, KV, ONNX_FILE, SUBFIT_FILES, unit_key
@@ -136,7 +137,7 @@ def rewrite_into(source: Path, plan: Plan, tensors: Mapping[str, np.ndarray], ou
     kind = model_type(export_config)
 
     with progress_bar(progress, "rewriting", 5) as bar:
-        model = ir.load(source)
+        model = load_onnx(source)  # external data checked before anything is read
         before = find_decoder_structure(model, kind)
         check_plan_matches(plan, before, tensors, export_config, source)
         counts = (model.graph.num_nodes(), len(model.graph.initializers),

@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SubFitError, UnsupportedModelError
+from .onnx_files import check_external_data, external_data_names
 from .identity import check_matches, config_facts, graph_facts
 from .model_config import read_config
 
 
 def load_onnx(path: str | Path) -> Any:
-    """An ``onnx_ir`` model; a file that does not parse as ONNX gets one clear error."""
+    """An ``onnx_ir`` model; a file that does not parse as ONNX, or whose external data lies outside its folder or
+    is missing, gets one clear error before anything is read."""
     import onnx_ir as ir
     from google.protobuf.message import DecodeError
 
@@ -26,9 +28,11 @@ def load_onnx(path: str | Path) -> Any:
     if not p.is_file():
         raise SubFitError(f"{p} does not exist")
     try:
-        return ir.load(str(p))
+        model = ir.load(str(p))
     except (DecodeError, ValueError) as exc:
         raise SubFitError(f"{p} is not an ONNX model ({type(exc).__name__}: {str(exc)[:120]})") from None
+    check_external_data(p, external_data_names(model))
+    return model
 
 
 def load_decoder_structure(onnx_file: Path) -> tuple[Any, dict[str, Any], Any]:

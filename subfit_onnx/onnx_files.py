@@ -3,6 +3,11 @@
 A rewrite stores weights as external data when they would not fit a protobuf (or the input kept them outside),
 a small dense Optimum export is one inline file; counting the files the graph references, and only those, keeps
 sizes right for both and ignores stray files in the folder. Importing this module loads no ONNX library.
+
+A model from somewhere else is untrusted input: an external-data location such as ``../secret.bin`` or an
+absolute path would make a reader open a file outside the model's folder. onnx-ir and ONNX Runtime refuse such
+paths too, but only when a tensor is first read (after a whole calibration, for SubFit) and in words that read
+like a bug. ``check_external_data`` makes it what it is, bad input, before any work.
 """
 
 from __future__ import annotations
@@ -33,6 +38,11 @@ def export_paths(model_dir: str | os.PathLike) -> tuple[Path, Path]:
         raise SubFitError(f"{root} is not a folder (expected an Optimum ONNX export)")
     model = root / ONNX_FILE
     if not model.is_file():
+        from .sources import is_checkpoint_dir
+
+        if is_checkpoint_dir(root):
+            raise SubFitError(f"{root} is a PyTorch model, not an ONNX export; make its dense export with "
+                              f"`subfit-onnx export {root}`")
         raise SubFitError(f"{root} has no {ONNX_FILE} (expected an Optimum text-generation-with-past export)")
     if not (root / CONFIG_FILE).is_file():
         raise SubFitError(f"{root} has no {CONFIG_FILE} (expected an Optimum text-generation-with-past export)")
@@ -86,3 +96,36 @@ def model_file_bytes(onnx_file: str | os.PathLike, data_files: Iterable[str] | N
     path = Path(onnx_file)
     names = _file_data_names(path) if data_files is None else set(data_files)
     return path.stat().st_size + sum((path.parent / n).stat().st_size for n in names if (path.parent / n).is_file())
+
+
+def check_external_data(onnx_file: str | os.PathLike, data_files: Iterable[str] | None = None) -> list[Path]:
+    """The external data files of ``onnx_file``, each proven to be an existing file inside the model's folder.
+
+    ``data_files`` (``external_data_names`` of a loaded model) saves parsing the file a second time.
+    """
+    path = Path(onnx_file)
+    folder = path.parent.resolve()
+    names = _file_data_names(path) if data_files is None else set(data_files)
+    found = []
+    for name in sorted(names):
+        target = (folder / name).resolve()
+        if Path(name).is_absolute() or not target.is_relative_to(folder):
+            raise SubFitError(f"{path}: its weights point at {name!r}, outside the model's folder; refusing to "
+                              "read them (external data must sit beside the .onnx file)")
+        if not target.is_file():
+            raise SubFitError(f"{path}: its weights are kept in {name}, which does not exist (copy the whole "
+                              "export folder, not the .onnx file alone)")
+        found.append(target)
+    return found
+
+
+def checked_exports(*model_dirs: str | os.PathLike | None) -> list[tuple[Path, Path]]:
+    """``export_paths`` of every given folder, external data included, before any of them runs.
+
+    Commands that compare a model with a reference check both first, so a wrong ``--reference`` is reported at
+    once, not after the model has been evaluated.
+    """
+    found = [export_paths(d) for d in model_dirs if d is not None]
+    for _, model in found:
+        check_external_data(model)
+    return found

@@ -32,7 +32,7 @@ from ..architectures import UnitKind
 from ..bypass import Bypass
 from ..config import SubFitConfig
 from ..errors import SubFitError
-from ..graph_checks import require_dense
+from ..graph_checks import load_onnx, require_dense
 from ..identity import export_identity, structure_facts
 from ..model_config import config_value, model_type, read_config
 from ..onnx_files import export_file
@@ -135,7 +135,7 @@ class OrtLayerRunner(RowBatches):
         self.sessions = SessionFactory.create(self.path.parent, providers, threads)
         self.times = RunnerTimes()
         with self.times.timed("load"):
-            self.model = ir.load(self.path)
+            self.model = load_onnx(self.path)  # external data checked before anything is read
             ShapeInferencePass(strict_mode=False)(self.model)  # element types for the values the cuts expose
             self.structure = find_decoder_structure(self.model, model_type(config))
         require_dense(self.structure, self.path)

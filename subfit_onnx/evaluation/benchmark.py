@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..onnx_files import model_file_bytes
+from ..onnx_files import checked_exports, model_file_bytes
 from ..progress import ProgressFactory, progress_bar, silent
 from ..runtime import load_for_generation, ort_provider, ort_session_options
 from .decoder import OnnxDecoder, check_same_vocab
@@ -102,9 +102,10 @@ def run_benchmark(candidate_dir: str | os.PathLike, reference_dir: str | os.Path
     """
     ort_provider(settings.provider)  # fail early with a clear error when e.g. CUDA is not available
     dirs = [Path(candidate_dir)] + ([Path(reference_dir)] if reference_dir is not None else [])
+    checked_exports(*dirs)
+    if len(dirs) == 2:
+        check_same_vocab(*dirs)
     decoders = [OnnxDecoder(d, settings.provider, ort_session_options()) for d in dirs]
-    if len(decoders) == 2:
-        check_same_vocab(decoders[0], decoders[1])
     generators = [load_for_generation(d, settings.provider) for d in dirs]
     vocab = min(d.vocab_size or 32000 for d in decoders)
     results = [_static_facts(d, settings.kv_context) for d in decoders]

@@ -130,8 +130,13 @@ def load_tokenizer(model_dir: str | os.PathLike) -> Any:
         raise SubFitError(f"no usable tokenizer in {Path(model_dir)}: {first[:200]}") from None
 
 
-def check_same_vocab(a: OnnxDecoder, b: OnnxDecoder) -> None:
-    """Ratios only mean something when both models score the same token ids; refuse different vocabularies."""
-    if a.vocab_size and b.vocab_size and a.vocab_size != b.vocab_size:
-        raise SubFitError(f"{a.model_dir} and {b.model_dir} have different vocabularies "
-                          f"({a.vocab_size} vs {b.vocab_size} tokens); compare a model with its own dense export")
+def check_same_vocab(a: str | os.PathLike, b: str | os.PathLike) -> None:
+    """Ratios only mean something when both models score the same token ids; refuse different vocabularies.
+
+    Read from the configs, so it runs before either model is loaded.
+    """
+    va = config_value(read_config(a, required=True), "vocab_size")
+    vb = config_value(read_config(b, required=True), "vocab_size")
+    if va and vb and va != vb:
+        raise SubFitError(f"{Path(a)} and {Path(b)} have different vocabularies "
+                          f"({va} vs {vb} tokens); compare a model with its own dense export")

@@ -15,7 +15,8 @@ from typing import Any
 
 from ..errors import SubFitError
 from ..progress import ProgressFactory, silent
-from .decoder import OnnxDecoder, check_same_vocab
+from ..onnx_files import checked_exports
+from .decoder import OnnxDecoder, check_same_vocab, load_tokenizer
 from .multiple_choice import evaluate_mc
 from .perplexity import DEFAULT_WINDOW_LEN, DEFAULT_WINDOWS, make_windows, window_perplexity
 
@@ -49,15 +50,17 @@ def evaluate_export(model_dir: str | os.PathLike, *, reference: str | os.PathLik
     for p in task_paths:
         if not p.is_file():
             raise SubFitError(f"multiple-choice file {p} does not exist")
-    cand = OnnxDecoder(model_dir, provider)
-    tokenizer = cand.tokenizer
+    (model_root, _), *_ = checked_exports(model_dir, reference)  # every input is checked before any model runs
+    if reference is not None:
+        check_same_vocab(model_dir, reference)
+    tokenizer = load_tokenizer(model_root)
     ppl_windows = make_windows(tokenizer, text, windows, window_len) if text is not None else None
+    cand = OnnxDecoder(model_dir, provider)
     result: dict[str, Any] = {"model": _one_model(cand, ppl_windows, task_paths, limit, tokenizer, progress),
                               "reference": None, "ratios": None}
     if reference is not None:
-        ref = OnnxDecoder(reference, provider)
-        check_same_vocab(cand, ref)
         del cand  # one session at a time keeps memory at one model
+        ref = OnnxDecoder(reference, provider)
         result["reference"] = _one_model(ref, ppl_windows, task_paths, limit, tokenizer, progress)
         result["ratios"] = _ratios(result["model"], result["reference"])
     return result

@@ -27,7 +27,7 @@ import numpy as np
 from ..errors import SubFitError
 from ..model_config import config_value, read_config
 from ..names import ONNX_FILE
-from ..onnx_files import export_paths
+from ..onnx_files import checked_exports, export_paths
 from ..progress import ProgressFactory, progress_bar, silent
 from ..runtime import (
     load_for_generation,
@@ -151,6 +151,7 @@ def benchmark_runtimes(candidate_dir: str | os.PathLike, reference_dir: str | os
     """Tokens/s of every runtime for the candidate (and the reference, interleaved); see module docstring."""
     ort_provider(provider)
     dirs = [Path(candidate_dir)] + ([Path(reference_dir)] if reference_dir is not None else [])
+    checked_exports(*dirs)
     names = _unique_names(dirs)
     vocab = min(int(config_value(read_config(d, required=True), "vocab_size") or 32000) for d in dirs)
     ids = prompt_ids(vocab, prompt_tokens, seed=3)
