@@ -56,29 +56,30 @@ class CalibrationBackend(str, Enum):
 
 # ---- shared options -------------------------------------------------------------------------------------------
 SOURCE_HELP = "model.onnx, an Optimum export folder, or a Hugging Face model (local folder or hub id; exported first)"
-MODEL_HELP = ("PyTorch checkpoint to calibrate from [default: SOURCE when it is a model, else the checkpoint "
-              "named by the export's config.json]")
-CALIBRATION_HELP = ("calibration text: a .txt/.utf8/.jsonl file or folder, or NAME[:CONFIG[:SPLIT[:COLUMN]]] for "
-                    "datasets [default: Salesforce/wikitext:wikitext-2-raw-v1:train, which needs the HF hub]")
+MODEL_HELP = "PyTorch checkpoint to calibrate from"
+CALIBRATION_HELP = ("calibration text: a .txt/.utf8/.md/.jsonl file or a folder of them, or "
+                    "NAME[:CONFIG[:SPLIT[:COLUMN]]] for datasets")
 
 Source = Annotated[str, typer.Argument(help=SOURCE_HELP, show_default=False)]
 Export = Annotated[str, typer.Argument(help="model.onnx or an Optimum export folder", show_default=False)]
+# Options whose real default is decided later (by the API, or from SOURCE) say what it is with a string.
 Sparsity = Annotated[float | None, typer.Option(
-    "--sparsity", "-s", help="fraction of attention+FFN weight parameters to remove, in (0, 1) [default: 0.25]",
-    show_default=False)]
-Model = Annotated[str | None, typer.Option("--model", "-m", help=MODEL_HELP, show_default=False)]
-Calibration = Annotated[str | None, typer.Option("--calibration", "-c", help=CALIBRATION_HELP, show_default=False)]
+    "--sparsity", "-s", help="fraction of attention+FFN weight parameters to remove, in (0, 1)", show_default="0.25")]
+Model = Annotated[str | None, typer.Option("--model", "-m", help=MODEL_HELP, show_default=(
+    "SOURCE when it is a model, else the checkpoint named by the export's config.json"))]
+Calibration = Annotated[str | None, typer.Option("--calibration", "-c", help=CALIBRATION_HELP, show_default=(
+    "Salesforce/wikitext:wikitext-2-raw-v1:train, which needs the HF hub"))]
 Backend = Annotated[CalibrationBackend, typer.Option(
     "--calibration-backend", help="torch: run the PyTorch checkpoint; onnx: run the export in ONNX Runtime (no "
     "checkpoint needed); auto: torch when a checkpoint is known, else onnx")]
 NumSamples = Annotated[int | None, typer.Option(
-    "--num-samples", "-n", help="calibration sequences N [default: 64]", show_default=False)]
+    "--num-samples", "-n", help="calibration sequences N", show_default="64")]
 SeqLen = Annotated[int | None, typer.Option(
-    "--seq-len", "-l", help="tokens per calibration sequence L [default: 256]", show_default=False)]
+    "--seq-len", "-l", help="tokens per calibration sequence L", show_default="256")]
 Output = Annotated[Path | None, typer.Option(
-    "--output", "-o", help="output folder [default: <source folder>-subfit<percent>]", show_default=False)]
+    "--output", "-o", help="output folder", show_default="<source folder>-subfit<percent>")]
 PlanOut = Annotated[Path | None, typer.Option(
-    "--output", "-o", help="plan folder [default: <source folder>-subfit<percent>-plan]", show_default=False)]
+    "--output", "-o", help="plan folder", show_default="<source folder>-subfit<percent>-plan")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace OUT if it exists")]
 
 
@@ -170,7 +171,7 @@ def optimize(
     output: Output = None,
     plan: Annotated[Path | None, typer.Option(
         "--plan", "-p", help="reuse a saved plan (folder or subfit_plan.json) and skip calibration",
-        show_default=False)] = None,
+        show_default="none: calibrate")] = None,
     dtype: Annotated[DType, typer.Option(
         "--dtype", help="export precision when SOURCE is a model (fp32 or fp16)")] = DType.fp32,
 ) -> None:
@@ -227,7 +228,7 @@ def rewrite(
 def inspect(
     path: Export,
     plan: Annotated[Path | None, typer.Option(
-        "--plan", "-p", help="also show what this plan would remove", show_default=False)] = None,
+        "--plan", "-p", help="also show what this plan would remove", show_default="none")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON on stdout")] = False,
     debug: Debug = False,
 ) -> None:

@@ -119,7 +119,7 @@ def cli_errors(debug: bool, where: Path | None = None, memory_hint: str = "lower
     except typer.Exit:
         raise
     except SubFitError as exc:
-        fail(str(exc), EXIT_USER_ERROR, debug)
+        fail(exc.for_cli(), EXIT_USER_ERROR, debug)
     except Terminated as exc:
         fail(f"terminated by {signal.Signals(exc.signum).name}{tail}", exc.exit_code, debug)
     except KeyboardInterrupt:

@@ -31,8 +31,8 @@ class ProviderChoice(str, Enum):
 ModelDir = Annotated[Path, typer.Argument(help="Optimum export folder (model.onnx, config.json, tokenizer)",
                                           show_default=False)]
 Reference = Annotated[Path | None, typer.Option(
-    "--reference", help="dense export of the same model; adds its numbers and model/reference ratios",
-    show_default=False)]
+    "--reference", help="dense export of the same model (`subfit-onnx export MODEL`); adds its numbers and "
+    "model/reference ratios", show_default="none: no ratios")]
 Provider = Annotated[ProviderChoice, typer.Option("--provider", help="ONNX Runtime execution provider")]
 Json = Annotated[bool, typer.Option("--json", help="print the results as JSON on stdout (no progress bars)")]
 
@@ -45,14 +45,14 @@ def evaluate(
     model_dir: ModelDir,
     reference: Reference = None,
     text: Annotated[Path | None, typer.Option(
-        "--text", help="perplexity text: a .txt/.utf8/.md/.jsonl file or a folder of them", show_default=False)] = None,
+        "--text", help="perplexity text: a .txt/.utf8/.md/.jsonl file or a folder of them", show_default="none")] = None,
     dataset: Annotated[str | None, typer.Option(
-        "--dataset", help="perplexity text from datasets: NAME[:CONFIG[:SPLIT[:COLUMN]]]", show_default=False)] = None,
+        "--dataset", help="perplexity text from datasets: NAME[:CONFIG[:SPLIT[:COLUMN]]]", show_default="none")] = None,
     tasks: Annotated[list[Path] | None, typer.Option(
         "--tasks", help='multiple-choice JSONL, one {"input", "choices", "label"} a line; repeat for more',
-        show_default=False)] = None,
+        show_default="none")] = None,
     limit: Annotated[int | None, typer.Option(
-        "--limit", min=1, help="score only the first N items of each task", show_default=False)] = None,
+        "--limit", min=1, help="score only the first N items of each task", show_default="all items")] = None,
     windows: Annotated[int, typer.Option(
         "--windows", min=1, help="perplexity windows, spread evenly over the whole text")] = DEFAULT_WINDOWS,
     window_len: Annotated[int, typer.Option(

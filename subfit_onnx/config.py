@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import SubFitError
+from .errors import InvalidSparsityError, SubFitError
 
 ScoreKind = Literal["contribution", "replaceability", "stream_error"]  # see calibration.scoring
 TokenWeighting = Literal["uniform", "stream", "skip_first"]  # see calibration.stats
@@ -124,7 +124,7 @@ def make_config(config: SubFitConfig | None = None, sparsity: float | None = Non
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
         if where == "sparsity":
-            raise SubFitError(f"sparsity must be between 0 and 1 (exclusive), got {updates.get('sparsity', '?')}") from None
+            raise InvalidSparsityError(updates.get("sparsity")) from None
         raise SubFitError(f"invalid setting {where}: {err['msg']}") from None
 
 

@@ -45,7 +45,7 @@ def _add_click_params(parser: argparse.ArgumentParser, command: Any) -> None:
             continue
         if not _is_option(param) or getattr(param, "hidden", False) or "--help" in param.opts:
             continue
-        kwargs: dict[str, Any] = {"dest": param.name, "default": argparse.SUPPRESS, "help": param.help}
+        kwargs: dict[str, Any] = {"dest": param.name, "default": argparse.SUPPRESS, "help": _help_with_default(param)}
         if param.is_flag:
             kwargs["action"] = "store_true"
         elif getattr(param, "multiple", False):
@@ -53,6 +53,18 @@ def _add_click_params(parser: argparse.ArgumentParser, command: Any) -> None:
         else:
             kwargs["metavar"] = param.name.upper()
         parser.add_argument(*param.opts, **kwargs)
+
+
+def _help_with_default(param: Any) -> str | None:
+    """The option's help with the default typer shows: a ``show_default`` text, or the value itself."""
+    shown = param.show_default
+    if isinstance(shown, str):
+        default = shown
+    elif shown is False or param.is_flag or param.default is None or getattr(param, "multiple", False):
+        return param.help
+    else:
+        default = getattr(param.default, "value", param.default)  # enums show their value
+    return f"{param.help or ''} [default: {default}]".strip()
 
 
 def _argv(command: Any, namespace: argparse.Namespace) -> list[str]:

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import SubFitError
+from .errors import OutputExistsError, SubFitError
 
 _DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
@@ -29,7 +29,7 @@ _DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 def check_output_free(out: Path, overwrite: bool) -> None:
     """Fail before any work if OUT is taken (and ``overwrite`` is off) or cannot be created."""
     if out.exists() and not overwrite:
-        raise SubFitError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it")
+        raise OutputExistsError(out)
     if out.exists() and not out.is_dir():
         raise SubFitError(f"{out} exists and is not a folder")
     parent = out.resolve().parent

@@ -60,7 +60,7 @@ def test_calibrate_returns_a_plan_with_tensors(calibrated, tmp_path):
     saved = calibrated.save(tmp_path / "plan")
     again = CalibratedPlan.load(saved)
     assert again.plan == calibrated.plan and set(again.tensors) == set(calibrated.tensors)
-    with pytest.raises(SubFitError, match="already exists"):
+    with pytest.raises(SubFitError, match=r"already exists; pass overwrite=True"):
         calibrated.save(tmp_path / "plan")
 
 

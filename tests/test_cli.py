@@ -178,6 +178,29 @@ def test_help_lists_every_command():
         assert name in text
 
 
+def _options_without_a_shown_default() -> list[str]:
+    import typer
+
+    missing = []
+    for name, command in typer.main.get_command(app).commands.items():
+        for param in command.params:
+            if getattr(param, "param_type_name", "") != "option" or param.is_flag or param.required:
+                continue
+            shown = param.show_default
+            if not (isinstance(shown, str) and shown) and (shown is False or param.default is None):
+                missing.append(f"{name} {param.opts[0]}")
+    return missing
+
+
+def test_help_shows_every_default():
+    assert _options_without_a_shown_default() == []
+    text = CliRunner().invoke(app, ["optimize", "--help"], env={"COLUMNS": "220"}).stdout
+    for needle in ("[default: (0.25)]", "[default: (64)]", "[default: (256)]", "wikitext-2-raw-v1:train",
+                   "[default: auto]", "[default: fp32]"):
+        assert needle in text, needle
+    assert "[required]" in CliRunner().invoke(app, ["rewrite", "--help"], env={"COLUMNS": "220"}).stdout  # --plan
+
+
 def test_output_matches_the_pytorch_reference(optimized, tiny_calibration_text):
     """The folder the CLI wrote computes what ``apply_plan`` computes in PyTorch."""
     import onnxruntime as ort

@@ -145,6 +145,13 @@ def test_sparsity_outside_zero_one(workdir, value, cal):
     assert listing(tmp) == {"export"}
 
 
+@pytest.mark.parametrize("value,hint", [("25", "did you mean 0.25?"), ("12.5", "did you mean 0.125?")])
+def test_sparsity_given_as_a_percentage_gets_a_hint(workdir, value, hint, cal):
+    tmp, export = workdir
+    assert_user_error(cli("optimize", export, "--sparsity", value, *cal), f"got {value}", hint)
+    assert listing(tmp) == {"export"}
+
+
 def test_sparsity_too_high_for_the_model(workdir, tiny_checkpoint, cal):
     tmp, export = workdir
     assert_user_error(cli("optimize", export, "-m", tiny_checkpoint("llama"), "-s", 0.95, *cal),
@@ -157,8 +164,9 @@ def test_output_exists_without_overwrite(workdir, tiny_checkpoint, cal):
     out = tmp / "taken"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert_user_error(cli("optimize", export, "-m", tiny_checkpoint("llama"), "-o", out, *cal),
-                      "already exists", "--overwrite")
+    line = assert_user_error(cli("optimize", export, "-m", tiny_checkpoint("llama"), "-o", out, *cal),
+                             "already exists", "pass --overwrite to replace it")
+    assert "overwrite=True" not in line  # the API's words stay in the API
     assert listing(out) == {"keep.txt"} and listing(tmp) == {"export", "taken"}
 
 

@@ -57,6 +57,9 @@ def test_optimum_cli_subfit_help():
         assert name in out.stdout
     out = optimum_cli("subfit", "optimize", "--help", timeout=120)
     assert out.returncode == 0 and "--sparsity" in out.stdout and "--calibration" in out.stdout
+    text = " ".join(out.stdout.split())  # argparse wraps lines
+    for needle in ("[default: 0.25]", "[default: 64]", "[default: 256]", "[default: auto]", "[default: fp32]"):
+        assert needle in text, needle
 
 
 def test_registration_keeps_optimum_cli_light_and_working():

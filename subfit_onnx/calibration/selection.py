@@ -16,14 +16,14 @@ import math
 from dataclasses import dataclass, field
 
 from ..architectures import UnitKind
-from ..errors import SubFitError
+from ..errors import InvalidSparsityError, SubFitError
 
 UnitKey = tuple[int, UnitKind]
 
 
 def target_params(block_params: int, sparsity: float) -> int:
     if not 0.0 < sparsity < 1.0:
-        raise SubFitError(f"sparsity must be between 0 and 1 (exclusive), got {sparsity}")
+        raise InvalidSparsityError(sparsity)
     return math.ceil(sparsity * block_params)
 
 
