@@ -15,6 +15,7 @@ _EXPORTS = {
     "optimize": "api",
     "calibrate": "api",
     "rewrite": "api",
+    "export": "api",
     "Result": "api",
     "CalibratedPlan": "plan",
     "DEFAULT_CALIBRATION": "config",
@@ -47,6 +48,7 @@ __all__ = [
     "__version__",
     "apply_plan",
     "calibrate",
+    "export",
     "load_for_generation",
     "load_plan",
     "optimize",
@@ -57,7 +59,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .api import Result, calibrate, optimize, rewrite
+    from .api import Result, calibrate, export, optimize, rewrite
     from .config import DEFAULT_CALIBRATION, Portion, SubFitConfig
     from .errors import CalibrationDataError, PlanMismatchError, SubFitError, UnsupportedModelError
     from .plan import CalibratedPlan, Plan, load_plan, save_plan

@@ -26,7 +26,7 @@ from .names import ONNX_FILE, PLAN_FILE, REPORT_FILE, SETTINGS_FILE
 from .plan import CalibratedPlan, Plan, as_calibrated_plan, save_plan
 from .progress import ProgressFactory, progress_bar, silent
 from .report import build_report
-from .sources import Source, default_output, localize, resolve_source
+from .sources import Source, default_export_output, default_output, localize, resolve_source
 from .staging import STAGED, check_output_free, staged_output
 
 
@@ -202,3 +202,26 @@ def rewrite(export: str | Path, plan: Any, output: str | Path | None = None, *, 
     run = _prepare(export, make_config(None, calibrated.plan.sparsity.target), output, overwrite=overwrite,
                    progress=progress, started=started, export_only=True)
     return _compress(replace(run, external_data=external_data), calibrated=calibrated)
+
+
+def export(model: str | Path, output: str | Path | None = None, *, dtype: str = "fp32", overwrite: bool = False,
+           progress: ProgressFactory | None = None) -> Path:
+    """Export a model (local folder or hub id) as Optimum does for SubFit; returns the export folder.
+
+    This is the dense reference ``evaluate``/``benchmark --reference`` compare against, and a SOURCE that
+    ``optimize``/``rewrite`` take without exporting again. Default ``output``: ``<model folder>-onnx`` beside
+    the model (``-onnx-fp16`` for fp16).
+    """
+    from .exporters.optimum_export import DTYPES, export_decoder
+
+    if dtype not in DTYPES:
+        raise SubFitError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    src = resolve_source(model)
+    if not src.needs_export:
+        raise SubFitError(f"{model} is already an ONNX export; export takes a PyTorch model folder or hub id")
+    out = Path(output) if output is not None else default_export_output(src, dtype)
+    check_output_free(out, overwrite)
+    src = localize(src)
+    assert src.path is not None
+    return export_decoder(src.path, out, dtype=dtype, overwrite=overwrite,  # type: ignore[arg-type]
+                          progress=progress or silent).parent

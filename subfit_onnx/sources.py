@@ -107,6 +107,12 @@ def recorded_checkpoint(export_dir: Path) -> Path | None:
     return None
 
 
+def default_export_output(source: Source, dtype: str = "fp32") -> Path:
+    """``<model folder>-onnx`` (``-onnx-fp16``) beside the model (the working directory for a hub id)."""
+    name = f"{source.stem}-onnx" + ("" if dtype == "fp32" else f"-{dtype}")
+    return Path(name) if source.kind == "hub" or source.path is None else source.path.parent / name
+
+
 def default_output(source: Source, sparsity: float, suffix: str = "") -> Path:
     """``<source folder>-subfit<percent>`` beside the source (the working directory for a hub id)."""
     percent = f"{sparsity * 100:.1f}".rstrip("0").rstrip(".")

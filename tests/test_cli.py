@@ -174,8 +174,32 @@ def test_fetch_assets_prints_where_things_are(tmp_path, monkeypatch):
 
 def test_help_lists_every_command():
     text = cli("--help").stdout
-    for name in ("optimize", "calibrate", "rewrite", "inspect", "fetch-assets"):
+    for name in ("optimize", "calibrate", "rewrite", "inspect", "export", "fetch-assets", "evaluate", "benchmark",
+                 "genai-config"):
         assert name in text
+
+
+def test_export_makes_the_dense_reference(tmp_path, tiny_checkpoint, tiny_calibration_text):
+    source = shutil.copytree(tiny_checkpoint("llama"), tmp_path / "llama")
+    result = cli("export", source)
+    dense = tmp_path / "llama-onnx"  # the default: beside the model
+    assert result.exit_code == 0, result.output
+    assert f"-> {dense}" in result.stdout and "MB" in result.stdout
+    assert {"model.onnx", "config.json", "tokenizer.json"} <= {p.name for p in dense.iterdir()}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama", "llama-onnx"]  # no staging left
+
+    again = cli("export", source)
+    assert again.exit_code == 1 and "pass --overwrite to replace it" in again.stderr
+    refused = cli("export", dense, "-o", tmp_path / "x")
+    assert refused.exit_code == 1 and "already an ONNX export" in refused.stderr
+
+    # the dense export is what evaluate compares against, and optimize calibrates from it alone
+    out = tmp_path / "out"
+    assert cli("optimize", dense, "-s", 0.3, "-o", out, "-c", tiny_calibration_text, "-n", 8, "-l", 32).exit_code == 0
+    evaluated = cli("evaluate", out, "--reference", dense, "--text", tiny_calibration_text, "--windows", 2,
+                    "--window-len", 16, "--json")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.stdout)["ratios"]["perplexity"] > 0
 
 
 def _options_without_a_shown_default() -> list[str]:

@@ -53,7 +53,8 @@ def _logits(folder, file_name="model.onnx"):
 def test_optimum_cli_subfit_help():
     out = optimum_cli("subfit", "--help", timeout=120)
     assert out.returncode == 0, out.stderr
-    for name in ("optimize", "calibrate", "rewrite", "inspect"):
+    for name in ("optimize", "calibrate", "rewrite", "inspect", "export", "fetch-assets", "evaluate", "benchmark",
+                 "genai-config"):
         assert name in out.stdout
     out = optimum_cli("subfit", "optimize", "--help", timeout=120)
     assert out.returncode == 0 and "--sparsity" in out.stdout and "--calibration" in out.stdout
