@@ -19,7 +19,7 @@ from ..architectures import UnitKind
 from ..bypass import Bypass
 from ..errors import PlanMismatchError, SubFitError
 from .graph_tools import value_dtype
-from .structure import BYPASS_SCOPE, DecoderStructure, UnitBoundary, unit_params
+from .structure import BYPASS_SCOPE, DecoderStructure, UnitBoundary, bypass_params
 
 
 def bypass_initializer_name(layer: int, kind: UnitKind, role: str) -> str:
@@ -94,7 +94,7 @@ def _insert(graph: ir.Graph, unit: UnitBoundary, bypass: Bypass, fallback: ir.Da
     graph.insert_before(unit.residual_add, b.nodes)
     unit.residual_add.replace_input_with(unit.unit_operand, out)
     reads = x if y is not None else None  # a constant bypass reads nothing
-    return replace(unit, norm_output=reads, params=unit_params(b.nodes), bypassed=True,
+    return replace(unit, norm_output=reads, params=bypass_params(b.nodes), bypassed=True,
                    input_dtype=value_dtype(reads) if reads is not None else None, output_dtype=value_dtype(out))
 
 

@@ -221,6 +221,13 @@ def unit_params(nodes: list[ir.Node]) -> int:
     return sum(seen.values())
 
 
+def bypass_params(nodes: list[ir.Node]) -> int:
+    """Every constant a SubFit bypass reads, its bias included: the count the plan records for it."""
+    seen = {inp.name: inp.const_value.size for node in nodes for inp in node.inputs
+            if inp is not None and inp.const_value is not None}
+    return sum(seen.values())
+
+
 def _residual_adds(nodes: list[ir.Node], layer_scope: str, ops: tuple[str, ...], from_unit,
                    is_stream) -> list[tuple[ir.Node, int]]:
     """Layer-level residual nodes with one operand from the unit and the other the stream; (node, unit operand)."""
@@ -277,7 +284,8 @@ def _resolve_unit(layer: int, kind: UnitKind, row: GraphLayout, nodes: list[ir.N
     add, unit_operand = adds[0]
     return UnitBoundary(
         layer=layer, kind=kind, scope=scope, norm_output=norm_output, residual_add=add, unit_operand=unit_operand,
-        params=unit_params(bypass_nodes or unit_nodes), bypassed=bool(bypass_nodes),
+        params=bypass_params(bypass_nodes) if bypass_nodes else unit_params(unit_nodes),
+        bypassed=bool(bypass_nodes),
         input_dtype=value_dtype(norm_output) if norm_output is not None else None,
         output_dtype=value_dtype(add.inputs[unit_operand]),
     )

@@ -53,6 +53,14 @@ def test_optimize_from_checkpoint_writes_a_loadable_folder(optimized):
     assert generated.shape[1] == ids["input_ids"].shape[1] + 6
 
 
+def test_inspect_counts_the_parameters_the_summary_adds_up_to(optimized):
+    out, _ = optimized
+    report = json.loads((out / "subfit_report.json").read_text())
+    info = json.loads(cli("inspect", out, "--json").stdout)
+    params = report["params"]
+    assert info["block_params"] == params["block"] - params["removed"] + params["bypass"]
+
+
 def test_optimize_summary_for_people(optimized):
     out, result = optimized
     report = json.loads((out / "subfit_report.json").read_text())

@@ -107,6 +107,6 @@ def test_benchmark_table_with_runtimes(app, tiny_exports):
                  "--new-tokens", 6, "--runtimes")
     assert res.exit_code == 0, res.output
     out = res.stdout
-    assert "prefill 512 tokens (ms)" in out and "KV cache @2048 (MiB)" in out and "(KV layers: 0-3)" in out and "(KV layers: 0,2-3,7)" in out
+    assert "prefill 512 tokens (ms)" in out and "KV cache @2048 (MB)" in out and "(KV layers: 0-3)" in out and "(KV layers: 0,2-3,7)" in out
     for runtime in ("ort-loop", "optimum-default", "optimum-tuned", "genai"):
         assert runtime in out

@@ -61,11 +61,12 @@ BENCH_ROWS = (
     ("prefill_512_ms", "prefill 512 tokens (ms)"),
     ("decode_512_ms_per_token", "decode @512 (ms/token)"),
     ("generate_tokens_per_s", "generate (tokens/s)"),
-    ("kv_bytes_per_token", "KV cache (KiB/token)"),
-    ("kv_bytes_at_context", "KV cache @2048 (MiB)"),
-    ("file_bytes", "model files (MiB)"),
+    ("kv_bytes_per_token", "KV cache (KB/token)"),
+    ("kv_bytes_at_context", "KV cache @2048 (MB)"),
+    ("file_bytes", "model files (MB)"),
 )
-_SCALE = {"kv_bytes_per_token": 1 / 1024, "kv_bytes_at_context": 1 / 2**20, "file_bytes": 1 / 2**20}
+# decimal units (1 KB = 1,000 bytes, 1 MB = 10^6), as everywhere else in SubFit
+_SCALE = {"kv_bytes_per_token": 1e-3, "kv_bytes_at_context": 1e-6, "file_bytes": 1e-6}
 
 
 def benchmark_table(report: dict[str, Any]) -> str:
@@ -74,7 +75,7 @@ def benchmark_table(report: dict[str, Any]) -> str:
     rows = []
     for key, label in BENCH_ROWS:
         if key == "kv_bytes_at_context":
-            label = f"KV cache @{report['settings']['kv_context']} (MiB)"
+            label = f"KV cache @{report['settings']['kv_context']} (MB)"
         scale = _SCALE.get(key, 1.0)
         a = cand["metrics"].get(key)
         row = [label, None if a is None else a * scale]
