@@ -237,10 +237,11 @@ def export(
     """Export the dense model with Optimum (text-generation-with-past): the --reference for evaluate/benchmark."""
     with _errors(debug, output):
         from . import api
-        from .evaluation.files import model_file_bytes
+        from .names import ONNX_FILE
+        from .onnx_files import model_file_bytes
 
         folder = api.export(model, output, dtype=dtype.value, overwrite=overwrite, progress=_progress(not as_json))
-        size = model_file_bytes(folder)
+        size = model_file_bytes(folder / ONNX_FILE)
         info = {"model": model, "output": str(folder), "dtype": dtype.value, "file_bytes": size}
         human = "\n".join([
             f"exported {model} -> {folder} ({dtype.value}, {size / 1e6:,.1f} MB)",

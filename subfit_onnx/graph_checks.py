@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SubFitError, UnsupportedModelError
-from .onnx_files import check_external_data, external_data_names
 from .identity import check_matches, config_facts, graph_facts
 from .model_config import read_config
+from .onnx_files import check_external_data, external_data_names
 
 
 def load_onnx(path: str | Path) -> Any:

@@ -96,8 +96,8 @@ def format_inspection(info: dict[str, Any]) -> str:
         f"  KV cache     {len(info['kv_inputs'])} inputs, {info['num_kv_heads']} heads x {info['head_dim']} dims, "
         f"{info['kv_dtype']}, {kv:,} bytes per token" if kv is not None else
         f"  KV cache     {len(info['kv_inputs'])} inputs",
-        f"  parameters   {info['block_params']:,} in attention and FFN units (weight matrices; a SubFit bypass "
-        "counts with its bias, as the plan counts it)",
+        (f"  parameters   {info['block_params']:,} in attention and FFN units (weight matrices; a SubFit bypass "
+        "counts with its bias, as the plan counts it)"),
         "",
         f"  {'layer':>5} {'attention':>11} {'FFN':>11}  KV inputs",
     ]

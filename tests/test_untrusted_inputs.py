@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
-from test_cli_errors import assert_user_error, cli, listing
 
 from subfit_onnx.onnx_files import check_external_data, model_file_bytes
+from test_cli_errors import assert_user_error, cli, listing
 
 
 def _with_external_data(export: Path, location: str) -> Path:

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SubFitError
-from ..progress import ProgressFactory, silent
 from ..onnx_files import checked_exports
+from ..progress import ProgressFactory, silent
 from .decoder import OnnxDecoder, check_same_vocab, load_tokenizer
 from .multiple_choice import evaluate_mc
 from .perplexity import DEFAULT_WINDOW_LEN, DEFAULT_WINDOWS, make_windows, window_perplexity
