@@ -80,6 +80,9 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
     model.generation_config = loaded.generation_config
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    # The GGUF asks for <|im_start|> as a BOS before every text; the released SmolLM2 tokenizer adds none, and
+    # evaluation must see the model as users deploy it.
+    tokenizer.add_bos_token = False
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
 
