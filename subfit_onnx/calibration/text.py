@@ -96,20 +96,49 @@ def tokenize_documents(tokenizer: Any, documents: Iterable[str]) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64)
 
 
-def token_windows(stream: np.ndarray, num_samples: int, seq_len: int) -> np.ndarray:
-    """``num_samples`` windows of ``seq_len`` tokens spread evenly over the stream, so every part contributes."""
-    need = num_samples * seq_len
+def leading_bos(tokenizer: Any) -> int | None:
+    """The BOS id when the tokenizer starts every encoded text with it, else None.
+
+    Models such as Gemma are trained to see BOS first: every later token attends to its (input-independent,
+    often massive) hidden state. Deployed prompts and lm-eval start with it wherever the tokenizer adds it, so
+    calibration and evaluation windows must too, or they measure a model nobody runs (Gemma-3-270m: wiki
+    perplexity 17 with BOS, 38 without). Tokenizers that add none (SmolLM2) get windows without one.
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("x")["input_ids"]
+    return int(bos) if len(ids) > 0 and int(ids[0]) == int(bos) else None
+
+
+def window_stride(stream_tokens: int, num_samples: int, body_len: int) -> int:
+    """Distance between window starts when ``num_samples`` windows of ``body_len`` stream tokens are spread evenly."""
+    return (stream_tokens - body_len) // max(num_samples - 1, 1) if num_samples > 1 else 0
+
+
+def token_windows(stream: np.ndarray, num_samples: int, seq_len: int, bos: int | None = None) -> np.ndarray:
+    """``num_samples`` windows of ``seq_len`` tokens spread evenly over the stream, so every part contributes.
+
+    With ``bos`` every window is that token followed by ``seq_len - 1`` stream tokens (``leading_bos``).
+    """
     if num_samples < 1 or seq_len < 2:
         raise CalibrationDataError("need at least 1 sample of at least 2 tokens")
+    body = seq_len - (bos is not None)
+    need = num_samples * body
     if stream.size < need:
         raise CalibrationDataError(
-            f"calibration text has {stream.size} tokens but {num_samples} x {seq_len} = {need} are needed; "
+            f"calibration text has {stream.size} tokens but {num_samples} x {body} = {need} are needed; "
             "give more text or lower --num-samples/--seq-len"
         )
-    stride = (stream.size - seq_len) // max(num_samples - 1, 1) if num_samples > 1 else 0
-    starts = [min(i * stride, stream.size - seq_len) for i in range(num_samples)]
-    return np.stack([stream[s : s + seq_len] for s in starts])
+    stride = window_stride(stream.size, num_samples, body)
+    starts = [min(i * stride, stream.size - body) for i in range(num_samples)]
+    windows = np.stack([stream[s : s + body] for s in starts])
+    if bos is not None:
+        windows = np.concatenate([np.full((num_samples, 1), bos, dtype=windows.dtype), windows], axis=1)
+    return windows
 
 
 def calibration_tokens(tokenizer: Any, source: str | Path, num_samples: int, seq_len: int) -> np.ndarray:
-    return token_windows(tokenize_documents(tokenizer, load_documents(source)), num_samples, seq_len)
+    """Calibration windows as deployed: BOS-led when the tokenizer adds BOS (``leading_bos``)."""
+    stream = tokenize_documents(tokenizer, load_documents(source))
+    return token_windows(stream, num_samples, seq_len, leading_bos(tokenizer))
