@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .backends import CalibrationJob, prepare_calibration, run_calibration
-from .config import SubFitConfig, make_config
+from .config import DEFAULT_WARN_PPL_RATIO, SubFitConfig, make_config
 from .errors import SubFitError
 from .graph_checks import ExportFacts, check_export_family, inspect_export
 from .names import ONNX_FILE, PLAN_FILE, REPORT_FILE, SETTINGS_FILE
@@ -86,6 +86,7 @@ class _Run:
     started: float
     dtype: str = "fp32"  # export precision when SOURCE is a model
     external_data: bool | None = None
+    warn_ppl_ratio: float | None = DEFAULT_WARN_PPL_RATIO
 
 
 def _prepare(source: str | Path, config: SubFitConfig, output: str | Path | None, *, overwrite: bool,
@@ -137,12 +138,15 @@ def _compress(run: _Run, calibrated: CalibratedPlan | None = None, job: Calibrat
         with _timed(seconds, "rewrite"):  # checks the plan against the graph first
             rewritten = rewrite_into(facts.onnx_file, calibrated.plan, calibrated.tensors, work / STAGED,
                                      external_data=run.external_data, progress=progress)
+        with _timed(seconds, "quality"):
+            quality = _heldout_quality(run, job, facts.onnx_file.parent, work / STAGED)
         seconds["total"] = time.perf_counter() - run.started
         report = build_report(
             source=src.given, output=out, plan=calibrated.plan, rewrite=rewritten, seconds=seconds,
             plan_path=str(calibrated.path) if calibrated.path else None, plan_reused=job is None,
             export=None if src.needs_export else str(facts.onnx_file.parent),
             checkpoint=job.checkpoint.label if job is not None and job.checkpoint is not None else None,
+            quality=quality,
         )
         saved_config = run.config if job is not None else calibrated.plan.settings()
         _write_outputs(work / STAGED, calibrated, saved_config, report, progress)
@@ -150,17 +154,35 @@ def _compress(run: _Run, calibrated: CalibratedPlan | None = None, job: Calibrat
     return Result(out, report, calibrated.plan, files)
 
 
+def _heldout_quality(run: _Run, job: CalibrationJob | None, dense: Path, compressed: Path) -> dict[str, Any]:
+    """The report's ``quality``: the held-out perplexity ratio to dense, or why it was not measured."""
+    if job is None:
+        return {"measured": False, "why": "the plan was reused, so there is no calibration text to hold out"}
+    if not run.config.heldout_windows:
+        return {"measured": False, "why": "heldout_windows is 0"}
+    if job.heldout is None:
+        return {"measured": False, "why": "the calibration windows use up the calibration text; give more text "
+                "to measure held-out quality"}
+    from .evaluation.heldout import heldout_quality
+
+    return {"measured": True, **heldout_quality(dense, compressed, job.heldout, job.bos, run.warn_ppl_ratio,
+                                                run.progress).as_report()}
+
+
 def optimize(source: str | Path, sparsity: float | None = None, *, config: SubFitConfig | None = None,
              model: Any = None, output: str | Path | None = None, plan: Any = None, overwrite: bool = False,
              progress: ProgressFactory | None = None, calibration_backend: str = "auto",
-             dtype: str = "fp32", external_data: bool | None = None) -> Result:
+             dtype: str = "fp32", external_data: bool | None = None,
+             warn_ppl_ratio: float | None = DEFAULT_WARN_PPL_RATIO) -> Result:
     """Compress ``source`` (model.onnx, Optimum export folder, local model folder or hub id) into ``output``.
 
     ``model`` is the PyTorch checkpoint to calibrate from (path, hub id or a loaded model); by default SOURCE
     when it is a model, else the checkpoint the export's config names. ``plan`` reuses a saved calibration
     (then ``sparsity`` must match it or be None). ``dtype`` applies when SOURCE is a model and is exported here.
     ``calibration_backend``: ``torch`` runs the checkpoint, ``onnx`` runs the export in ONNX Runtime (no checkpoint
-    needed), ``auto`` picks torch when a checkpoint is known and onnx otherwise.
+    needed), ``auto`` picks torch when a checkpoint is known and onnx otherwise. The report's ``quality`` is the
+    held-out perplexity ratio to the dense export (``evaluation.heldout``); above ``warn_ppl_ratio`` (None: never)
+    it carries ``warning: true``.
     """
     started = time.perf_counter()
     reused = as_calibrated_plan(plan) if plan is not None else None
@@ -170,8 +192,10 @@ def optimize(source: str | Path, sparsity: float | None = None, *, config: SubFi
             raise SubFitError(f"the plan was made for sparsity {target:g}, not {sparsity:g}; drop the sparsity "
                               "or calibrate again")
         sparsity = target
+    if warn_ppl_ratio is not None and not warn_ppl_ratio > 0:
+        raise SubFitError(f"the perplexity ratio to warn above must be positive, not {warn_ppl_ratio:g}")
     run = replace(_prepare(source, make_config(config, sparsity), output, overwrite=overwrite, progress=progress,
-                           started=started), dtype=dtype, external_data=external_data)
+                           started=started), dtype=dtype, external_data=external_data, warn_ppl_ratio=warn_ppl_ratio)
     if reused is not None:
         return _compress(run, calibrated=reused)
     return _compress(run, job=prepare_calibration(run.source, model, run.config, calibration_backend, run.facts))

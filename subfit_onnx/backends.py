@@ -61,6 +61,8 @@ class CalibrationJob:
     unit_params: dict[tuple[int, str], int]
     info: dict[str, Any] = field(default_factory=dict)
     export: Path | None = None  # the model.onnx the onnx backend calibrates
+    heldout: np.ndarray | None = None  # windows of the calibration text between the calibration windows
+    bos: int | None = None  # the BOS id every window starts with, when the tokenizer adds one
 
 
 def resolve_checkpoint(source: Source, model: Any) -> ModelRef | None:
@@ -158,13 +160,14 @@ def is_dataset_spec(source: str) -> bool:
     return not ("/" in source and ":" not in source)
 
 
-def load_tokens(tokenizer: Any, source: str, num_samples: int, seq_len: int) -> np.ndarray:
-    from .calibration.text import calibration_tokens
+def load_tokens(tokenizer: Any, source: str, num_samples: int, seq_len: int, heldout: int = 0) -> Any:
+    """The calibration windows and up to ``heldout`` windows between them (a ``CalibrationSplit``)."""
+    from .calibration.text import calibration_split
 
     if is_dataset_spec(source):
         require_hub(f"calibration source {source!r} is not a local file, and as a dataset it",
                     "pass a local .txt/.jsonl file or folder with --calibration")
-    return calibration_tokens(tokenizer, source, num_samples, seq_len)
+    return calibration_split(tokenizer, source, num_samples, seq_len, heldout)
 
 
 def load_weights(ref: ModelRef) -> Any:
@@ -201,10 +204,12 @@ def prepare_calibration(src: Source, model: Any, config: SubFitConfig, backend: 
     if facts is not None and checkpoint is not None:
         facts.check_matches(identity, f"--model {checkpoint.label}")
     source_text = config.calibration or DEFAULT_CALIBRATION
-    tokens = load_tokens(load_tokenizer(checkpoint, export_dir), source_text, config.num_samples, config.seq_len)
+    split = load_tokens(load_tokenizer(checkpoint, export_dir), source_text, config.num_samples, config.seq_len,
+                        config.heldout_windows)
     origin = {"checkpoint": checkpoint.label} if checkpoint is not None else {"export": str(export)}
     info = {"source": source_text, **origin, "backend": name}
-    return CalibrationJob(checkpoint, name, tokens, identity, params, info, export=export)
+    return CalibrationJob(checkpoint, name, split.tokens, identity, params, info, export=export,
+                          heldout=split.heldout, bos=split.bos)
 
 
 def run_calibration(job: CalibrationJob, config: SubFitConfig, progress: ProgressFactory) -> CalibratedPlan:

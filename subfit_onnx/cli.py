@@ -174,13 +174,23 @@ def optimize(
         show_default="none: calibrate")] = None,
     dtype: Annotated[DType, typer.Option(
         "--dtype", help="export precision when SOURCE is a model (fp32 or fp16)")] = DType.fp32,
+    heldout_windows: Annotated[int | None, typer.Option(
+        "--heldout-windows", help="windows of the calibration text between the calibration windows on which the "
+        "held-out perplexity ratio to dense is measured (0: skip)", show_default="16")] = None,
+    warn_ppl_ratio: Annotated[float | None, typer.Option(
+        "--warn-ppl-ratio", help="print a warning when the held-out perplexity ratio to dense is above this",
+        show_default="2.0")] = None,
 ) -> None:
     """Export (if needed), calibrate, and rewrite the ONNX model: one folder ORTModelForCausalLM can load."""
     with running.api(output) as api:
+        from .config import make_config
+
+        config = make_config(inputs.config(with_sparsity=False), heldout_windows=heldout_windows)
         running.emit_result(api.optimize(
-            inputs.source, inputs.sparsity, config=inputs.config(with_sparsity=False), model=inputs.model,
+            inputs.source, inputs.sparsity, config=config, model=inputs.model,
             output=output, plan=plan, overwrite=running.overwrite, progress=running.progress(), dtype=dtype.value,
-            calibration_backend=inputs.backend.value))
+            calibration_backend=inputs.backend.value,
+            **({"warn_ppl_ratio": warn_ppl_ratio} if warn_ppl_ratio is not None else {})))
 
 
 @app.command()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -130,15 +131,58 @@ def token_windows(stream: np.ndarray, num_samples: int, seq_len: int, bos: int |
             f"calibration text has {stream.size} tokens but {num_samples} x {body} = {need} are needed; "
             "give more text or lower --num-samples/--seq-len"
         )
-    stride = window_stride(stream.size, num_samples, body)
-    starts = [min(i * stride, stream.size - body) for i in range(num_samples)]
+    return _cut(stream, _window_starts(stream.size, num_samples, body), body, bos)
+
+
+def _window_starts(stream_tokens: int, num_samples: int, body: int) -> list[int]:
+    stride = window_stride(stream_tokens, num_samples, body)
+    return [min(i * stride, stream_tokens - body) for i in range(num_samples)]
+
+
+def _cut(stream: np.ndarray, starts: list[int], body: int, bos: int | None) -> np.ndarray:
     windows = np.stack([stream[s : s + body] for s in starts])
     if bos is not None:
-        windows = np.concatenate([np.full((num_samples, 1), bos, dtype=windows.dtype), windows], axis=1)
+        windows = np.concatenate([np.full((len(starts), 1), bos, dtype=windows.dtype), windows], axis=1)
     return windows
+
+
+def heldout_windows(stream: np.ndarray, num_samples: int, seq_len: int, bos: int | None,
+                    count: int) -> np.ndarray | None:
+    """Up to ``count`` windows of ``seq_len`` tokens lying wholly in the gaps between the calibration windows.
+
+    They are text from the user's own calibration source that no score or fit saw, so the quality ``optimize``
+    reports costs no extra data. Gaps wide enough for a window are taken evenly from the whole stream, a window
+    in the middle of each. None when the calibration windows leave no such gap (the text is used up).
+    """
+    body = seq_len - (bos is not None)
+    if count < 1 or stream.size < num_samples * body:
+        return None
+    starts = _window_starts(stream.size, num_samples, body)
+    gaps = [(s + body, nxt) for s, nxt in zip(starts, [*starts[1:], stream.size])]
+    wide = [(a, b) for a, b in gaps if b - a >= body]
+    if not wide:
+        return None
+    picks = sorted({round(x) for x in np.linspace(0, len(wide) - 1, min(count, len(wide)))})
+    return _cut(stream, [wide[i][0] + (wide[i][1] - wide[i][0] - body) // 2 for i in picks], body, bos)
 
 
 def calibration_tokens(tokenizer: Any, source: str | Path, num_samples: int, seq_len: int) -> np.ndarray:
     """Calibration windows as deployed: BOS-led when the tokenizer adds BOS (``leading_bos``)."""
+    return calibration_split(tokenizer, source, num_samples, seq_len, 0).tokens
+
+
+@dataclass(frozen=True)
+class CalibrationSplit:
+    """Calibration windows and the held-out windows between them (``heldout_windows``), from one tokenization."""
+
+    tokens: np.ndarray
+    heldout: np.ndarray | None
+    bos: int | None
+
+
+def calibration_split(tokenizer: Any, source: str | Path, num_samples: int, seq_len: int,
+                      heldout: int) -> CalibrationSplit:
     stream = tokenize_documents(tokenizer, load_documents(source))
-    return token_windows(stream, num_samples, seq_len, leading_bos(tokenizer))
+    bos = leading_bos(tokenizer)
+    return CalibrationSplit(token_windows(stream, num_samples, seq_len, bos),
+                            heldout_windows(stream, num_samples, seq_len, bos, heldout), bos)
