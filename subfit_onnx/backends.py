@@ -63,6 +63,7 @@ class CalibrationJob:
     export: Path | None = None  # the model.onnx the onnx backend calibrates
     heldout: np.ndarray | None = None  # windows of the calibration text between the calibration windows
     bos: int | None = None  # the BOS id every window starts with, when the tokenizer adds one
+    budget: Any = None  # a calibration.budget.Budget replacing config.sparsity's parameter budget
 
 
 def resolve_checkpoint(source: Source, model: Any) -> ModelRef | None:
@@ -224,14 +225,16 @@ def run_torch(job: CalibrationJob, config: Any, progress: ProgressFactory = sile
 
     assert job.checkpoint is not None
     model = load_weights(job.checkpoint)
-    return calibrate_model(model, job.tokens, config, progress=progress, calibration_info=job.info)
+    return calibrate_model(model, job.tokens, config, progress=progress, calibration_info=job.info,
+                           budget=job.budget)
 
 
 def run_onnx(job: CalibrationJob, config: Any, progress: ProgressFactory = silent) -> Any:
     from .calibration.onnx_backend import calibrate_export
 
     assert job.export is not None
-    return calibrate_export(job.export, job.tokens, config, progress=progress, calibration_info=job.info)
+    return calibrate_export(job.export, job.tokens, config, progress=progress, calibration_info=job.info,
+                            budget=job.budget)
 
 
 BACKENDS: dict[str, Callable[..., Any]] = {"torch": run_torch, "onnx": run_onnx}
