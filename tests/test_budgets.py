@@ -6,12 +6,12 @@ import math
 
 import numpy as np
 import pytest
-from tiny_models import LAYERS, tiny_model
 
 from subfit_onnx.calibration.budget import Budget, kv_budget, latency_budget, params_budget
 from subfit_onnx.calibration.calibrate import calibrate_model
 from subfit_onnx.config import Portion, SubFitConfig
 from subfit_onnx.errors import SubFitError
+from tiny_models import LAYERS, tiny_model
 
 TOKENS = np.random.default_rng(0).integers(0, 256, size=(8, 32))
 CONFIG = SubFitConfig(sparsity=0.3, num_samples=8, seq_len=32, batch_size=4, attention_rank=Portion(count=8))

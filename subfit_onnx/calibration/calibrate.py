@@ -23,9 +23,9 @@ from ..identity import ModelIdentity
 from ..names import unit_key
 from ..plan import Plan, RemovedUnit, bypass_spec, bypass_tensors, sparsity_report
 from ..progress import ProgressFactory, silent
+from .budget import Budget, params_budget
 from .runner import LayerRunner
 from .scoring import UnitAssessment, assess, score
-from .budget import Budget, params_budget
 from .selection import SequentialSelector, UnitKey, check_reachable, target_params
 from .stats import UnitStats
 
