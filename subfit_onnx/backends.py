@@ -64,6 +64,8 @@ class CalibrationJob:
     heldout: np.ndarray | None = None  # windows of the calibration text between the calibration windows
     bos: int | None = None  # the BOS id every window starts with, when the tokenizer adds one
     budget: Any = None  # a calibration.budget.Budget replacing config.sparsity's parameter budget
+    dense: Any = None  # pass 1 of an earlier run of this job (calibration.calibrate.DensePass), reused by the next
+    weights: Any = None  # the checkpoint once loaded, for the next run
 
 
 def resolve_checkpoint(source: Source, model: Any) -> ModelRef | None:
@@ -224,17 +226,22 @@ def run_torch(job: CalibrationJob, config: Any, progress: ProgressFactory = sile
     from .calibration.calibrate import calibrate_model
 
     assert job.checkpoint is not None
-    model = load_weights(job.checkpoint)
-    return calibrate_model(model, job.tokens, config, progress=progress, calibration_info=job.info,
-                           budget=job.budget)
+    if job.weights is None:
+        job.weights = load_weights(job.checkpoint)
+    result = calibrate_model(job.weights, job.tokens, config, progress=progress, calibration_info=job.info,
+                             budget=job.budget, dense=job.dense)
+    job.dense = result.dense
+    return result
 
 
 def run_onnx(job: CalibrationJob, config: Any, progress: ProgressFactory = silent) -> Any:
     from .calibration.onnx_backend import calibrate_export
 
     assert job.export is not None
-    return calibrate_export(job.export, job.tokens, config, progress=progress, calibration_info=job.info,
-                            budget=job.budget)
+    result = calibrate_export(job.export, job.tokens, config, progress=progress, calibration_info=job.info,
+                              budget=job.budget, dense=job.dense)
+    job.dense = result.dense
+    return result
 
 
 BACKENDS: dict[str, Callable[..., Any]] = {"torch": run_torch, "onnx": run_onnx}

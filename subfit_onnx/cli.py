@@ -180,6 +180,17 @@ def optimize(
     warn_ppl_ratio: Annotated[float | None, typer.Option(
         "--warn-ppl-ratio", help="print a warning when the held-out perplexity ratio to dense is above this",
         show_default="2.0")] = None,
+    target_speedup: Annotated[float | None, typer.Option(
+        "--target-speedup", help="instead of --sparsity: decode this many times faster at --context (1.3 = 1.3x), "
+        "unit costs measured on the export", show_default="off: --sparsity")] = None,
+    kv_budget: Annotated[float | None, typer.Option(
+        "--kv-budget", help="instead of --sparsity: keep at most this fraction of the KV cache (0.5 = half)",
+        show_default="off: --sparsity")] = None,
+    max_ppl_ratio: Annotated[float | None, typer.Option(
+        "--max-ppl-ratio", help="instead of --sparsity: remove as much as possible while the held-out perplexity "
+        "ratio to dense stays at most this (several calibrations: slower)", show_default="off: --sparsity")] = None,
+    context: Annotated[int | None, typer.Option(
+        "--context", help="context length --target-speedup is measured at", show_default="512")] = None,
 ) -> None:
     """Export (if needed), calibrate, and rewrite the ONNX model: one folder ORTModelForCausalLM can load."""
     with running.api(output) as api:
@@ -189,7 +200,8 @@ def optimize(
         running.emit_result(api.optimize(
             inputs.source, inputs.sparsity, config=config, model=inputs.model,
             output=output, plan=plan, overwrite=running.overwrite, progress=running.progress(), dtype=dtype.value,
-            calibration_backend=inputs.backend.value,
+            calibration_backend=inputs.backend.value, target_speedup=target_speedup, kv_budget=kv_budget,
+            max_ppl_ratio=max_ppl_ratio, context=context,
             **({"warn_ppl_ratio": warn_ppl_ratio} if warn_ppl_ratio is not None else {})))
 
 

@@ -105,6 +105,23 @@ def _quality_lines(quality: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def _budget_lines(budget: dict[str, Any] | None) -> list[str]:
+    if not budget:
+        return []
+    lines = [f"  budget       {budget['request']}"]
+    if "decode_ratio" in budget:
+        d = budget["decode_ratio"]
+        lines.append(f"               decode time {d['measured']:.2f} of dense measured ({d['compressed_ms']:.1f} vs "
+                     f"{d['dense_ms']:.1f} ms/token at context {d['context']}), {d['predicted']:.2f} predicted")
+    if "kv_ratio" in budget:
+        k = budget["kv_ratio"]
+        lines.append(f"               KV cache {k['measured']:.2f} of dense ({k['predicted']:.2f} predicted)")
+    if budget.get("search"):
+        steps = ", ".join(f"{t['sparsity']:.1%} -> {t['heldout_ppl_ratio']:.2f}x" for t in budget["search"])
+        lines.append(f"               sparsity tried: {steps}")
+    return lines
+
+
 def format_summary(report: dict[str, Any]) -> str:
     """Human summary of a report, one fact per line."""
     sp = report["sparsity"]
@@ -123,6 +140,7 @@ def format_summary(report: dict[str, Any]) -> str:
     if "kv_bytes_per_token" in report:
         lines.append(f"  KV cache     {_change(report['kv_bytes_per_token'], lambda b: f'{b:,} bytes/token')}")
     lines.extend(_quality_lines(report.get("quality")))
+    lines.extend(_budget_lines(report.get("budget")))
     secs = report.get("seconds", {})
     if secs:
         parts = ", ".join(f"{k} {v:.1f} s" for k, v in secs.items() if k != "total")

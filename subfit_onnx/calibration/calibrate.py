@@ -23,7 +23,7 @@ from ..identity import ModelIdentity
 from ..names import unit_key
 from ..plan import Plan, RemovedUnit, bypass_spec, bypass_tensors, sparsity_report
 from ..progress import ProgressFactory, silent
-from .budget import Budget, params_budget
+from .budget import UNITS, Budget, params_budget
 from .runner import LayerRunner
 from .scoring import UnitAssessment, assess, score
 from .selection import SequentialSelector, UnitKey, check_reachable, target_params
@@ -170,11 +170,23 @@ class Calibrator:
         return Plan(
             model=self.identity,
             removed=sorted(self.removed, key=lambda u: (u.layer, UNIT_KINDS.index(u.kind))),
-            sparsity=sparsity_report(self.removed, self.block_params, self.config.sparsity),
+            sparsity=sparsity_report(self.removed, self.block_params, self._sparsity_target()),
+            budget=None if self.budget.objective == "params" else self._budget_record(),
             method=self.config.method,
             calibration=calibration_info,
             versions=package_versions(),
         )
+
+    def _sparsity_target(self) -> float:
+        """The parameter fraction asked for; under another budget, what that budget removed."""
+        if self.budget.objective == "params":
+            return self.config.sparsity
+        return sum(u.params_removed for u in self.removed) / self.block_params
+
+    def _budget_record(self) -> dict[str, Any]:
+        saved = sum(self.budget.savings[(u.layer, u.kind)] for u in self.removed)
+        return {"objective": self.budget.objective, "request": self.budget.what, "unit": UNITS[self.budget.objective],
+                "target": self.budget.target, "saved": saved, "total": self.budget.total}
 
     def restore_model(self) -> None:
         for swap in reversed(self.swaps):

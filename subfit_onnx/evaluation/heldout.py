@@ -48,15 +48,14 @@ class HeldoutQuality:
 
 def heldout_quality(dense_dir: str | os.PathLike, compressed_dir: str | os.PathLike, windows: np.ndarray,
                     bos: int | None, warn_above: float | None = DEFAULT_WARN_PPL_RATIO,
-                    progress: ProgressFactory = silent) -> HeldoutQuality:
-    """Perplexity of both exports on the same held-out ``windows`` (one prefill each, as ``evaluate`` runs them)."""
+                    progress: ProgressFactory = silent, dense_ppl: float | None = None) -> HeldoutQuality:
+    """Perplexity of both exports on the same held-out ``windows`` (one prefill each, as ``evaluate`` runs them).
+
+    ``dense_ppl`` is the dense export's, when already measured on these windows (a search compares many models).
+    """
     cut = TokenWindows(source="calibration text (held out)", windows=windows, stream_tokens=int(windows.size),
                        stride=0, bos=bos)
-    results = []
-    for folder in (dense_dir, compressed_dir):
-        decoder = OnnxDecoder(folder)
-        results.append(window_perplexity(decoder, cut, progress))
-        del decoder  # one session at a time: peak memory stays one model's
-    dense, compressed = results
-    return HeldoutQuality(dense.perplexity, compressed.perplexity, cut.num_windows, cut.window_len,
-                          bos is not None, warn_above)
+    if dense_ppl is None:
+        dense_ppl = window_perplexity(OnnxDecoder(dense_dir), cut, progress).perplexity
+    compressed = window_perplexity(OnnxDecoder(compressed_dir), cut, progress).perplexity
+    return HeldoutQuality(dense_ppl, compressed, cut.num_windows, cut.window_len, bos is not None, warn_above)
