@@ -36,6 +36,7 @@ VARIANTS: dict[str, dict] = {
     "score=replaceability": {"score": "replaceability"},
     "score=contribution": {"score": "contribution"},
     "schedule=oneshot": {"schedule": "oneshot"},
+    "weighting=auto": {"weighting": "auto"},
     "weighting=uniform": {"weighting": "uniform"},
     "weighting=skip_first": {"weighting": "skip_first"},
     "attention_rank=full": {"attention_rank": Portion()},
@@ -59,6 +60,9 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
     ap.add_argument("--num-samples", type=int, default=64)
     ap.add_argument("--eval-windows", type=int, default=48)
+    ap.add_argument("--eval-len", type=int, default=256, help="tokens per evaluation window")
+    ap.add_argument("--wiki-part", choices=("all", "second_half"), default="all")
+    ap.add_argument("--no-c4", action="store_true", help="skip the C4 held-out evaluation (screening)")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/method_variants[_gemma3].json")
     args = ap.parse_args()
 
@@ -70,17 +74,23 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     cal = calibration_tokens(tok, assets.c4_calibration, args.num_samples, 256)
     bos = leading_bos(tok)
-    evals = {name: token_windows(tokenize_documents(tok, load_documents(path)), args.eval_windows, 256, bos)
-             for name, path in (("wiki", assets.wiki), ("c4_heldout", assets.c4_heldout))}
+    streams = {"wiki": tokenize_documents(tok, load_documents(assets.wiki))}
+    if args.wiki_part == "second_half":  # the held-out half the issue-14 targets are stated on
+        streams["wiki"] = streams["wiki"][streams["wiki"].size // 2:]
+    if not args.no_c4:
+        streams["c4_heldout"] = tokenize_documents(tok, load_documents(assets.c4_heldout))
+    evals = {name: token_windows(stream, args.eval_windows, args.eval_len, bos) for name, stream in streams.items()}
     dense_ppl = {name: torch_perplexity(model, w) for name, w in evals.items()}
     out_path = Path(args.out)
     rows = json.loads(out_path.read_text())["rows"] if out_path.exists() else []
-    done = {(r["variant"], r["sparsity"]) for r in rows}
+    setting = (args.eval_windows, args.eval_len, args.wiki_part)
+    done = {(r["variant"], r["sparsity"], (r.get("eval_windows", 48), r.get("eval_len", 256), r.get("wiki_part", "all")))
+            for r in rows}
     dense_cache: dict[tuple, object] = {}
     print(f"dense perplexity: {dense_ppl}")
     for sparsity in args.sparsities:
         for name in args.variants:
-            if (name, sparsity) in done:
+            if (name, sparsity, setting) in done:
                 continue
             config = SubFitConfig(sparsity=sparsity, num_samples=args.num_samples, **VARIANTS[name])
             key = (config.weighting, config.attention_rank, config.mlp_rank, config.ridge, config.prior_samples)
@@ -94,18 +104,21 @@ def main() -> None:
                 "achieved": result.plan.sparsity.achieved, "net": result.plan.sparsity.net,
                 "bypass_params": result.plan.sparsity.bypass_params,
                 "wiki_ppl_ratio": ppl["wiki"] / dense_ppl["wiki"],
-                "c4_ppl_ratio": ppl["c4_heldout"] / dense_ppl["c4_heldout"],
-                "calibration_seconds": seconds,
+                "c4_ppl_ratio": ppl["c4_heldout"] / dense_ppl["c4_heldout"] if "c4_heldout" in ppl else None,
+                "calibration_seconds": seconds, "eval_windows": args.eval_windows, "eval_len": args.eval_len,
+                "wiki_part": args.wiki_part, "dense_ppl": dense_ppl,
+                "weighting": result.plan.calibration.get("weighting"),
+                "held_out_distance": result.plan.calibration.get("held_out_distance"),
             }
             rows.append(row)
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-            print(f"{sparsity:6.3f} {name:28s} wiki x{row['wiki_ppl_ratio']:.3f} c4 x{row['c4_ppl_ratio']:.3f} "
+            print(f"{sparsity:6.3f} {name:28s} wiki x{row['wiki_ppl_ratio']:.3f} c4 x{row['c4_ppl_ratio'] or 0:.3f} "
                   f"net {row['net']:.3f} {row['depth_map']} {seconds:.0f}s", flush=True)
             out_path.parent.mkdir(parents=True, exist_ok=True)
             out_path.write_text(json.dumps({"model": str(model_dir), "bos_led": bos is not None,
                                 "dense_ppl": dense_ppl, "calibration": {"source": "c4 first half",
                                 "num_samples": args.num_samples, "seq_len": 256},
-                                "eval": {"windows": args.eval_windows, "window": 256}, "rows": rows}, indent=2))
+                                "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

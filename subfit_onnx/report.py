@@ -148,5 +148,7 @@ def format_summary(report: dict[str, Any]) -> str:
     if report.get("plan", {}).get("reused"):
         lines.append(f"  plan         reused {report['plan']['path']}")
     elif report.get("plan", {}).get("calibration", {}).get("backend"):
-        lines.append(f"  calibration  {report['plan']['calibration']['backend']} backend")
+        cal = report["plan"]["calibration"]
+        chosen = f", {cal['weighting']} token weighting" if cal.get("weighting") else ""
+        lines.append(f"  calibration  {cal['backend']} backend{chosen}")
     return "\n".join(lines)

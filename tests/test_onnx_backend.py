@@ -29,7 +29,7 @@ from onnx_ir.passes.common import ShapeInferencePass
 
 from progress_recorder import Recorder
 from rewrite_helpers import random_bypass
-from subfit_onnx.calibration import onnx_backend, torch_backend
+from subfit_onnx.calibration import runner
 from subfit_onnx.calibration.calibrate import calibrate_model
 from subfit_onnx.calibration.onnx_backend import OrtLayerRunner, calibrate_export
 from subfit_onnx.calibration.onnx_cut import GraphCutter
@@ -87,8 +87,7 @@ def both_backends(request, tiny_export):
     export = tiny_export(family)
     exact = functools.partial(UnitStats, product_dtype=np.float64)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(onnx_backend, "UnitStats", exact)
-        mp.setattr(torch_backend, "UnitStats", exact)
+        mp.setattr(runner, "UnitStats", exact)  # both backends make their statistics through RowBatches.new_stats
         return (family, export, calibrate_export(export, TOKENS, CONFIG),
                 calibrate_model(torch_reference(family), TOKENS, CONFIG))
 
@@ -252,6 +251,20 @@ def test_shared_values_are_found_by_dependence(tiny_export):
         assert {f"past_key_values.{i}.key", f"past_key_values.{i}.value"} <= shared
         assert not any(v in cutter.tags.data for v in cutter.shared_values(i))
     assert not cutter.depends_on_token_values(prelude.shared)
+
+
+def test_auto_weighting_checks_alike_in_both_backends(tiny_export):
+    """The held-out rows run in their own batches (here one row: a batch size the embedding pass never saw)."""
+    config = CONFIG.model_copy(update={"weighting": "auto", "sparsity": 0.3})
+    progress = Recorder()
+    onnx_plan = calibrate_export(tiny_export("llama"), TOKENS, config, progress=progress).plan
+    torch_plan = calibrate_model(tiny_model("llama"), TOKENS, config).plan
+    checks = {d: total for d, (_, total) in progress.bars.items() if d.startswith("checking")}
+    assert "checking the uniform-weighted selection 4/4" in checks and set(checks.values()) == {1}
+    assert onnx_plan.calibration["weighting"] == torch_plan.calibration["weighting"]
+    for w, distance in torch_plan.calibration["held_out_distance"].items():
+        assert onnx_plan.calibration["held_out_distance"][w] == pytest.approx(distance, rel=1e-3, abs=1e-7)
+    assert [u.key for u in onnx_plan.removed] == [u.key for u in torch_plan.removed]
 
 
 def test_progress_goes_through_the_factory(tiny_export, capfd):

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..architectures import UNIT_KINDS, UnitKind
 from ..bypass import Bypass
-from ..config import SubFitConfig
+from ..config import SubFitConfig, TokenWeighting
 from ..identity import ModelIdentity
 from ..names import unit_key
 from ..plan import Plan, RemovedUnit, bypass_spec, bypass_tensors, sparsity_report
@@ -26,8 +26,15 @@ from ..progress import ProgressFactory, silent
 from .budget import UNITS, Budget, params_budget
 from .runner import LayerRunner
 from .scoring import UnitAssessment, assess, score
-from .selection import SequentialSelector, UnitKey, check_reachable, target_params
+from .selection import SequentialSelector, UnitKey, check_reachable, greedy_select, target_params
 from .stats import UnitStats
+from .weighting_choice import (
+    CANDIDATE_WEIGHTINGS,
+    best_weighting,
+    choose_weighting,
+    held_out_rows,
+    run_held_out,
+)
 
 if TYPE_CHECKING:  # torch stays out of run_calibration's imports: the ONNX Runtime backend has no torch
     from torch import nn
@@ -47,10 +54,17 @@ def package_versions() -> dict[str, str]:
 
 @dataclass
 class DensePass:
-    """What pass 1 learns on the dense model; reusable across configs with the same weighting/rank/ridge."""
+    """What pass 1 learns on the dense model; reusable across configs with the same weighting/rank/ridge.
+
+    ``assessments`` are under ``weighting``, the one pass 2 uses; with ``weighting="auto"`` that is the
+    candidate whose selection won the held-out check (``weighting_choice``), and ``held_out`` says how far each
+    candidate's selection left the held-out rows' last stream from the dense one.
+    """
 
     assessments: dict[UnitKey, UnitAssessment] = field(default_factory=dict)
     block_influence: list[float] = field(default_factory=list)
+    weighting: TokenWeighting = "stream"
+    held_out: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -90,22 +104,55 @@ class Calibrator:
         return assess(stats, self.config.rank_for(kind, self.identity.hidden_size), self.config.ridge)
 
     def dense_pass(self) -> DensePass:
-        """Pass 1: every unit assessed on the dense model, and ShortGPT's block influence per layer."""
-        dense = DensePass()
-        n = self.runner.num_layers
-        rows = self.config.prior_rows(self.runner.store.shape[0])
-        with self.runner.scoring_only(rows):
-            self._dense_layers(dense, n, rows)
+        """Pass 1: every unit assessed on the dense model, and ShortGPT's block influence per layer.
+
+        With ``weighting="auto"`` every unit is assessed under each candidate weighting, the last calibration
+        rows are kept out of those statistics, and the weighting is chosen on them (``weighting_choice``).
+        """
+        total = self.runner.store.shape[0]
+        auto = self.config.weighting == "auto"
+        held = held_out_rows(total) if auto else 0
+        weightings = CANDIDATE_WEIGHTINGS if held else (CANDIDATE_WEIGHTINGS[0] if auto else self.config.weighting,)
+        candidates: dict[TokenWeighting, dict[UnitKey, UnitAssessment]] = {w: {} for w in weightings}
+        dense = DensePass(weighting=weightings[0], assessments=candidates[weightings[0]])
+        rows = self.config.prior_rows(total)
+        self.runner.stat_rows = total - held
+        try:
+            with self.runner.scoring_only(rows):
+                self._dense_layers(dense, candidates, min(rows, total - held))
+            dense_final = np.array(self.runner.store.current[total - held:]) if held and rows >= total else None
+        finally:
+            self.runner.stat_rows = None
+        if held:
+            self._choose_weighting(dense, candidates, total - held, dense_final)
         self.runner.store.restore()
         return dense
 
-    def _dense_layers(self, dense: DensePass, n: int, rows: int) -> None:
+    def _dense_layers(self, dense: DensePass, candidates: dict[TokenWeighting, dict[UnitKey, UnitAssessment]],
+                      rows: int) -> None:
+        n = self.runner.num_layers
         for i in range(n):
-            stats = self.runner.sweep(i, UNIT_KINDS, self.config.weighting, f"scoring layer {i + 1}/{n}")
+            stats = self.runner.sweep(i, UNIT_KINDS, tuple(candidates), f"scoring layer {i + 1}/{n}")
             for kind in UNIT_KINDS:
-                dense.assessments[(i, kind)] = self._assess(kind, stats[kind])
+                for w, assessments in candidates.items():
+                    assessments[(i, kind)] = self._assess(kind, stats[kind][w])
             dense.block_influence.append(_block_influence(self.runner.store.current[:rows], self.runner.store.next[:rows]))
             self.runner.store.advance()
+
+    def _choose_weighting(self, dense: DensePass, candidates: dict[TokenWeighting, dict[UnitKey, UnitAssessment]],
+                          start: int, dense_final: np.ndarray | None) -> None:
+        """Keep the candidate weighting whose one-shot selection does least end-to-end damage on held-out rows."""
+        if dense_final is None:  # pass 1 ran on fewer rows than the held-out ones: run them dense now
+            dense_final = run_held_out(self.runner, start, {}, "dense held-out rows")
+        hidden = self.identity.hidden_size
+        selections = {}
+        for w, assessments in candidates.items():
+            chosen = greedy_select({k: score(a, self.config.score, self.params[k]) for k, a in assessments.items()},
+                                   self.params, self.target)
+            selections[w] = {k: assessments[k].bypass if self.config.bypass else _zero_bypass(hidden) for k in chosen}
+        dense.held_out = choose_weighting(self.runner, start, dense_final, selections)
+        dense.weighting = best_weighting(dense.held_out)
+        dense.assessments = candidates[dense.weighting]
 
     def scores(self, dense: DensePass) -> dict[UnitKey, float]:
         return {k: score(a, self.config.score, self.budget.savings[k]) for k, a in dense.assessments.items()}
@@ -123,20 +170,19 @@ class Calibrator:
         ))
         return bypass
 
-    def compress_pass(self, prior: dict[UnitKey, float]) -> None:
+    def compress_pass(self, prior: dict[UnitKey, float], weighting: TokenWeighting) -> None:
         """Pass 2: depth order on the compressed upstream; decide, fit and swap each unit in turn."""
         selector = SequentialSelector(prior, self.budget.savings, self.budget.target,
                                       rescore=self.config.schedule == "sequential")
         dense = self.runner.dense_targets() if self.config.target == "dense_stream" else None
         try:
-            self._compress_layers(selector, dense)
+            self._compress_layers(selector, dense, weighting)
         finally:
             if dense is not None:
                 dense.close()
 
-    def _compress_layers(self, selector: SequentialSelector, dense: Any) -> None:
+    def _compress_layers(self, selector: SequentialSelector, dense: Any, w: TokenWeighting) -> None:
         n = self.runner.num_layers
-        w = self.config.weighting
         for i in range(n):
             if dense is not None:
                 self.runner.dense_sweep(i, dense, f"dense layer {i + 1}/{n}")
@@ -230,9 +276,10 @@ def run_calibration(runner: LayerRunner, config: SubFitConfig, calibration_info:
         with single_threaded_blas():
             dense = dense or cal.dense_pass()
             prior = cal.scores(dense)
-            cal.compress_pass(prior)
+            cal.compress_pass(prior, dense.weighting)
         n, seq, _ = runner.store.shape
-        info = {"num_samples": int(n), "seq_len": int(seq), "backend": runner.backend, **(calibration_info or {})}
+        info = {"num_samples": int(n), "seq_len": int(seq), "backend": runner.backend, "weighting": dense.weighting,
+                **({"held_out_distance": dense.held_out} if dense.held_out else {}), **(calibration_info or {})}
         plan = cal.plan(info)
         if not keep_compressed:
             cal.restore_model()

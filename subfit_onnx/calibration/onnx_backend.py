@@ -46,7 +46,7 @@ from .dense_targets import DenseTargets
 from .onnx_cut import GraphCutter, LayerGraph
 from .onnx_session import SessionFactory, prefill_inputs
 from .runner import RowBatches
-from .stats import TokenWeighting, UnitStats
+from .stats import AnyStats, Weightings
 
 _NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
@@ -187,8 +187,8 @@ class OrtLayerRunner(RowBatches):
         self.structure.set_unit(unit)
         self._refresh(unit.layer)
 
-    def sweep(self, index: int, collect: tuple[UnitKind, ...], weighting: TokenWeighting, desc: str,
-              dense: DenseTargets | None = None) -> dict[UnitKind, UnitStats]:
+    def sweep(self, index: int, collect: tuple[UnitKind, ...], weighting: Weightings, desc: str,
+              dense: DenseTargets | None = None) -> dict[UnitKind, AnyStats]:
         """Run layer ``index`` on every calibration batch, writing its outputs and collecting unit stats.
 
         With ``dense``, each unit's fit target restores the dense stream (``h_dense_after - h_in``), as in
@@ -196,7 +196,7 @@ class OrtLayerRunner(RowBatches):
         """
         layer = self._session(index)
         hidden = self.store.shape[2]
-        stats = {kind: UnitStats(hidden, hidden, weighting) for kind in collect}
+        stats = {kind: self.new_stats(hidden, weighting) for kind in collect}
         taps = self._tap_names(layer, collect)
         with progress_bar(self.progress, desc, self.active_rows) as bar:
             for rows in self.batches():
@@ -290,7 +290,13 @@ class OrtLayerRunner(RowBatches):
         if self._prelude is not None:  # shared values that depend on the token ids: recompute per batch
             with self.times.timed("graph"):
                 return self._prelude.run(self.tokens[rows])[1]
-        return self._shared[rows.stop - rows.start]
+        size = rows.stop - rows.start
+        if size not in self._shared:  # a batch size the embedding pass never ran (held-out rows): build once
+            with self.times.timed("build"):
+                prelude = _Prelude(self.cutter, self.sessions, self.structure)
+            with self.times.timed("graph"):
+                self._shared[size] = prelude.run(self.tokens[rows])[1]
+        return self._shared[size]
 
 
 class _Prelude:

@@ -17,7 +17,7 @@ from ..architectures import UnitKind
 from ..bypass import Bypass
 from ..identity import ModelIdentity
 from .activations import ActivationStore
-from .stats import TokenWeighting, UnitStats
+from .stats import AnyStats, StatsByWeighting, TransposedProduct, UnitStats, Weightings, numpy_tn
 
 
 class Undoable(Protocol):
@@ -29,12 +29,16 @@ class RowBatches:
 
     ``row_limit`` restricts sweeps to the first rows; ``keep_mlp_inputs`` says whether sweeps store the FFN's
     inputs (``ActivationStore.mlp_inputs``), which only pass 2 uses. Pass 1 (scoring only) needs neither.
+    ``row_start`` starts sweeps at a later row (the held-out rows a candidate selection is checked on), and
+    ``stat_rows`` keeps the rows from that index on out of every statistic: they are run, never fitted.
     """
 
     tokens: np.ndarray
     batch_size: int
     store: ActivationStore
     row_limit: int | None = None
+    row_start: int = 0
+    stat_rows: int | None = None
     keep_mlp_inputs: bool = True
 
     @contextmanager
@@ -45,15 +49,34 @@ class RowBatches:
         finally:
             self.row_limit, self.keep_mlp_inputs = None, True
 
+    @contextmanager
+    def only_rows(self, start: int) -> Iterator[None]:
+        """Sweeps run rows ``start`` to the end only."""
+        self.row_start = start
+        try:
+            yield
+        finally:
+            self.row_start = 0
+
     @property
-    def active_rows(self) -> int:
+    def _row_stop(self) -> int:
         n = int(self.tokens.shape[0])
         return n if self.row_limit is None else max(1, min(n, self.row_limit))
 
+    @property
+    def active_rows(self) -> int:
+        return self._row_stop - self.row_start
+
     def batches(self) -> Iterator[slice]:
-        n = self.active_rows
-        for start in range(0, n, self.batch_size):
+        n = self._row_stop
+        for start in range(self.row_start, n, self.batch_size):
             yield slice(start, min(start + self.batch_size, n))
+
+    def new_stats(self, hidden: int, weighting: Weightings, products: TransposedProduct = numpy_tn) -> AnyStats:
+        """One unit's statistics: under one weighting, or under several at once (``StatsByWeighting``)."""
+        if isinstance(weighting, str):
+            return UnitStats(hidden, hidden, weighting, products=products)
+        return StatsByWeighting({w: UnitStats(hidden, hidden, w, products=products) for w in weighting})
 
     def collect_batch(self, stats: dict[UnitKind, UnitStats], rows: slice, h: np.ndarray,
                       taps: dict[str, np.ndarray], dense_after: dict[UnitKind, np.ndarray] | None) -> None:
@@ -68,6 +91,13 @@ class RowBatches:
             mid, x = self.store.mlp_inputs()
             mid[rows] = h_in["mlp"]
             x[rows] = taps["mlp.x"]
+        fitted = rows.stop - rows.start if self.stat_rows is None else min(rows.stop, self.stat_rows) - rows.start
+        if fitted <= 0:
+            return
+        if fitted < rows.stop - rows.start:  # a batch that straddles the held-out rows: fit only its first part
+            h_in = {k: v[:fitted] for k, v in h_in.items()}
+            taps = {k: v[:fitted] for k, v in taps.items()}
+            dense_after = None if dense_after is None else {k: v[:fitted] for k, v in dense_after.items()}
         for kind, st in stats.items():
             x, y = taps[f"{kind}.x"], taps[f"{kind}.y"]
             if dense_after is None:
@@ -81,13 +111,16 @@ class LayerRunner(Protocol):
     identity: ModelIdentity
     unit_params: dict[tuple[int, UnitKind], int]
     store: ActivationStore
+    stat_rows: int | None
 
     @property
     def num_layers(self) -> int: ...
 
-    def sweep(self, index: int, collect: tuple[UnitKind, ...], weighting: TokenWeighting, desc: str,
-              dense: Any = None) -> dict[UnitKind, UnitStats]:
+    def sweep(self, index: int, collect: tuple[UnitKind, ...], weighting: Weightings, desc: str,
+              dense: Any = None) -> dict[UnitKind, AnyStats]:
         """Run layer ``index`` over all tokens from ``store.current`` into ``store.next``; stats for ``collect``.
+
+        ``weighting`` is one token weighting, or a tuple of them (each unit's stats are then a ``StatsByWeighting``).
 
         With ``dense`` (from ``dense_targets``), fit targets restore the dense stream (see ``TorchLayerRunner``).
         """
@@ -100,5 +133,9 @@ class LayerRunner(Protocol):
     def install_bypass(self, index: int, kind: UnitKind, bypass: Bypass) -> Undoable: ...
 
     def scoring_only(self, rows: int) -> AbstractContextManager[None]: ...
+
+    def only_rows(self, start: int) -> AbstractContextManager[None]: ...
+
+    def batches(self) -> Iterator[slice]: ...
 
     def close(self) -> None: ...

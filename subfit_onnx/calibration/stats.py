@@ -109,3 +109,21 @@ class UnitStats:
     @property
     def mean_growth(self) -> float:
         return self.growth_sum / max(self.weight_sum, 1e-30)
+
+
+Weightings = TokenWeighting | tuple[TokenWeighting, ...]
+
+
+class StatsByWeighting(dict[TokenWeighting, UnitStats]):
+    """One unit's statistics under several token weightings, from the same tokens in one sweep.
+
+    ``weighting="auto"`` scores every unit under each candidate weighting in pass 1; the layer runs once, only
+    the products are repeated.
+    """
+
+    def update(self, x: np.ndarray, y: np.ndarray, h_in: np.ndarray, y_actual: np.ndarray | None = None) -> None:
+        for stats in self.values():
+            stats.update(x, y, h_in, y_actual)
+
+
+AnyStats = UnitStats | StatsByWeighting

@@ -32,7 +32,7 @@ from ..torch_model import (
 from .activations import ActivationStore
 from .dense_targets import DenseTargets
 from .runner import RowBatches
-from .stats import TokenWeighting, UnitStats
+from .stats import AnyStats, Weightings
 
 
 class _StopForward(Exception):
@@ -167,8 +167,8 @@ class TorchLayerRunner(RowBatches):
                 h.remove()
 
     @torch.no_grad()
-    def sweep(self, index: int, collect: tuple[UnitKind, ...], weighting: TokenWeighting,
-              desc: str, dense: DenseTargets | None = None) -> dict[UnitKind, UnitStats]:
+    def sweep(self, index: int, collect: tuple[UnitKind, ...], weighting: Weightings,
+              desc: str, dense: DenseTargets | None = None) -> dict[UnitKind, AnyStats]:
         """Run layer ``index`` on every calibration batch, writing its outputs and collecting unit stats.
 
         With ``dense``, each unit's fit target is what restores the dense model's stream after that unit
@@ -177,7 +177,7 @@ class TorchLayerRunner(RowBatches):
         layer = self.layers[index]
         args, kwargs = self.layer_args[index]
         hidden = self.store.shape[2]
-        stats = {kind: UnitStats(hidden, hidden, weighting, products=torch_tn) for kind in collect}
+        stats = {kind: self.new_stats(hidden, weighting, torch_tn) for kind in collect}
         with progress_bar(self.progress, desc, self.active_rows) as bar, \
                 self._unit_taps(layer, tuple(UNIT_KINDS)) as seen:
             for rows in self.batches():
