@@ -147,8 +147,9 @@ class Calibrator:
         hidden = self.identity.hidden_size
         selections = {}
         for w, assessments in candidates.items():
-            chosen = greedy_select({k: score(a, self.config.score, self.params[k]) for k, a in assessments.items()},
-                                   self.params, self.target)
+            savings = self.budget.savings
+            chosen = greedy_select({k: score(a, self.config.score, savings[k]) for k, a in assessments.items()},
+                                   savings, self.budget.target)
             selections[w] = {k: assessments[k].bypass if self.config.bypass else _zero_bypass(hidden) for k in chosen}
         dense.held_out = choose_weighting(self.runner, start, dense_final, selections)
         dense.weighting = best_weighting(dense.held_out)
