@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
+
 from builder_fixtures import BUILDER_FAMILIES, fixture_checkpoint, fixture_dir, manifest, weights_digest
 
 SEQ = 12
