@@ -21,6 +21,7 @@ from typing import Any
 from .backends import CalibrationJob, prepare_calibration, run_calibration
 from .config import SubFitConfig, make_config
 from .errors import SubFitError
+from .exporters.quantize import check_precision
 from .graph_checks import ExportFacts, check_export_family, inspect_export
 from .names import ONNX_FILE, PLAN_FILE, REPORT_FILE, SETTINGS_FILE
 from .plan import CalibratedPlan, Plan, as_calibrated_plan, save_plan
@@ -86,6 +87,7 @@ class _Run:
     started: float
     dtype: str = "fp32"  # export precision when SOURCE is a model
     external_data: bool | None = None
+    quantize: str | None = None  # "int4" | "int8": quantize the rewritten weights
 
 
 def _prepare(source: str | Path, config: SubFitConfig, output: str | Path | None, *, overwrite: bool,
@@ -136,7 +138,7 @@ def _compress(run: _Run, calibrated: CalibratedPlan | None = None, job: Calibrat
             seconds["calibration"] = calibrated.seconds or 0.0
         with _timed(seconds, "rewrite"):  # checks the plan against the graph first
             rewritten = rewrite_into(facts.onnx_file, calibrated.plan, calibrated.tensors, work / STAGED,
-                                     external_data=run.external_data, progress=progress)
+                                     external_data=run.external_data, quantize=run.quantize, progress=progress)
         seconds["total"] = time.perf_counter() - run.started
         report = build_report(
             source=src.given, output=out, plan=calibrated.plan, rewrite=rewritten, seconds=seconds,
@@ -153,16 +155,18 @@ def _compress(run: _Run, calibrated: CalibratedPlan | None = None, job: Calibrat
 def optimize(source: str | Path, sparsity: float | None = None, *, config: SubFitConfig | None = None,
              model: Any = None, output: str | Path | None = None, plan: Any = None, overwrite: bool = False,
              progress: ProgressFactory | None = None, calibration_backend: str = "auto",
-             dtype: str = "fp32", external_data: bool | None = None) -> Result:
+             dtype: str = "fp32", external_data: bool | None = None, quantize: str | None = None) -> Result:
     """Compress ``source`` (model.onnx, Optimum export folder, local model folder or hub id) into ``output``.
 
     ``model`` is the PyTorch checkpoint to calibrate from (path, hub id or a loaded model); by default SOURCE
     when it is a model, else the checkpoint the export's config names. ``plan`` reuses a saved calibration
     (then ``sparsity`` must match it or be None). ``dtype`` applies when SOURCE is a model and is exported here.
     ``calibration_backend``: ``torch`` runs the checkpoint, ``onnx`` runs the export in ONNX Runtime (no checkpoint
-    needed), ``auto`` picks torch when a checkpoint is known and onnx otherwise.
+    needed), ``auto`` picks torch when a checkpoint is known and onnx otherwise. ``quantize`` ("int4" or
+    "int8") quantizes the compressed model's weights (``exporters.quantize``); a bad value is refused first.
     """
     started = time.perf_counter()
+    check_precision(quantize)
     reused = as_calibrated_plan(plan) if plan is not None else None
     if reused is not None:
         target = reused.plan.sparsity.target
@@ -171,7 +175,7 @@ def optimize(source: str | Path, sparsity: float | None = None, *, config: SubFi
                               "or calibrate again")
         sparsity = target
     run = replace(_prepare(source, make_config(config, sparsity), output, overwrite=overwrite, progress=progress,
-                           started=started), dtype=dtype, external_data=external_data)
+                           started=started), dtype=dtype, external_data=external_data, quantize=quantize)
     if reused is not None:
         return _compress(run, calibrated=reused)
     return _compress(run, job=prepare_calibration(run.source, model, run.config, calibration_backend, run.facts))
@@ -195,13 +199,16 @@ def calibrate(source: str | Path, sparsity: float | None = None, *, config: SubF
 
 
 def rewrite(export: str | Path, plan: Any, output: str | Path | None = None, *, overwrite: bool = False,
-            progress: ProgressFactory | None = None, external_data: bool | None = None) -> Result:
-    """Apply a saved plan to an ONNX export (no torch, no calibration); same output layout as ``optimize``."""
+            progress: ProgressFactory | None = None, external_data: bool | None = None,
+            quantize: str | None = None) -> Result:
+    """Apply a saved plan to an ONNX export (no torch, no calibration); same output layout as ``optimize``;
+    ``quantize`` as there."""
     started = time.perf_counter()
+    check_precision(quantize)
     calibrated = as_calibrated_plan(plan)
     run = _prepare(export, make_config(None, calibrated.plan.sparsity.target), output, overwrite=overwrite,
                    progress=progress, started=started, export_only=True)
-    return _compress(replace(run, external_data=external_data), calibrated=calibrated)
+    return _compress(replace(run, external_data=external_data, quantize=quantize), calibrated=calibrated)
 
 
 def export(model: str | Path, output: str | Path | None = None, *, dtype: str = "fp32", overwrite: bool = False,

@@ -48,6 +48,13 @@ class DType(str, Enum):
     fp16 = "fp16"
 
 
+# a plain string, checked by the API: a bad value is then one error line (exit 1), like every other bad input
+QuantizeOption = Annotated[str | None, typer.Option(
+    "--quantize", metavar="int4|int8", help="quantize the compressed model's weights (ONNX Runtime MatMulNBits, block 32): int4 keeps "
+    "lm_head, the bypasses and the first/last eighth's FFN down projections at int8; int8 quantizes all",
+    show_default="none: keep the export's precision")]
+
+
 class CalibrationBackend(str, Enum):
     auto = "auto"
     torch = "torch"
@@ -174,13 +181,14 @@ def optimize(
         show_default="none: calibrate")] = None,
     dtype: Annotated[DType, typer.Option(
         "--dtype", help="export precision when SOURCE is a model (fp32 or fp16)")] = DType.fp32,
+    quantize: QuantizeOption = None,
 ) -> None:
     """Export (if needed), calibrate, and rewrite the ONNX model: one folder ORTModelForCausalLM can load."""
     with running.api(output) as api:
         running.emit_result(api.optimize(
             inputs.source, inputs.sparsity, config=inputs.config(with_sparsity=False), model=inputs.model,
             output=output, plan=plan, overwrite=running.overwrite, progress=running.progress(), dtype=dtype.value,
-            calibration_backend=inputs.backend.value))
+            calibration_backend=inputs.backend.value, quantize=quantize))
 
 
 @app.command()
@@ -217,11 +225,12 @@ def rewrite(
     export: Export,
     plan: Annotated[Path, typer.Option("--plan", "-p", help="plan folder or subfit_plan.json", show_default=False)],
     output: Output = None,
+    quantize: QuantizeOption = None,
 ) -> None:
     """Apply a saved plan to an ONNX export (no PyTorch needed); same output as optimize."""
     with running.api(output) as api:
         running.emit_result(api.rewrite(export, plan, output, overwrite=running.overwrite,
-                                        progress=running.progress()))
+                                        progress=running.progress(), quantize=quantize))
 
 
 @app.command()
