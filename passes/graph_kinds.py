@@ -23,7 +23,7 @@ _QUANTIZED = {
     "MatMulBnb4": "bitsandbytes-4bit (MatMulBnb4) weights",
 }
 _OTHER_ATTENTION = ("MultiHeadAttention", "PagedAttention", "Attention", "SparseAttention")
-_QUANTIZE_AFTER = "Run SubFit on the float export and quantize its output"
+_QUANTIZE_AFTER = "Run SubFit on the float export with --quantize int4"
 
 
 def unreadable_reason(model: ir.Model, layouts: tuple[GraphLayout, ...]) -> str | None:

@@ -51,4 +51,4 @@ def test_plain_optimum_export_is_read(tiny_export):
                                                       ("qdq", "QDQ-quantized (DequantizeLinear)")])
 def test_quantized_optimum_export_gets_one_line(quant_format, needle, tiny_export, tmp_path):
     export = quantized_copy(tiny_export("llama"), tmp_path / "quantized", quant_format)
-    assert_user_error(cli("inspect", export / "model.onnx"), needle, "Run SubFit on the float export")
+    assert_user_error(cli("inspect", export / "model.onnx"), needle, "Run SubFit on the float export with --quantize int4")
