@@ -150,7 +150,8 @@ def rewrite_into(source: Path, plan: Plan, tensors: Mapping[str, np.ndarray], ou
         check_plan_matches(plan, before, tensors, export_config, source)
         counts = (model.graph.num_nodes(), len(model.graph.initializers),
                   sum(v.name.startswith(KV.past_prefix) for v in model.graph.inputs))
-        bytes_before = model_file_bytes(source, external_data_names(model))
+        source_data = external_data_names(model)  # the model builder's model.onnx.data is not an .onnx_data
+        bytes_before = model_file_bytes(source, source_data)
         input_external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
         bar.update(1)
 
@@ -181,11 +182,14 @@ def rewrite_into(source: Path, plan: Plan, tensors: Mapping[str, np.ndarray], ou
         config = subfit_config(export_config, section, after.num_kv_heads, after.head_dim,
                                has_kv_cache=bool(after.kv_layers()))
         write_config(out, config)
-        _copy_companions(source.parent, out, skip={CONFIG_FILE})
+        _copy_companions(source.parent, out, skip={CONFIG_FILE, *source_data})
         if (source.parent / GENAI_CONFIG_FILE).is_file():  # the source was set up for onnxruntime-genai
-            from ..runtime_genai import write_genai_config
+            from ..runtime_genai import write_genai_config, write_rewritten_genai_config
 
-            write_genai_config(out)
+            if before.layout.own_genai_config:
+                write_rewritten_genai_config(source.parent, out, after.kv_layers())
+            else:
+                write_genai_config(out)
         bytes_after = model_file_bytes(target, [DATA_FILE] if external else [])
         bar.update(1)
 

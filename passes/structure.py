@@ -252,12 +252,16 @@ def bypass_params(nodes: list[ir.Node]) -> int:
     return sum(seen.values())
 
 
-def _residual_adds(nodes: list[ir.Node], layer_scope: str, row: GraphLayout, from_unit,
+def _residual_adds(nodes: list[ir.Node], layer_scope: str, unit_scope: str, row: GraphLayout, from_unit,
                    is_stream) -> list[tuple[ir.Node, int]]:
-    """Residual nodes with one added operand from the unit and the other the stream; (node, unit operand index)."""
+    """Residual nodes with one added operand from the unit and the other the stream; (node, unit operand index).
+
+    Never a node of the unit itself (a bypass ends in an Add of its own)."""
     found = []
     for node in nodes:
         if node.op_type not in row.residual_ops or (row.residual_in_layer and not direct_child(node, layer_scope)):
+            continue
+        if in_scope(node, unit_scope):
             continue
         if row.residual_in_layer and len(node.inputs) != 2:
             continue
@@ -292,7 +296,7 @@ def _resolve_unit(layer: int, kind: UnitKind, row: GraphLayout, nodes: list[ir.N
     norm_output = next(iter(fed.values()), None)
 
     if bypass_nodes:  # written by InsertBypassPass: trust its own wiring
-        adds = _residual_adds(residual_candidates, layer_scope, row, lambda v: in_scope(v.producer(), bypass_scope),
+        adds = _residual_adds(residual_candidates, layer_scope, scope, row, lambda v: in_scope(v.producer(), bypass_scope),
                               lambda v: True)
     else:
         def from_unit(value: ir.Value) -> bool:
@@ -302,7 +306,7 @@ def _resolve_unit(layer: int, kind: UnitKind, row: GraphLayout, nodes: list[ir.N
         def enters_norm(value: ir.Value) -> bool:
             return in_scope(value.producer(), norm_scope) or any(in_scope(u, norm_scope) for u in consumers(value))
 
-        adds = _residual_adds(residual_candidates, layer_scope, row, from_unit, enters_norm)
+        adds = _residual_adds(residual_candidates, layer_scope, scope, row, from_unit, enters_norm)
     if len(adds) != 1:
         raise _Refusal(
             f"{what}: expected one residual {'/'.join(row.residual_ops)} "

@@ -113,6 +113,9 @@ class GraphLayout:
     # ``signature_ops`` and no contrib op outside ``fused_ops`` (other fused graphs are refused as ORT-optimized)
     signature_ops: tuple[str, ...] = ()
     fused_ops: tuple[str, ...] = ()
+    # True: the exporter writes its own genai_config.json, which a rewrite keeps (its layer count updated);
+    # False: a genai_config.json beside the graph is regenerated for the rewritten graph (runtime_genai)
+    own_genai_config: bool = False
     kv: KVNames = field(default=KV)
 
     def reads(self, contrib_ops: set[str]) -> bool:
@@ -144,13 +147,16 @@ def optimum_layouts(families: tuple[FamilyLayout, ...]) -> tuple[GraphLayout, ..
 # between the units: each norm is a SkipSimplifiedLayerNormalization whose input 0 is the stream, input 1 (skip)
 # the contribution of the unit before it and output 3 the new stream, so a unit's residual node is the next norm
 # on the chain (the next layer's input norm for an FFN, the final norm at /model/layers.N/ after the last one).
+# The ONNX calibration backend splits those norms into Add + SimplifiedLayerNormalization in its private copy
+# (passes.builder_unfuse), so an Add in the norm's scope is the residual node there.
 _MODEL_BUILDER = {
     "exporter": "onnxruntime-genai",
     "layer_scope": "/model/layers.{i}/",
-    "residual_ops": ("SkipSimplifiedLayerNormalization",),
+    "residual_ops": ("SkipSimplifiedLayerNormalization", "Add"),
     "residual_in_layer": False,
-    "signature_ops": ("GroupQueryAttention", "SkipSimplifiedLayerNormalization"),
+    "signature_ops": ("GroupQueryAttention",),
     "fused_ops": ("GroupQueryAttention", "SkipSimplifiedLayerNormalization", "MatMulNBits", "GatherBlockQuantized"),
+    "own_genai_config": True,
 }
 
 GRAPH_LAYOUTS: tuple[GraphLayout, ...] = (

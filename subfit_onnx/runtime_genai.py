@@ -118,6 +118,23 @@ def genai_config(model_dir: str | os.PathLike, *, context_length: int | None = N
     }
 
 
+def write_rewritten_genai_config(source_dir: Path, out: Path, kv_layers: list[int]) -> Path:
+    """The model builder's own genai_config.json for its rewritten graph: only ``num_hidden_layers`` changes.
+
+    onnxruntime-genai 0.18 finds the KV layers from the session's inputs through the ``%d`` name templates
+    (checked: 5, 25, 30 and 40 all run SmolLM2 with 24 KV layers, and ``past_present_share_buffer`` works with
+    gaps), so the count is kept truthful rather than load-bearing; every other field describes the tokenizer,
+    the search and the tensor names, which a rewrite does not change.
+    """
+    from .model_config import read_genai_config
+
+    content = read_genai_config(source_dir) or {}
+    content.setdefault("model", {}).setdefault("decoder", {})["num_hidden_layers"] = len(kv_layers)
+    path = out / GENAI_CONFIG_FILE
+    path.write_text(json.dumps(content, indent=4) + "\n", encoding="utf-8")
+    return path
+
+
 def write_genai_config(model_dir: str | os.PathLike, **kwargs: Any) -> Path:
     """Write ``genai_config.json`` into the export folder (overwriting one there) and return its path."""
     content = genai_config(model_dir, **kwargs)
