@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from builder_fixtures import fixture_dir
+from builder_fixtures import BUILDER_FAMILIES, OVERRIDES, fixture_dir
 from rewrite_helpers import hand_plan
 from subfit_onnx.exporters.rewrite import rewrite_export
-from tiny_models import tiny_model
+from tiny_models import FAMILY_CONFIGS, tiny_model
 
 UNITS = [(1, "attention", "lowrank"), (2, "mlp", "full")]
 PROMPT = [5, 9, 13, 40, 41, 42]
@@ -25,6 +25,26 @@ def optimum_greedy(folder, steps: int) -> list[int]:
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, do_sample=False,
                          eos_token_id=None, pad_token_id=0)
     return out[0, len(PROMPT):].tolist()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+@pytest.mark.parametrize("family", BUILDER_FAMILIES)
+def test_every_family_rewrites_from_its_builder_folder(family, precision, tmp_path):
+    """config.json comes from genai_config.json, genai_config.json keeps the builder's settings with the kept
+    layer count, the builder's weights file is not carried over, and Optimum generates from the result."""
+    plan, tensors = hand_plan(tiny_model(family, overrides=OVERRIDES.get(family)), UNITS)
+    out = tmp_path / "out"
+    report = rewrite_export(fixture_dir(family, precision), plan, tensors, out)
+    assert report.removed_kv_layers == [1] and report.family == plan.model.family
+    source_genai = json.loads((fixture_dir(family, precision) / "genai_config.json").read_text())
+    genai = json.loads((out / "genai_config.json").read_text())
+    source_genai["model"]["decoder"]["num_hidden_layers"] = 3
+    assert genai == source_genai
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == FAMILY_CONFIGS[family]["model_type"] and config["subfit"]["kv_layers"] == [0, 2, 3]
+    assert not (out / "model.onnx.data").exists()
+    if family not in ("gemma2", "gemma3"):  # sliding-window GQA needs a static cache (onnxruntime-genai's)
+        assert len(optimum_greedy(out, 3)) == 3
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int4"])
