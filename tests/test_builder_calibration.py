@@ -13,7 +13,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-from builder_fixtures import BUILDER_FAMILIES, fixture_checkpoint, fixture_dir
+from builder_fixtures import BUILDER_FAMILIES, fixture_dir
 from subfit_onnx.calibration.onnx_backend import calibrate_export
 from subfit_onnx.config import Portion, SubFitConfig
 from subfit_onnx.exporters.rewrite import plan_bypasses
@@ -30,10 +30,8 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("family", BUILDER_FAMILIES)
-def test_builder_calibration_matches_optimum_export(family, tmp_path):
-    from subfit_onnx.exporters.optimum_export import export_decoder
-
-    export = export_decoder(fixture_checkpoint(family, tmp_path / "hf"), tmp_path / "export")
+def test_builder_calibration_matches_optimum_export(family, builder_optimum_export):
+    export = builder_optimum_export(family)
     reference = calibrate_export(export.parent, TOKENS, CONFIG)
     result = calibrate_export(fixture_dir(family, "fp32"), TOKENS, CONFIG)
     assert [u.key for u in result.plan.removed] == [u.key for u in reference.plan.removed]

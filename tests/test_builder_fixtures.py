@@ -6,22 +6,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from builder_fixtures import BUILDER_FAMILIES, fixture_checkpoint, fixture_dir, manifest, weights_digest
+from builder_fixtures import BUILDER_FAMILIES, fixture_dir, manifest, weights_digest
 
 SEQ = 12
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("builder-checkpoints")
-    made = {}
-
-    def get(family):
-        if family not in made:
-            made[family] = fixture_checkpoint(family, root / family)
-        return made[family]
-
-    return get
 
 
 def prefill_feeds(session: ort.InferenceSession, ids: np.ndarray, past_capacity: int = 0) -> dict[str, np.ndarray]:
@@ -41,18 +28,16 @@ def prefill_feeds(session: ort.InferenceSession, ids: np.ndarray, past_capacity:
 
 
 @pytest.mark.parametrize("family", BUILDER_FAMILIES)
-def test_fixture_weights_match_tiny_models(family, checkpoints):
+def test_fixture_weights_match_tiny_models(family, builder_checkpoint):
     recorded = manifest()["families"][family]["weights_sha256"]
-    assert weights_digest(checkpoints(family)) == recorded, (
+    assert weights_digest(builder_checkpoint(family)) == recorded, (
         f"tiny_models now makes other {family} weights than the committed builder fixture; rebuild it with "
         "tests/fixtures/build_builder_fixtures.py")
 
 
 @pytest.mark.parametrize("family", BUILDER_FAMILIES)
-def test_builder_fp32_matches_optimum_export(family, checkpoints, tmp_path):
-    from subfit_onnx.exporters.optimum_export import export_decoder
-
-    export = export_decoder(checkpoints(family), tmp_path / "export")
+def test_builder_fp32_matches_optimum_export(family, builder_optimum_export):
+    export = builder_optimum_export(family)
     ids = np.random.default_rng(0).integers(3, 256, size=(1, SEQ))
     optimum = ort.InferenceSession(str(export))
     reference = optimum.run(["logits"], prefill_feeds(optimum, ids))[0]

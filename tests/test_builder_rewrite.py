@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from builder_fixtures import BUILDER_FAMILIES, OVERRIDES, fixture_checkpoint, fixture_dir
+from builder_fixtures import BUILDER_FAMILIES, OVERRIDES, fixture_dir
 from rewrite_helpers import random_bypass, rel_diff
 from subfit_onnx.bypass import Bypass
 from subfit_onnx.passes.external_data import LoadExternalTensorsPass
@@ -134,26 +134,11 @@ def test_zero_bypass_equals_cut_unit(family, precision, tmp_path):
     assert [(u.layer, u.kind) for u in after.units() if u.bypassed] == [(u[0], u[1]) for u in UNITS]
 
 
-@pytest.fixture(scope="module")
-def optimum_exports(tmp_path_factory):
-    from subfit_onnx.exporters.optimum_export import export_decoder
-
-    root = tmp_path_factory.mktemp("builder-parity")
-    made = {}
-
-    def get(family):
-        if family not in made:
-            made[family] = export_decoder(fixture_checkpoint(family, root / f"{family}-hf"), root / family)
-        return made[family]
-
-    return get
-
-
 @pytest.mark.parametrize("family", BUILDER_FAMILIES)
-def test_same_plan_same_logits_as_optimum_export(family, optimum_exports, tmp_path):
+def test_same_plan_same_logits_as_optimum_export(family, builder_optimum_export, tmp_path):
     rng = np.random.default_rng(1)
     bypasses = {(layer, kind): random_bypass(HIDDEN, form, rng) for layer, kind, form in UNITS}
-    optimum = ir.load(optimum_exports(family))
+    optimum = ir.load(builder_optimum_export(family))
     rewrite_model(optimum, bypasses)
     builder = load(family, "fp32")
     rewrite_model(builder, bypasses)
