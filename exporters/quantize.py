@@ -21,7 +21,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -42,15 +43,24 @@ class QuantizeSpec:
     algorithm: str = "default"  # "default" (RTN, ORT's C++ kernel), "hqq" (needs torch), "k_quant"
     int8_nodes: tuple[str, ...] = ()  # node names kept at 8 bits (mixed precision)
 
+
+@dataclass
+class Quantized:
+    """The quantized graph and what was quantized: (group, matrices, bits) for each group that had any."""
+
+    model: Any
+    block_size: int
+    groups: list[tuple[str, int, int]] = field(default_factory=list)
+
     def describe(self) -> str:
-        """One line for the run summary."""
-        extra = ["lm_head"] if self.lm_head_bits == 8 and self.bits != 8 else []
-        if self.int8_nodes and self.bits != 8:
-            extra.append(f"{len(self.int8_nodes)} FFN down projections")
-        if self.bypass_bits == 8 and self.bits != 8:
-            extra.append("bypasses")
-        tail = f"; {', '.join(extra)} int8" if extra else ""
-        return f"int{self.bits} weights (MatMulNBits, block {self.block_size}{tail})"
+        """One line for the run summary, from what was quantized (an int4 graph's MatMulNBits are not counted)."""
+        if not self.groups:
+            return "nothing to quantize (every weight matrix already MatMulNBits)"
+        by_bits: dict[int, list[str]] = {}
+        for name, count, bits in self.groups:
+            by_bits.setdefault(bits, []).append(name if name == "lm_head" else f"{count} {name}")
+        parts = [f"int{bits}: {', '.join(names)}" for bits, names in sorted(by_bits.items())]
+        return f"MatMulNBits, block {self.block_size}; " + "; ".join(parts)
 
 
 def check_precision(quantize: str | None) -> None:
@@ -153,25 +163,29 @@ def _quantize(model, nodes: list[str], others: list[str], bits: int, spec: Quant
     return model
 
 
-def quantize_graph(model, spec: QuantizeSpec):
-    """Quantize an ``onnx.ModelProto`` in memory (lm_head untied first); returns the new ModelProto."""
+def quantize_graph(model, spec: QuantizeSpec) -> Quantized:
+    """Quantize an ``onnx.ModelProto`` in memory (lm_head untied first): the new ModelProto and what changed."""
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     untie_lm_head(model)
-    matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul"]
+    constants = {i.name for i in model.graph.initializer}
+    matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in constants]  # weights
     bypass = [n for n in matmuls if BYPASS_MARK in n]
     head = [n for n in matmuls if _is_lm_head(n)]
-    groups: list[tuple[list[str], int, str]] = []
+    groups: list[tuple[str, list[str], int, str]] = []
     if spec.bypass_bits is not None and bypass:  # bypasses: plain RTN (measured: int8 loses nothing)
-        groups.append((bypass, spec.bypass_bits, "default"))
+        groups.append(("bypass matrices", bypass, spec.bypass_bits, "default"))
     if spec.lm_head_bits is not None and spec.lm_head_bits != spec.bits and head:
-        groups.append((head, spec.lm_head_bits, "default"))
+        groups.append(("lm_head", head, spec.lm_head_bits, "default"))
     mixed = [n for n in matmuls if n not in bypass and n not in head and n in spec.int8_nodes]
     if mixed and spec.bits != 8:
-        groups.append((mixed, 8, "default"))
-    special = {n for names, _, _ in groups for n in names}
+        groups.append(("FFN down projections", mixed, 8, "default"))
+    special = {n for _, names, _, _ in groups for n in names}
     body = [n for n in matmuls if n not in special and n not in bypass]
-    groups.append((body, spec.bits, spec.algorithm))
-    for names, bits, algorithm in groups:
+    included = " (lm_head included)" if head and head[0] in body else ""
+    groups.append((f"other matrices{included}", body, spec.bits, spec.algorithm))
+    done = Quantized(model, spec.block_size)
+    for label, names, bits, algorithm in groups:
         if names:
-            model = _quantize(model, names, [n for n in matmuls if n not in names], bits, spec, algorithm)
-    return model
+            done.model = _quantize(done.model, names, [n for n in matmuls if n not in names], bits, spec, algorithm)
+            done.groups.append((label, len(names), bits))
+    return done

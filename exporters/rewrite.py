@@ -163,10 +163,12 @@ def rewrite_into(source: Path, plan: Plan, tensors: Mapping[str, np.ndarray], ou
 
         external = external_data if external_data is not None else \
             input_external or _tensor_bytes(model) > PROTOBUF_LIMIT - INLINE_MARGIN
-        spec = spec_for(quantize, model.graph, after) if quantize is not None else None
-        if spec is not None:  # ORT's quantizer works on a whole in-memory ModelProto
+        weights = None
+        if quantize is not None:  # ORT's quantizer works on a whole in-memory ModelProto
             LoadExternalTensorsPass(None)(model)
-            model = ir.serde.deserialize_model(quantize_graph(ir.serde.serialize_model(model), spec))
+            quantized = quantize_graph(ir.serde.serialize_model(model), spec_for(quantize, model.graph, after))
+            model = ir.serde.deserialize_model(quantized.model)
+            weights = quantized.describe()
         LoadExternalTensorsPass(EXTERNAL_THRESHOLD if external else None)(model)
         bar.update(1)
 
@@ -204,7 +206,7 @@ def rewrite_into(source: Path, plan: Plan, tensors: Mapping[str, np.ndarray], ou
         unit_params_removed=unit_params, bypass_params=rewritten.bypass_params,
         file_bytes_before=bytes_before, file_bytes_after=bytes_after,
         kv_bytes_per_token_before=before.kv_bytes_per_token(), kv_bytes_per_token_after=after.kv_bytes_per_token(),
-        external_data=external, quantize=quantize, weights=spec.describe() if spec is not None else None,
+        external_data=external, quantize=quantize, weights=weights,
         config_overrides={k: v for k, v in config.items()
                                                   if k in config["subfit"].get("original_config", {})},
         wall_seconds=time.perf_counter() - start,

@@ -48,7 +48,7 @@ def test_tied_lm_head_is_untied_and_quantized(tiny_export):
     reference = logits(model)
     assert untie_lm_head(model)
     assert np.abs(logits(model) - reference).max() == 0.0  # untying alone changes nothing
-    quantized = quantize_graph(model, QuantizeSpec(bits=8))
+    quantized = quantize_graph(model, QuantizeSpec(bits=8)).model
     assert bits_by_node(quantized)["/lm_head/MatMul_Q8"] == 8
     assert not any(n.op_type == "MatMul" and n.input[1] and "lm_head" in n.name for n in quantized.graph.node)
     # int8 weights and (accuracy level 4) int8 activations: measured 6.4% of the logit scale; a wrong layout is ~100%
@@ -62,7 +62,7 @@ def test_bypasses_get_their_own_precision():
     bypasses = {(1, "mlp"): random_bypass(64, "full", rng), (2, "attention"): random_bypass(64, "lowrank", rng)}
     SubFitRewritePass(find_decoder_structure(model), bypasses)(model)
     spec = QuantizeSpec(bits=4, bypass_bits=8, lm_head_bits=8, int8_nodes=("/model/layers.0/mlp/down_proj/MatMul",))
-    quantized = quantize_graph(ir.serde.serialize_model(model), spec)
+    quantized = quantize_graph(ir.serde.serialize_model(model), spec).model
     assert not [n for n in quantized.graph.node if n.op_type == "MatMul"]
     bits = bits_by_node(quantized)
     bypass = {name: b for name, b in bits.items() if "/subfit/" in name}
@@ -108,7 +108,8 @@ def test_int4_quantizes_lm_head_and_keeps_the_sensitive_matrices_at_int8(compres
     assert {b for name, b in bits.items() if "/subfit/" in name} == {8}
     assert bits["/model/layers.1/mlp/down_proj/MatMul_Q4"] == 4 and bits["/model/layers.0/self_attn/q_proj/MatMul_Q4"] == 4
     report = compressed["int4"].report
-    assert report["quantize"]["precision"] == "int4" and "int4 weights" in report["quantize"]["weights"]
+    assert report["quantize"] == {"precision": "int4", "weights": "MatMulNBits, block 32; int4: 19 other matrices; "
+                                  "int8: 3 bypass matrices, lm_head, 2 FFN down projections"}
     assert report["file_bytes"]["after"] < 0.5 * compressed["fp32"].report["file_bytes"]["after"]
     assert set(bits_by_node(onnx.load(str(compressed["int8"].model_path))).values()) == {8}
 
@@ -142,7 +143,7 @@ def test_quantized_output_runs_in_optimum(compressed):
 def test_cli_rewrite_quantize_states_precision_and_size(tiny_export, plan_dir, tmp_path):
     result = cli("rewrite", tiny_export("llama"), "--plan", plan_dir, "-o", tmp_path / "out", "--quantize", "int8")
     assert result.exit_code == 0, result.output
-    assert "weights      int8 weights (MatMulNBits, block 32)" in result.stdout
+    assert "weights      MatMulNBits, block 32; int8: 3 bypass matrices, 22 other matrices (lm_head included)" in result.stdout
     assert "file size" in result.stdout
 
 
@@ -170,7 +171,7 @@ def test_optimum_cli_subfit_rewrite_quantizes(tiny_export, plan_dir, tmp_path):
     done = optimum_cli("subfit", "rewrite", tiny_export("llama"), "--plan", plan_dir, "-o", tmp_path / "out",
                        "--quantize", "int4")
     assert done.returncode == 0, done.stderr
-    assert "weights      int4 weights" in done.stdout
+    assert "weights      MatMulNBits, block 32; int4: " in done.stdout
     assert bits_by_node(onnx.load(str(tmp_path / "out" / "model.onnx")))["/lm_head/MatMul_Q8"] == 8
     bad = optimum_cli("subfit", "optimize", tiny_export("llama"), "--sparsity", "0.25", "--quantize", "nf4")
     assert bad.returncode == 1 and bad.stderr.strip() == "error: --quantize must be one of int4, int8, not 'nf4'"
