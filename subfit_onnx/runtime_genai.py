@@ -56,8 +56,11 @@ def _model_signature(model_dir: Path, config: dict[str, Any]) -> Any:
 
 
 def genai_config(model_dir: str | os.PathLike, *, context_length: int | None = None,
-                 provider: str = "cpu") -> dict[str, Any]:
-    """The ``genai_config.json`` content for an Optimum export (dense or rewritten), as a dict."""
+                 provider: str = "cpu", share_buffer: bool = False) -> dict[str, Any]:
+    """The ``genai_config.json`` content for an Optimum export (dense or rewritten), as a dict.
+
+    ``share_buffer``: the graph's attention updates a static cache in place (GroupQueryAttention, the fused
+    export's), so onnxruntime-genai may hand it past and present as one buffer."""
     root, _ = export_paths(model_dir)
     cfg = read_config(root, required=True)
     sig = _model_signature(root, cfg)
@@ -111,7 +114,7 @@ def genai_config(model_dir: str | os.PathLike, *, context_length: int | None = N
         },
         "search": {
             "do_sample": False, "num_beams": 1, "num_return_sequences": 1, "max_length": int(ctx), "min_length": 0,
-            "past_present_share_buffer": False, "early_stopping": True, "length_penalty": 1.0,
+            "past_present_share_buffer": share_buffer, "early_stopping": True, "length_penalty": 1.0,
             "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
             "diversity_penalty": 0.0, "no_repeat_ngram_size": 0,
         },
