@@ -211,24 +211,36 @@ def rewrite(export: str | Path, plan: Any, output: str | Path | None = None, *, 
     return _compress(replace(run, external_data=external_data, quantize=quantize), calibrated=calibrated)
 
 
+EXPORT_LAYOUTS = ("optimum", "builder")
+
+
 def export(model: str | Path, output: str | Path | None = None, *, dtype: str = "fp32", overwrite: bool = False,
-           progress: ProgressFactory | None = None) -> Path:
+           progress: ProgressFactory | None = None, layout: str = "optimum") -> Path:
     """Export a model (local folder or hub id) as Optimum does for SubFit; returns the export folder.
 
     This is the dense reference ``evaluate``/``benchmark --reference`` compare against, and a SOURCE that
     ``optimize``/``rewrite`` take without exporting again. Default ``output``: ``<model folder>-onnx`` beside
-    the model (``-onnx-fp16`` for fp16).
+    the model (``-onnx-fp16`` for fp16). ``layout="builder"`` writes onnxruntime-genai's fused model-builder
+    layout instead (``exporters.builder_export``; fp32 only).
     """
     from .exporters.optimum_export import DTYPES, export_decoder
 
     if dtype not in DTYPES:
         raise SubFitError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if layout not in EXPORT_LAYOUTS:
+        raise SubFitError(f"layout must be one of {', '.join(EXPORT_LAYOUTS)}, not {layout!r}")
+    if layout == "builder" and dtype != "fp32":
+        raise SubFitError("the builder layout is exported at fp32 (quantize it with optimize/rewrite --quantize)")
     src = resolve_source(model)
     if not src.needs_export:
         raise SubFitError(f"{model} is already an ONNX export; export takes a PyTorch model folder or hub id")
-    out = Path(output) if output is not None else default_export_output(src, dtype)
+    out = Path(output) if output is not None else default_export_output(src, dtype, layout)
     check_output_free(out, overwrite)
     src = localize(src)
     assert src.path is not None
+    if layout == "builder":
+        from .exporters.builder_export import export_fused
+
+        return export_fused(src.path, out, overwrite=overwrite).parent
     return export_decoder(src.path, out, dtype=dtype, overwrite=overwrite,  # type: ignore[arg-type]
                           progress=progress or silent).parent

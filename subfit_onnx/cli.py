@@ -237,23 +237,29 @@ def rewrite(
 def export(
     model: Annotated[str, typer.Argument(help="a Hugging Face model: local folder or hub id", show_default=False)],
     output: Annotated[Path | None, typer.Option(
-        "--output", "-o", help="export folder", show_default="<model folder>-onnx")] = None,
+        "--output", "-o", help="export folder", show_default="<model folder>-onnx[-builder]")] = None,
     dtype: Annotated[DType, typer.Option("--dtype", help="export precision (fp32 or fp16)")] = DType.fp32,
+    layout: Annotated[str, typer.Option(
+        "--layout", metavar="optimum|builder", help="optimum: Optimum's text-generation-with-past export; builder: "
+        "onnxruntime-genai's fused model-builder layout, written by SubFit (fp32; llama, mistral, qwen2, phi3, "
+        "gemma)")] = "optimum",
     overwrite: Overwrite = False,
     as_json: Json = False,
     debug: Debug = False,
 ) -> None:
-    """Export the dense model with Optimum (text-generation-with-past): the --reference for evaluate/benchmark."""
+    """Export the dense model (Optimum's text-generation-with-past, or the model builder's fused layout): the
+    --reference for evaluate/benchmark, and a SOURCE for optimize/rewrite."""
     with _errors(debug, output):
         from . import api
         from .names import ONNX_FILE
         from .onnx_files import model_file_bytes
 
-        folder = api.export(model, output, dtype=dtype.value, overwrite=overwrite, progress=_progress(not as_json))
+        folder = api.export(model, output, dtype=dtype.value, overwrite=overwrite, progress=_progress(not as_json),
+                            layout=layout)
         size = model_file_bytes(folder / ONNX_FILE)
-        info = {"model": model, "output": str(folder), "dtype": dtype.value, "file_bytes": size}
+        info = {"model": model, "output": str(folder), "dtype": dtype.value, "layout": layout, "file_bytes": size}
         human = "\n".join([
-            f"exported {model} -> {folder} ({dtype.value}, {size / 1e6:,.1f} MB)",
+            f"exported {model} -> {folder} ({dtype.value}, {layout} layout, {size / 1e6:,.1f} MB)",
             f"next: subfit-onnx evaluate COMPRESSED --reference {folder} --text TEXT",
         ])
         emit(info, as_json, human)

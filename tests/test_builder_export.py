@@ -72,3 +72,17 @@ def test_fused_export_rewrites_and_quantizes(builder_checkpoint, tmp_path):
     ids = torch.tensor([[5, 9, 13, 40]])
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 7)
+
+
+def test_export_command_writes_the_builder_layout(builder_checkpoint, tmp_path):
+    from test_cli_errors import assert_user_error, cli
+
+    result = cli("export", builder_checkpoint("qwen2"), "--layout", "builder", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "builder layout" in result.stdout
+    assert find_decoder_structure(ir.load(tmp_path / "out" / "model.onnx")).layout.exporter == "onnxruntime-genai"
+    assert_user_error(cli("export", builder_checkpoint("qwen2"), "--layout", "fused", "-o", tmp_path / "bad"),
+                      "layout must be one of optimum, builder, not 'fused'")
+    assert_user_error(cli("export", builder_checkpoint("qwen2"), "--layout", "builder", "--dtype", "fp16",
+                          "-o", tmp_path / "bad"), "exported at fp32")
+    assert not (tmp_path / "bad").exists()
