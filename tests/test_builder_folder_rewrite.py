@@ -92,3 +92,14 @@ def test_optimize_builder_int4_folder_without_checkpoint(tmp_path, tiny_calibrat
     kept = json.loads((out / "config.json").read_text())["subfit"]["kv_layers"]
     assert json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["num_hidden_layers"] == len(kept)
     assert len(optimum_greedy(out, 4)) == 4
+
+
+def test_evaluation_opens_a_builder_folder():
+    """evaluate/benchmark read a builder folder's facts from genai_config.json, as optimize does."""
+    from subfit_onnx.evaluation.decoder import OnnxDecoder
+
+    decoder = OnnxDecoder(fixture_dir("llama", "int4"))
+    step = decoder.forward(np.array([PROMPT]))
+    again = decoder.forward(np.array([[7]]), step.past)
+    assert step.logits.shape == (1, len(PROMPT), 256) and again.logits.shape == (1, 1, 256)
+    assert decoder.signature.kv and np.isfinite(again.logits).all()
