@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from .backends import CalibrationJob, prepare_calibration, run_calibration
-from .config import SubFitConfig, make_config
+from .budget_targets import budget_report, build_budget, output_tag
+from .config import BUDGET_FLAGS, DEFAULT_WARN_PPL_RATIO, SubFitConfig, make_config
 from .errors import SubFitError
 from .exporters.quantize import check_precision
 from .graph_checks import ExportFacts, check_export_family, inspect_export
@@ -87,6 +88,7 @@ class _Run:
     started: float
     dtype: str = "fp32"  # export precision when SOURCE is a model
     external_data: bool | None = None
+    warn_ppl_ratio: float | None = DEFAULT_WARN_PPL_RATIO
     quantize: str | None = None  # "int4" | "int8": quantize the rewritten weights
 
 
@@ -100,8 +102,9 @@ def _prepare(source: str | Path, config: SubFitConfig, output: str | Path | None
     src = resolve_source(source)
     if export_only and src.needs_export:
         raise SubFitError(f"{source} is a model, not an ONNX export; use optimize (it exports first)")
-    out = Path(output) if output is not None else default_output(src, config.sparsity) if default_output_folder \
-        else None
+    tag = output_tag(config) if config.budget else None
+    out = Path(output) if output is not None else default_output(src, config.sparsity, tag=tag) \
+        if default_output_folder else None
     if out is not None:
         check_output_free(out, overwrite)
     facts = None
@@ -132,41 +135,128 @@ def _compress(run: _Run, calibrated: CalibratedPlan | None = None, job: Calibrat
             if job is not None:
                 facts.check_matches(job.identity, f"--model {job.checkpoint.label if job.checkpoint else ''}")
         assert facts is not None
-        if calibrated is None:
+        costs = search = None
+        if calibrated is None and run.config.budget == "max_ppl_ratio":
             assert job is not None
-            calibrated = run_calibration(job, run.config, progress)
-            seconds["calibration"] = calibrated.seconds or 0.0
-        with _timed(seconds, "rewrite"):  # checks the plan against the graph first
-            rewritten = rewrite_into(facts.onnx_file, calibrated.plan, calibrated.tensors, work / STAGED,
-                                     external_data=run.external_data, quantize=run.quantize, progress=progress)
+            calibrated, rewritten, quality, search = _search_quality(run, job, facts.onnx_file, work, seconds)
+        else:
+            if calibrated is None:
+                assert job is not None
+                with _timed(seconds, "unit costs"):
+                    job.budget, costs = build_budget(run.config, facts.onnx_file, progress)
+                calibrated = run_calibration(job, run.config, progress)
+                seconds["calibration"] = calibrated.seconds or 0.0
+            with _timed(seconds, "rewrite"):  # checks the plan against the graph first
+                rewritten = rewrite_into(facts.onnx_file, calibrated.plan, calibrated.tensors, work / STAGED,
+                                         external_data=run.external_data, quantize=run.quantize, progress=progress)
+            with _timed(seconds, "quality"):
+                quality = _heldout_quality(run, job, facts.onnx_file.parent, work / STAGED)
         seconds["total"] = time.perf_counter() - run.started
         report = build_report(
             source=src.given, output=out, plan=calibrated.plan, rewrite=rewritten, seconds=seconds,
             plan_path=str(calibrated.path) if calibrated.path else None, plan_reused=job is None,
             export=None if src.needs_export else str(facts.onnx_file.parent),
             checkpoint=job.checkpoint.label if job is not None and job.checkpoint is not None else None,
+            quality=quality,
         )
+        with _timed(seconds, "budget check"):
+            budget = budget_report(calibrated.plan, costs, facts.onnx_file.parent, work / STAGED, report,
+                                   run.config.context, progress)
+        if budget is not None:
+            report["budget"] = {**budget, **({"search": search} if search else {})}
+            report["seconds"]["budget check"] = round(seconds["budget check"], 3)
         saved_config = run.config if job is not None else calibrated.plan.settings()
         _write_outputs(work / STAGED, calibrated, saved_config, report, progress)
         files = sorted(p.name for p in (work / STAGED).iterdir())
     return Result(out, report, calibrated.plan, files)
 
 
+def _search_quality(run: _Run, job: CalibrationJob, onnx_file: Path, work: Path,
+                    seconds: dict[str, float]) -> tuple[CalibratedPlan, Any, dict[str, Any], list[dict[str, Any]]]:
+    """``--max-ppl-ratio``: calibrate, rewrite and measure candidate sparsities; the best lands in ``STAGED``."""
+    import shutil
+
+    from .evaluation.heldout import heldout_quality
+    from .exporters.rewrite import rewrite_into
+    from .quality_budget import Trial, search_sparsity
+
+    assert run.config.max_ppl_ratio is not None and job.heldout is not None
+    made: dict[float, tuple[CalibratedPlan, Any, Any, Path]] = {}
+    dense_ppl: list[float] = []
+
+    def measure(sparsity: float) -> Trial:
+        config = run.config.model_copy(update={"sparsity": sparsity, "max_ppl_ratio": None})
+        calibrated = run_calibration(job, config, run.progress)
+        seconds["calibration"] = seconds.get("calibration", 0.0) + (calibrated.seconds or 0.0)
+        folder = work / f"trial-{len(made)}"
+        with _timed(seconds, "rewrite"):
+            rewritten = rewrite_into(onnx_file, calibrated.plan, calibrated.tensors, folder,
+                                     external_data=run.external_data, quantize=run.quantize, progress=run.progress)
+        with _timed(seconds, "quality"):
+            quality = heldout_quality(onnx_file.parent, folder, job.heldout, job.bos, run.warn_ppl_ratio,
+                                      run.progress, dense_ppl[0] if dense_ppl else None)
+        dense_ppl[:] = [quality.dense_ppl]
+        made[sparsity] = (calibrated, rewritten, quality, folder)
+        return Trial(sparsity, quality.ratio, len(calibrated.plan.removed))
+
+    best, trials = search_sparsity(measure, run.config.max_ppl_ratio)
+    calibrated, rewritten, quality, folder = made[best.sparsity]
+    folder.rename(work / STAGED)
+    for other in {f for *_, f in made.values()} - {folder}:
+        shutil.rmtree(other, ignore_errors=True)
+    plan = calibrated.plan.model_copy(update={"budget": {
+        "objective": "quality", "request": f"held-out perplexity at most {run.config.max_ppl_ratio:g}x dense",
+        "unit": "x dense perplexity", "target": run.config.max_ppl_ratio, "saved": quality.ratio, "total": None}})
+    curve = [{"sparsity": t.sparsity, "units_removed": t.units, "heldout_ppl_ratio": round(t.ratio, 4)}
+             for t in trials]
+    return (CalibratedPlan(plan, calibrated.tensors, seconds=calibrated.seconds), rewritten,
+            {"measured": True, **quality.as_report()}, curve)
+
+
+def _heldout_quality(run: _Run, job: CalibrationJob | None, dense: Path, compressed: Path) -> dict[str, Any]:
+    """The report's ``quality``: the held-out perplexity ratio to dense, or why it was not measured."""
+    if job is None:
+        return {"measured": False, "why": "the plan was reused, so there is no calibration text to hold out"}
+    if not run.config.heldout_windows:
+        return {"measured": False, "why": "heldout_windows is 0"}
+    if job.heldout is None:
+        return {"measured": False, "why": "the calibration windows use up the calibration text; give more text "
+                "to measure held-out quality"}
+    from .evaluation.heldout import heldout_quality
+
+    return {"measured": True, **heldout_quality(dense, compressed, job.heldout, job.bos, run.warn_ppl_ratio,
+                                                run.progress).as_report()}
+
+
 def optimize(source: str | Path, sparsity: float | None = None, *, config: SubFitConfig | None = None,
              model: Any = None, output: str | Path | None = None, plan: Any = None, overwrite: bool = False,
              progress: ProgressFactory | None = None, calibration_backend: str = "auto",
-             dtype: str = "fp32", external_data: bool | None = None, quantize: str | None = None) -> Result:
+             dtype: str = "fp32", external_data: bool | None = None,
+             warn_ppl_ratio: float | None = DEFAULT_WARN_PPL_RATIO, target_speedup: float | None = None,
+             kv_budget: float | None = None, max_ppl_ratio: float | None = None,
+             context: int | None = None, quantize: str | None = None) -> Result:
     """Compress ``source`` (model.onnx, Optimum export folder, local model folder or hub id) into ``output``.
 
     ``model`` is the PyTorch checkpoint to calibrate from (path, hub id or a loaded model); by default SOURCE
     when it is a model, else the checkpoint the export's config names. ``plan`` reuses a saved calibration
     (then ``sparsity`` must match it or be None). ``dtype`` applies when SOURCE is a model and is exported here.
     ``calibration_backend``: ``torch`` runs the checkpoint, ``onnx`` runs the export in ONNX Runtime (no checkpoint
-    needed), ``auto`` picks torch when a checkpoint is known and onnx otherwise. ``quantize`` ("int4" or
-    "int8") quantizes the compressed model's weights (``exporters.quantize``); a bad value is refused first.
+    needed), ``auto`` picks torch when a checkpoint is known and onnx otherwise. The report's ``quality`` is the
+    held-out perplexity ratio to the dense export (``evaluation.heldout``); above ``warn_ppl_ratio`` (None: never)
+    it carries ``warning: true``. ``quantize`` ("int4" or "int8") quantizes the compressed model's weights
+    (``exporters.quantize``; the held-out quality is measured on the quantized model); a bad value is refused first.
+
+    Instead of ``sparsity``, one budget (also settable in ``config``): ``target_speedup`` (decode that many times
+    faster at ``context`` tokens, unit costs measured on the export), ``kv_budget`` (keep at most that fraction
+    of the KV cache) or ``max_ppl_ratio`` (the most removed while the held-out perplexity ratio stays within it).
     """
     started = time.perf_counter()
     check_precision(quantize)
+    config = make_config(config, None, target_speedup=target_speedup, kv_budget=kv_budget,
+                         max_ppl_ratio=max_ppl_ratio, context=context)
+    if config.budget is not None and (sparsity is not None or plan is not None):
+        raise SubFitError(f"give {'--sparsity' if sparsity is not None else '--plan'} or "
+                          f"{BUDGET_FLAGS[config.budget]}, not both")
     reused = as_calibrated_plan(plan) if plan is not None else None
     if reused is not None:
         target = reused.plan.sparsity.target
@@ -174,11 +264,19 @@ def optimize(source: str | Path, sparsity: float | None = None, *, config: SubFi
             raise SubFitError(f"the plan was made for sparsity {target:g}, not {sparsity:g}; drop the sparsity "
                               "or calibrate again")
         sparsity = target
+    if warn_ppl_ratio is not None and not warn_ppl_ratio > 0:
+        raise SubFitError(f"the perplexity ratio to warn above must be positive, not {warn_ppl_ratio:g}")
     run = replace(_prepare(source, make_config(config, sparsity), output, overwrite=overwrite, progress=progress,
-                           started=started), dtype=dtype, external_data=external_data, quantize=quantize)
+                           started=started), dtype=dtype, external_data=external_data, warn_ppl_ratio=warn_ppl_ratio,
+            quantize=quantize)
     if reused is not None:
         return _compress(run, calibrated=reused)
-    return _compress(run, job=prepare_calibration(run.source, model, run.config, calibration_backend, run.facts))
+    job = prepare_calibration(run.source, model, run.config, calibration_backend, run.facts)
+    if run.config.budget == "max_ppl_ratio" and job.heldout is None:
+        raise SubFitError("--max-ppl-ratio measures quality on calibration text between the calibration windows, "
+                          "and there is none: give more calibration text, fewer --num-samples, or --heldout-windows "
+                          "above 0")
+    return _compress(run, job=job)
 
 
 def calibrate(source: str | Path, sparsity: float | None = None, *, config: SubFitConfig | None = None,
@@ -189,7 +287,11 @@ def calibrate(source: str | Path, sparsity: float | None = None, *, config: SubF
     SOURCE may be a model (calibrated directly, no export) or an export (then the checkpoint must match its
     graph). One plan serves every export of the same model, fp32 and fp16 alike.
     """
-    run = _prepare(source, make_config(config, sparsity), output, overwrite=overwrite, progress=progress,
+    config = make_config(config, sparsity)
+    if config.budget is not None:
+        raise SubFitError(f"{BUDGET_FLAGS[config.budget]} is measured on the rewritten model; use optimize for it "
+                          "(calibrate takes --sparsity)")
+    run = _prepare(source, config, output, overwrite=overwrite, progress=progress,
                    started=time.perf_counter(), default_output_folder=False)
     job = prepare_calibration(run.source, model, run.config, calibration_backend, run.facts)
     calibrated = run_calibration(job, run.config, run.progress)

@@ -61,6 +61,11 @@ class CalibrationJob:
     unit_params: dict[tuple[int, str], int]
     info: dict[str, Any] = field(default_factory=dict)
     export: Path | None = None  # the model.onnx the onnx backend calibrates
+    heldout: np.ndarray | None = None  # windows of the calibration text between the calibration windows
+    bos: int | None = None  # the BOS id every window starts with, when the tokenizer adds one
+    budget: Any = None  # a calibration.budget.Budget replacing config.sparsity's parameter budget
+    dense: Any = None  # pass 1 of an earlier run of this job (calibration.calibrate.DensePass), reused by the next
+    weights: Any = None  # the checkpoint once loaded, for the next run
 
 
 def resolve_checkpoint(source: Source, model: Any) -> ModelRef | None:
@@ -158,13 +163,14 @@ def is_dataset_spec(source: str) -> bool:
     return not ("/" in source and ":" not in source)
 
 
-def load_tokens(tokenizer: Any, source: str, num_samples: int, seq_len: int) -> np.ndarray:
-    from .calibration.text import calibration_tokens
+def load_tokens(tokenizer: Any, source: str, num_samples: int, seq_len: int, heldout: int = 0) -> Any:
+    """The calibration windows and up to ``heldout`` windows between them (a ``CalibrationSplit``)."""
+    from .calibration.text import calibration_split
 
     if is_dataset_spec(source):
         require_hub(f"calibration source {source!r} is not a local file, and as a dataset it",
                     "pass a local .txt/.jsonl file or folder with --calibration")
-    return calibration_tokens(tokenizer, source, num_samples, seq_len)
+    return calibration_split(tokenizer, source, num_samples, seq_len, heldout)
 
 
 def load_weights(ref: ModelRef) -> Any:
@@ -201,10 +207,12 @@ def prepare_calibration(src: Source, model: Any, config: SubFitConfig, backend: 
     if facts is not None and checkpoint is not None:
         facts.check_matches(identity, f"--model {checkpoint.label}")
     source_text = config.calibration or DEFAULT_CALIBRATION
-    tokens = load_tokens(load_tokenizer(checkpoint, export_dir), source_text, config.num_samples, config.seq_len)
+    split = load_tokens(load_tokenizer(checkpoint, export_dir), source_text, config.num_samples, config.seq_len,
+                        config.heldout_windows)
     origin = {"checkpoint": checkpoint.label} if checkpoint is not None else {"export": str(export)}
     info = {"source": source_text, **origin, "backend": name}
-    return CalibrationJob(checkpoint, name, tokens, identity, params, info, export=export)
+    return CalibrationJob(checkpoint, name, split.tokens, identity, params, info, export=export,
+                          heldout=split.heldout, bos=split.bos)
 
 
 def run_calibration(job: CalibrationJob, config: SubFitConfig, progress: ProgressFactory) -> CalibratedPlan:
@@ -218,15 +226,22 @@ def run_torch(job: CalibrationJob, config: Any, progress: ProgressFactory = sile
     from .calibration.calibrate import calibrate_model
 
     assert job.checkpoint is not None
-    model = load_weights(job.checkpoint)
-    return calibrate_model(model, job.tokens, config, progress=progress, calibration_info=job.info)
+    if job.weights is None:
+        job.weights = load_weights(job.checkpoint)
+    result = calibrate_model(job.weights, job.tokens, config, progress=progress, calibration_info=job.info,
+                             budget=job.budget, dense=job.dense)
+    job.dense = result.dense
+    return result
 
 
 def run_onnx(job: CalibrationJob, config: Any, progress: ProgressFactory = silent) -> Any:
     from .calibration.onnx_backend import calibrate_export
 
     assert job.export is not None
-    return calibrate_export(job.export, job.tokens, config, progress=progress, calibration_info=job.info)
+    result = calibrate_export(job.export, job.tokens, config, progress=progress, calibration_info=job.info,
+                              budget=job.budget, dense=job.dense)
+    job.dense = result.dense
+    return result
 
 
 BACKENDS: dict[str, Callable[..., Any]] = {"torch": run_torch, "onnx": run_onnx}

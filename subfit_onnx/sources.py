@@ -114,9 +114,10 @@ def default_export_output(source: Source, dtype: str = "fp32", layout: str = "op
     return Path(name) if source.kind == "hub" or source.path is None else source.path.parent / name
 
 
-def default_output(source: Source, sparsity: float, suffix: str = "") -> Path:
-    """``<source folder>-subfit<percent>`` beside the source (the working directory for a hub id)."""
-    percent = f"{sparsity * 100:.1f}".rstrip("0").rstrip(".")
+def default_output(source: Source, sparsity: float, suffix: str = "", tag: str | None = None) -> Path:
+    """``<source folder>-subfit<percent>`` beside the source (the working directory for a hub id); ``tag``
+    replaces the percent (a budget: ``-speed1.3``)."""
+    percent = f"{sparsity * 100:.1f}".rstrip("0").rstrip(".") if tag is None else tag
     name = f"{source.stem}-subfit{percent}{suffix}"
     if source.kind == "hub" or source.path is None:
         return Path(name)

@@ -19,6 +19,14 @@ def smollm2_assets():
     return fetch_assets(os.environ.get("SUBFIT_ASSETS", REPO / "assets"), mc=False)  # MC sets: ../shared
 
 
+@pytest.fixture(scope="session")
+def gemma3_assets():
+    """The same assets plus Gemma-3-270m (``gemma3``): fetched and converted on first use, about a minute."""
+    from subfit_onnx.assets import fetch_assets
+
+    return fetch_assets(os.environ.get("SUBFIT_ASSETS", REPO / "assets"), mc=False, gemma=True)
+
+
 # ---- tiny checkpoints and exports for the CLI, API and Optimum tests (built once per session) -------------------
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):

@@ -166,7 +166,7 @@ def test_inspect_with_plan_previews_the_rewrite(tmp_path, tiny_export, tiny_chec
 def test_fetch_assets_prints_where_things_are(tmp_path, monkeypatch):
     from subfit_onnx import assets
 
-    def fake_fetch(root, force=False):
+    def fake_fetch(root, force=False, gemma=False):
         return assets.AssetPaths(tmp_path / "a")
 
     monkeypatch.setattr(assets, "fetch_assets", fake_fetch)

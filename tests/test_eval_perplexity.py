@@ -45,6 +45,24 @@ def test_ort_perplexity_equals_pytorch(tiny_exports, tiny_checkpoint, windows, v
     assert abs(got.perplexity - expected) / expected < 1e-3
 
 
+def test_bos_windows_as_deployed(tiny_exports, tiny_checkpoint, tiny_calibration_text):
+    """A tokenizer that adds BOS gets BOS-led windows of the same length; BOS itself is never scored."""
+    from tiny_checkpoints import char_tokenizer
+
+    plain = make_windows(char_tokenizer(), tiny_calibration_text, 6, 64)
+    led = make_windows(char_tokenizer(adds_bos=True), tiny_calibration_text, 6, 64)
+    assert plain.bos is None and led.bos == 1
+    assert led.windows.shape == (6, 64) and (led.windows[:, 0] == 1).all() and (plain.windows[:, 0] != 1).all()
+    assert led.stride == (led.stream_tokens - 63) // 5
+    np.testing.assert_array_equal(led.windows[0, 1:], plain.windows[0, :63])  # same text, after BOS
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint("llama"), dtype=torch.float32).eval()
+    got = window_perplexity(OnnxDecoder(tiny_exports["dense"]), led)
+    assert got.bos and got.scored_tokens == 6 * 63
+    expected = torch_perplexity(model, led.windows)
+    assert abs(got.perplexity - expected) / expected < 1e-3
+    assert abs(got.perplexity - window_perplexity(OnnxDecoder(tiny_exports["dense"]), plain).perplexity) > 1e-3
+
+
 def test_phi3_perplexity_equals_pytorch(tiny_exports, tiny_checkpoint, windows):
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint("phi3"), dtype=torch.float32).eval()
     expected = torch_perplexity(model, windows.windows)

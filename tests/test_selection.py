@@ -41,7 +41,7 @@ def test_sequential_selector_follows_fresh_scores():
     # The prior says remove (0, attention), but its fresh score is now the worst: keep it, remove something later.
     assert sel.decide((0, "attention"), 50.0) is False
     decisions = [sel.decide(k, 1.0) for k in sorted(PARAMS) if k != (0, "attention")]
-    assert sum(decisions) >= 1 and sel.removed_params >= 100
+    assert sum(decisions) >= 1 and sel.saved >= 100
 
 
 def test_sequential_selector_forces_removals_when_budget_would_be_missed():
@@ -49,4 +49,4 @@ def test_sequential_selector_forces_removals_when_budget_would_be_missed():
     sel = SequentialSelector(prior, PARAMS, target=1200)
     for k in sorted(PARAMS):
         sel.decide(k, 100.0)  # every fresh score is bad
-    assert sel.removed_params >= 1200
+    assert sel.saved >= 1200

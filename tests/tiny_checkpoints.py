@@ -15,14 +15,17 @@ SPECIALS = ("<unk>", "<s>", "</s>")
 CHARS = [chr(c) for c in range(32, 127)] + ["\n", "\t"]
 
 
-def char_tokenizer():
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+def char_tokenizer(adds_bos: bool = False):
+    """``adds_bos``: every encoded text starts with ``<s>``, as Gemma's and Llama-3's tokenizers do."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate([*SPECIALS, *CHARS])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("(?m)."), behavior="isolated")
     tok.decoder = decoders.Fuse()
+    if adds_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                    model_input_names=["input_ids", "attention_mask"])
 

@@ -23,6 +23,7 @@ from ..identity import ModelIdentity
 from ..names import unit_key
 from ..plan import Plan, RemovedUnit, bypass_spec, bypass_tensors, sparsity_report
 from ..progress import ProgressFactory, silent
+from .budget import UNITS, Budget, params_budget
 from .runner import LayerRunner
 from .scoring import UnitAssessment, assess, score
 from .selection import SequentialSelector, UnitKey, check_reachable, target_params
@@ -69,14 +70,18 @@ class Calibrator:
     The runner is the backend (PyTorch here, ONNX Runtime in ``onnx_backend``); everything else is shared.
     """
 
-    def __init__(self, runner: LayerRunner, config: SubFitConfig) -> None:
+    def __init__(self, runner: LayerRunner, config: SubFitConfig, budget: Budget | None = None) -> None:
         self.config = config
         self.runner = runner
         self.identity: ModelIdentity = runner.identity
         self.params = runner.unit_params
         self.block_params = sum(self.params.values())
-        self.target = target_params(self.block_params, config.sparsity)
-        check_reachable(self.params, self.target, config.sparsity)
+        if budget is None:
+            check_reachable(self.params, target_params(self.block_params, config.sparsity), config.sparsity)
+            budget = params_budget(self.params, config.sparsity)
+        else:
+            budget.check_reachable(self.params)
+        self.budget = budget
         self.swaps: list[Any] = []
         self.removed: list[RemovedUnit] = []
         self.tensors: dict[str, np.ndarray] = {}
@@ -103,7 +108,7 @@ class Calibrator:
             self.runner.store.advance()
 
     def scores(self, dense: DensePass) -> dict[UnitKey, float]:
-        return {k: score(a, self.config.score, self.params[k]) for k, a in dense.assessments.items()}
+        return {k: score(a, self.config.score, self.budget.savings[k]) for k, a in dense.assessments.items()}
 
     def _remove(self, i: int, kind: UnitKind, stats: UnitStats, a: UnitAssessment, unit_score: float) -> Bypass:
         bypass = a.bypass if self.config.bypass else _zero_bypass(self.identity.hidden_size)
@@ -120,7 +125,8 @@ class Calibrator:
 
     def compress_pass(self, prior: dict[UnitKey, float]) -> None:
         """Pass 2: depth order on the compressed upstream; decide, fit and swap each unit in turn."""
-        selector = SequentialSelector(prior, self.params, self.target, rescore=self.config.schedule == "sequential")
+        selector = SequentialSelector(prior, self.budget.savings, self.budget.target,
+                                      rescore=self.config.schedule == "sequential")
         dense = self.runner.dense_targets() if self.config.target == "dense_stream" else None
         try:
             self._compress_layers(selector, dense)
@@ -141,7 +147,7 @@ class Calibrator:
                     stats = self.runner.sweep(i, ("mlp",), w, f"fitting layer {i + 1}/{n} (FFN)", dense)
                     changed = False
                 assessment = self._assess(kind, stats[kind])
-                fresh = score(assessment, self.config.score, self.params[(i, kind)])
+                fresh = score(assessment, self.config.score, self.budget.savings[(i, kind)])
                 if selector.decide((i, kind), fresh):
                     bypass = self._remove(i, kind, stats[kind], assessment, fresh)
                     changed = True
@@ -164,11 +170,23 @@ class Calibrator:
         return Plan(
             model=self.identity,
             removed=sorted(self.removed, key=lambda u: (u.layer, UNIT_KINDS.index(u.kind))),
-            sparsity=sparsity_report(self.removed, self.block_params, self.config.sparsity),
+            sparsity=sparsity_report(self.removed, self.block_params, self._sparsity_target()),
+            budget=None if self.budget.objective == "params" else self._budget_record(),
             method=self.config.method,
             calibration=calibration_info,
             versions=package_versions(),
         )
+
+    def _sparsity_target(self) -> float:
+        """The parameter fraction asked for; under another budget, what that budget removed."""
+        if self.budget.objective == "params":
+            return self.config.sparsity
+        return sum(u.params_removed for u in self.removed) / self.block_params
+
+    def _budget_record(self) -> dict[str, Any]:
+        saved = sum(self.budget.savings[(u.layer, u.kind)] for u in self.removed)
+        return {"objective": self.budget.objective, "request": self.budget.what, "unit": UNITS[self.budget.objective],
+                "target": self.budget.target, "saved": saved, "total": self.budget.total}
 
     def restore_model(self) -> None:
         for swap in reversed(self.swaps):
@@ -201,9 +219,13 @@ def single_threaded_blas() -> AbstractContextManager[Any]:
 
 
 def run_calibration(runner: LayerRunner, config: SubFitConfig, calibration_info: dict[str, Any] | None = None,
-                    keep_compressed: bool = False, dense: DensePass | None = None) -> CalibrationResult:
-    """Score, select and fit with any backend; its model is restored afterwards unless ``keep_compressed``."""
-    cal = Calibrator(runner, config)
+                    keep_compressed: bool = False, dense: DensePass | None = None,
+                    budget: Budget | None = None) -> CalibrationResult:
+    """Score, select and fit with any backend; its model is restored afterwards unless ``keep_compressed``.
+
+    ``budget`` replaces the parameter budget of ``config.sparsity`` (a latency or KV-cache target).
+    """
+    cal = Calibrator(runner, config, budget)
     try:
         with single_threaded_blas():
             dense = dense or cal.dense_pass()
@@ -223,7 +245,7 @@ def run_calibration(runner: LayerRunner, config: SubFitConfig, calibration_info:
 def calibrate_model(model: nn.Module, tokens: np.ndarray, config: SubFitConfig,
                     progress: ProgressFactory = silent, calibration_info: dict[str, Any] | None = None,
                     keep_compressed: bool = False, workdir: str | None = None,
-                    dense: DensePass | None = None) -> CalibrationResult:
+                    dense: DensePass | None = None, budget: Budget | None = None) -> CalibrationResult:
     """Calibrate a transformers model (PyTorch backend).
 
     ``dense`` reuses a previous pass 1 on the same tokens (benchmarks sweep several configs that way).
@@ -232,6 +254,6 @@ def calibrate_model(model: nn.Module, tokens: np.ndarray, config: SubFitConfig,
 
     runner = TorchLayerRunner(model, tokens, config.batch_size, workdir, progress)
     try:
-        return run_calibration(runner, config, calibration_info, keep_compressed, dense)
+        return run_calibration(runner, config, calibration_info, keep_compressed, dense, budget)
     finally:
         runner.close()

@@ -41,6 +41,7 @@ from ..passes.bypass import InsertBypassPass, bypass_initializer_name
 from ..passes.structure import BYPASS_SCOPE, DecoderStructure, UnitBoundary, find_decoder_structure
 from ..progress import ProgressFactory, progress_bar, silent
 from .activations import ActivationStore
+from .budget import Budget
 from .calibrate import CalibrationResult, DensePass, run_calibration
 from .dense_targets import DenseTargets
 from .onnx_cut import GraphCutter, LayerGraph
@@ -320,12 +321,12 @@ class _Prelude:
 def calibrate_export(export: str | os.PathLike, tokens: np.ndarray, config: SubFitConfig,
                      progress: ProgressFactory = silent, calibration_info: dict[str, Any] | None = None,
                      workdir: str | None = None, providers: list[str] | None = None, threads: int = 0,
-                     dense: DensePass | None = None) -> CalibrationResult:
+                     dense: DensePass | None = None, budget: Budget | None = None) -> CalibrationResult:
     """Calibrate from an Optimum export with ONNX Runtime (no checkpoint, no torch); same result type as
     ``calibrate_model``. ``providers`` defaults to CUDA when available, else CPU."""
     runner = OrtLayerRunner(export, tokens, config.batch_size, workdir, progress, providers, threads)
     try:
         info = {"export": str(runner.path), "onnx_providers": runner.providers, **(calibration_info or {})}
-        return run_calibration(runner, config, info, dense=dense)
+        return run_calibration(runner, config, info, dense=dense, budget=budget)
     finally:
         runner.close()

@@ -12,6 +12,7 @@ Lower is better (removed first). Each score is computed from ``UnitStats`` alone
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..bypass import Bypass
@@ -49,6 +50,9 @@ def assess(stats: UnitStats, rank: int | None, ridge: float) -> UnitAssessment:
     )
 
 
-def score(assessment: UnitAssessment, kind: ScoreKind, params_removed: int) -> float:
-    """Damage per million parameters removed: the greedy removes the cheapest damage per parameter first."""
-    return assessment.damage(kind) / max(params_removed, 1) * 1e6
+def score(assessment: UnitAssessment, kind: ScoreKind, saving: float) -> float:
+    """Damage per million of what removing the unit saves (parameters, ms or KV bytes; see ``budget``): the
+    greedy removes the cheapest damage per unit saved first. A unit that saves nothing is never worth removing."""
+    if saving <= 0:
+        return math.inf
+    return assessment.damage(kind) / saving * 1e6

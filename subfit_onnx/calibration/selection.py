@@ -13,6 +13,7 @@ for optimism about them.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ..architectures import UnitKind
@@ -37,14 +38,15 @@ def check_reachable(params: dict[UnitKey, int], target: int, sparsity: float) ->
         )
 
 
-def greedy_select(scores: dict[UnitKey, float], params: dict[UnitKey, int], target: int) -> list[UnitKey]:
-    """Cheapest score first until the removed parameters reach the target."""
-    chosen, removed = [], 0
+def greedy_select(scores: Mapping[UnitKey, float], savings: Mapping[UnitKey, float], target: float) -> list[UnitKey]:
+    """Cheapest score first until what the removed units save (parameters, ms, bytes) reaches the target."""
+    chosen: list[UnitKey] = []
+    saved: float = 0
     for key in sorted(scores, key=lambda k: (scores[k], k)):
-        if removed >= target:
+        if saved >= target:
             break
         chosen.append(key)
-        removed += params[key]
+        saved += savings[key]
     return sorted(chosen)
 
 
@@ -53,16 +55,16 @@ class SequentialSelector:
     """Decides units one at a time in depth order (see module docstring)."""
 
     prior: dict[UnitKey, float]
-    params: dict[UnitKey, int]
-    target: int
+    savings: Mapping[UnitKey, float]  # what removing each unit saves, in the budget's currency
+    target: float
     rescore: bool = True
     removed: list[UnitKey] = field(default_factory=list)
     visited: set[UnitKey] = field(default_factory=set)
     _log_drift: list[float] = field(default_factory=list)
 
     @property
-    def removed_params(self) -> int:
-        return sum(self.params[k] for k in self.removed)
+    def saved(self) -> float:
+        return sum(self.savings[k] for k in self.removed)
 
     def _drift(self) -> float:
         if not self._log_drift:
@@ -73,17 +75,17 @@ class SequentialSelector:
     def decide(self, key: UnitKey, fresh: float | None) -> bool:
         """True if ``key`` should be removed, given its fresh score (None: use the prior)."""
         if not self.rescore:
-            planned = greedy_select(self.prior, self.params, self.target)
+            planned = greedy_select(self.prior, self.savings, self.target)
             decision = key in planned
         else:
             score_now = self.prior[key] if fresh is None else fresh
-            remaining = self.target - self.removed_params
+            remaining = self.target - self.saved
             decision = False
             if remaining > 0:
                 drift = self._drift()
                 pool = {k: s * drift for k, s in self.prior.items() if k not in self.visited and k != key}
                 pool[key] = score_now
-                decision = key in greedy_select(pool, self.params, remaining)
+                decision = key in greedy_select(pool, self.savings, remaining)
             if fresh is not None and self.prior[key] > 0 and fresh > 0:
                 self._log_drift.append(math.log(fresh / self.prior[key]))
         self.visited.add(key)

@@ -5,8 +5,10 @@ Windows: ``num_windows`` windows of ``window_len`` tokens (default 48 x 256, the
 ``calibration.text.token_windows``, so the copy-heavy tail of wiki.utf8 counts as much as its head. The stride
 between window starts is therefore ``(tokens - window_len) // (num_windows - 1)`` and is reported. Each window
 is scored on its own from its first token (empty past, no overlap carried in): ``window_len - 1`` predictions
-per window. The text is tokenized once, with the candidate's tokenizer, and the same windows go to the
-reference, so ratios compare like with like.
+per window. Windows are cut as deployed: when the tokenizer adds BOS (Gemma, Llama-3), each window is BOS plus
+``window_len - 1`` text tokens and only the predictions after BOS count (BOS itself is never a target); when it
+adds none (SmolLM2), windows are plain text. The text is tokenized once, with the candidate's tokenizer, and the
+same windows go to the reference, so ratios compare like with like.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..calibration.text import load_documents, token_windows, tokenize_documents
+from ..calibration.text import leading_bos, load_documents, token_windows, tokenize_documents, window_stride
 from ..errors import SubFitError
 from ..progress import ProgressFactory, progress_bar, silent
 from .decoder import OnnxDecoder
@@ -36,6 +38,7 @@ class TokenWindows:
     windows: np.ndarray  # (num_windows, window_len) int64
     stream_tokens: int
     stride: int
+    bos: int | None = None  # the BOS id every window starts with, None when the tokenizer adds none
 
     @property
     def num_windows(self) -> int:
@@ -55,20 +58,22 @@ class PerplexityResult:
     window_len: int
     stride: int
     source: str
+    bos: bool = False  # windows started with BOS (not itself scored)
 
 
 def make_windows(tokenizer, source: str | os.PathLike, num_windows: int = DEFAULT_WINDOWS,
                  window_len: int = DEFAULT_WINDOW_LEN) -> TokenWindows:
     """Tokenize ``source`` (file, folder or dataset spec, see ``calibration.text``) and cut evaluation windows."""
+    bos = leading_bos(tokenizer)
     try:
         stream = tokenize_documents(tokenizer, load_documents(source))
-        windows = token_windows(stream, num_windows, window_len)
+        windows = token_windows(stream, num_windows, window_len, bos)
     except SubFitError as exc:  # calibration wording ("calibration source") would confuse an evaluation user
         raise SubFitError(str(exc).replace("calibration ", "evaluation ").replace("--num-samples/--seq-len",
                                                                                   "--windows/--window-len")) from None
-    stride = (stream.size - window_len) // (num_windows - 1) if num_windows > 1 else 0
+    stride = window_stride(stream.size, num_windows, window_len - (bos is not None))
     name = str(Path(source).name) if Path(source).exists() else str(source)
-    return TokenWindows(source=name, windows=windows, stream_tokens=int(stream.size), stride=int(stride))
+    return TokenWindows(source=name, windows=windows, stream_tokens=int(stream.size), stride=int(stride), bos=bos)
 
 
 def window_perplexity(decoder: OnnxDecoder, windows: TokenWindows, progress: ProgressFactory = silent) -> PerplexityResult:
@@ -86,4 +91,4 @@ def window_perplexity(decoder: OnnxDecoder, windows: TokenWindows, progress: Pro
     mean = nll / count
     return PerplexityResult(perplexity=math.exp(mean), mean_nll=mean, scored_tokens=count,
                             num_windows=windows.num_windows, window_len=windows.window_len,
-                            stride=windows.stride, source=windows.source)
+                            stride=windows.stride, source=windows.source, bos=windows.bos is not None)

@@ -51,7 +51,8 @@ def evaluation_table(result: dict[str, Any]) -> str:
     ppl = cand.get("perplexity")
     if ppl:
         lines.append(f"perplexity on {ppl['source']}: {ppl['num_windows']} windows x {ppl['window_len']} tokens, "
-                     f"evenly spread (stride {ppl['stride']} tokens), each scored from its first token "
+                     f"evenly spread (stride {ppl['stride']} tokens), each "
+                     f"{'BOS-led, scored after BOS' if ppl.get('bos') else 'scored from its first token'} "
                      f"({ppl['scored_tokens']} predictions)")
     return "\n".join(lines + ["", table(headers, rows)])
 

@@ -1,0 +1,51 @@
+"""Unit decode costs measured on the graph: ablations through the real rewrite, profile shares, KV bytes, cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from subfit_onnx.config import MethodSettings
+from subfit_onnx.graph_checks import load_decoder_structure
+from subfit_onnx.unit_costs import _ablated_export, measure_unit_costs
+
+
+@pytest.fixture(scope="module")
+def costs(tiny_export, tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        onnx_file = tiny_export("llama") / "model.onnx"
+        yield onnx_file, measure_unit_costs(onnx_file, MethodSettings(), context=64, steps=4, repeats=2)
+
+
+def test_every_unit_has_a_cost_and_kv_bytes_add_up(costs):
+    onnx_file, c = costs
+    _, _, structure = load_decoder_structure(onnx_file)
+    keys = {f"layers.{u.layer}.{u.kind}" for u in structure.units()}
+    assert set(c.unit_ms) == keys == set(c.kv_bytes)
+    assert all(v >= 0 for v in c.unit_ms.values()) and c.step_ms > 0
+    assert sum(c.kv_bytes.values()) == structure.kv_bytes_per_token()
+    assert all(c.kv_bytes[k] == 0 for k in keys if k.endswith("mlp"))
+    for kind in ("attention", "mlp"):
+        shares = [v for k, v in c.profile_shares.items() if k.endswith(kind)]
+        assert sum(shares) == pytest.approx(1.0)
+    everything = [(int(k.split(".")[1]), k.split(".")[2]) for k in keys]
+    assert c.predicted_ratio([]) == 1.0
+    assert c.predicted_ratio(everything) <= c.predicted_ratio(everything[:1]) <= 1.0
+
+
+def test_results_are_cached_per_graph(costs, monkeypatch):
+    onnx_file, c = costs
+    monkeypatch.setattr("subfit_onnx.unit_costs._ablated_export", lambda *a: pytest.fail("measured again"))
+    again = measure_unit_costs(onnx_file, MethodSettings(), context=64, steps=4, repeats=2)
+    assert again.to_dict() == json.loads(json.dumps(c.to_dict()))  # read back, not re-measured
+
+
+def test_the_attention_ablation_keeps_one_kv_layer(tiny_export, tmp_path):
+    onnx_file = tiny_export("llama") / "model.onnx"
+    out = _ablated_export(onnx_file, "attention", MethodSettings(), tmp_path / "ablated")
+    _, _, structure = load_decoder_structure(out / "model.onnx")
+    assert structure.kv_layers() == [0]
+    assert [u.bypassed for u in structure.units() if u.kind == "attention"] == [False] + [True] * (
+        structure.num_layers - 1)
