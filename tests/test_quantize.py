@@ -175,3 +175,17 @@ def test_optimum_cli_subfit_rewrite_quantizes(tiny_export, plan_dir, tmp_path):
     assert bits_by_node(onnx.load(str(tmp_path / "out" / "model.onnx")))["/lm_head/MatMul_Q8"] == 8
     bad = optimum_cli("subfit", "optimize", tiny_export("llama"), "--sparsity", "0.25", "--quantize", "nf4")
     assert bad.returncode == 1 and bad.stderr.strip() == "error: --quantize must be one of int4, int8, not 'nf4'"
+
+
+def test_optimize_quantizes_and_measures_quality_on_the_quantized_model(tiny_export, tiny_checkpoint,
+                                                                       tiny_calibration_text, tmp_path):
+    config = subfit_onnx.SubFitConfig(sparsity=0.3, calibration=str(tiny_calibration_text), num_samples=8,
+                                      seq_len=32)
+    common = {"config": config, "model": tiny_checkpoint("llama")}
+    fp32 = subfit_onnx.optimize(tiny_export("llama"), output=tmp_path / "fp32", **common).report
+    int4 = subfit_onnx.optimize(tiny_export("llama"), output=tmp_path / "int4", quantize="int4", **common).report
+    assert int4["depth_map"] == fp32["depth_map"] and int4["quantize"]["precision"] == "int4"
+    # measured: 1.0046 fp32, 1.0388 int4 (the tiny llama's random weights fit int4's grid badly)
+    assert fp32["quality"]["measured"] and int4["quality"]["measured"]
+    assert int4["quality"]["dense_ppl"] == fp32["quality"]["dense_ppl"]
+    assert int4["quality"]["heldout_ppl_ratio"] > fp32["quality"]["heldout_ppl_ratio"] + 0.01
