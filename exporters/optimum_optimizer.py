@@ -44,13 +44,17 @@ class SubFitOptimizer:
         raise SubFitError(f"unable to load an ONNX export from {model_or_path}")
 
     def optimize(self, optimization_config: SubFitConfig, save_dir: str | os.PathLike, *, plan: Any = None,
-                 overwrite: bool = False, progress: ProgressFactory | None = None) -> Path:
+                 overwrite: bool = False, progress: ProgressFactory | None = None,
+                 quantize: str | None = None) -> Path:
         """Calibrate (or reuse ``plan``) and write the compressed model into ``save_dir``; returns ``save_dir``.
+
+        ``quantize`` ("int4" or "int8") quantizes the compressed model's weights, as ``subfit_onnx.optimize``.
 
         The full report of the run is kept in ``self.last_result`` (and written as ``subfit_report.json``).
         """
         from ..api import optimize
 
         self.last_result = optimize(self.onnx_model_path, config=optimization_config, model=self.model,
-                                    output=save_dir, plan=plan, overwrite=overwrite, progress=progress)
+                                    output=save_dir, plan=plan, overwrite=overwrite, progress=progress,
+                                    quantize=quantize)
         return Path(save_dir)

@@ -35,6 +35,7 @@ from ..plan import Plan, bypass_from_tensors
 from ..progress import ProgressFactory, progress_bar, silent
 from ..staging import STAGED, staged_output
 from .hf_config import subfit_config
+from .quantize import check_precision, quantize_graph, spec_for
 
 PROTOBUF_LIMIT = 2 * 1024**3
 INLINE_MARGIN = 64 * 1024**2  # graph structure and metadata beside the weights
@@ -62,6 +63,8 @@ class RewriteReport(BaseModel):
     kv_bytes_per_token_before: int | None
     kv_bytes_per_token_after: int | None
     external_data: bool
+    quantize: str | None = None  # "int4" | "int8": weights quantized after the rewrite
+    weights: str | None = None  # what the quantized weights are, in words
     config_overrides: dict[str, int]
     wall_seconds: float
 
@@ -114,35 +117,41 @@ def _copy_companions(src_dir: Path, dest: Path, skip: set[str]) -> None:
 
 def rewrite_export(export: str | os.PathLike, plan: Plan, tensors: Mapping[str, np.ndarray],
                    out: str | os.PathLike, *, external_data: bool | None = None, overwrite: bool = False,
-                   progress: ProgressFactory = silent) -> RewriteReport:
+                   quantize: str | None = None, progress: ProgressFactory = silent) -> RewriteReport:
     """Write ``out``: the export with the plan's units replaced by bypasses and their KV cache dropped.
 
     ``external_data=None`` stores weights in ``model.onnx_data`` when they would not fit a 2 GB protobuf or the
     input keeps them outside too (an inline save would load every weight, losing the lazy path's low memory);
-    True or False forces either layout.
+    True or False forces either layout. ``quantize`` ("int4" or "int8") quantizes the rewritten weights
+    (``exporters.quantize``).
     """
+    check_precision(quantize)
     source = export_file(export)
     out = Path(out)
     _refuse_input_inside(out, source)
     with staged_output(out, overwrite) as work:
-        report = rewrite_into(source, plan, tensors, work / STAGED, external_data=external_data, progress=progress)
+        report = rewrite_into(source, plan, tensors, work / STAGED, external_data=external_data, quantize=quantize,
+                              progress=progress)
     return report.model_copy(update={"output": str(out)})
 
 
 def rewrite_into(source: Path, plan: Plan, tensors: Mapping[str, np.ndarray], out: Path, *,
-                 external_data: bool | None = None, progress: ProgressFactory = silent) -> RewriteReport:
+                 external_data: bool | None = None, quantize: str | None = None,
+                 progress: ProgressFactory = silent) -> RewriteReport:
     """``rewrite_export`` into the new folder ``out``, unstaged: the caller stages it (see module docstring)."""
+    check_precision(quantize)
     start = time.perf_counter()
     export_config = read_config(source.parent) or {}
     kind = model_type(export_config)
 
-    with progress_bar(progress, "rewriting", 5) as bar:
+    with progress_bar(progress, "rewriting" + (f" and quantizing to {quantize}" if quantize else ""), 5) as bar:
         model = load_onnx(source)  # external data checked before anything is read
         before = find_decoder_structure(model, kind)
         check_plan_matches(plan, before, tensors, export_config, source)
         counts = (model.graph.num_nodes(), len(model.graph.initializers),
                   sum(v.name.startswith(KV.past_prefix) for v in model.graph.inputs))
-        bytes_before = model_file_bytes(source, external_data_names(model))
+        source_data = external_data_names(model)  # the model builder's model.onnx.data is not an .onnx_data
+        bytes_before = model_file_bytes(source, source_data)
         input_external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
         bar.update(1)
 
@@ -154,6 +163,12 @@ def rewrite_into(source: Path, plan: Plan, tensors: Mapping[str, np.ndarray], ou
 
         external = external_data if external_data is not None else \
             input_external or _tensor_bytes(model) > PROTOBUF_LIMIT - INLINE_MARGIN
+        weights = None
+        if quantize is not None:  # ORT's quantizer works on a whole in-memory ModelProto
+            LoadExternalTensorsPass(None)(model)
+            quantized = quantize_graph(ir.serde.serialize_model(model), spec_for(quantize, model.graph, after))
+            model = ir.serde.deserialize_model(quantized.model)
+            weights = quantized.describe()
         LoadExternalTensorsPass(EXTERNAL_THRESHOLD if external else None)(model)
         bar.update(1)
 
@@ -169,11 +184,14 @@ def rewrite_into(source: Path, plan: Plan, tensors: Mapping[str, np.ndarray], ou
         config = subfit_config(export_config, section, after.num_kv_heads, after.head_dim,
                                has_kv_cache=bool(after.kv_layers()))
         write_config(out, config)
-        _copy_companions(source.parent, out, skip={CONFIG_FILE})
+        _copy_companions(source.parent, out, skip={CONFIG_FILE, *source_data})
         if (source.parent / GENAI_CONFIG_FILE).is_file():  # the source was set up for onnxruntime-genai
-            from ..runtime_genai import write_genai_config
+            from ..runtime_genai import write_genai_config, write_rewritten_genai_config
 
-            write_genai_config(out)
+            if before.layout.own_genai_config:
+                write_rewritten_genai_config(source.parent, out, after.kv_layers())
+            else:
+                write_genai_config(out)
         bytes_after = model_file_bytes(target, [DATA_FILE] if external else [])
         bar.update(1)
 
@@ -188,7 +206,8 @@ def rewrite_into(source: Path, plan: Plan, tensors: Mapping[str, np.ndarray], ou
         unit_params_removed=unit_params, bypass_params=rewritten.bypass_params,
         file_bytes_before=bytes_before, file_bytes_after=bytes_after,
         kv_bytes_per_token_before=before.kv_bytes_per_token(), kv_bytes_per_token_after=after.kv_bytes_per_token(),
-        external_data=external, config_overrides={k: v for k, v in config.items()
+        external_data=external, quantize=quantize, weights=weights,
+        config_overrides={k: v for k, v in config.items()
                                                   if k in config["subfit"].get("original_config", {})},
         wall_seconds=time.perf_counter() - start,
     )

@@ -16,7 +16,9 @@ _SAME_TYPE_AS_INPUT: dict[str, int] = {
     "MatMul": 0, "Gemm": 0, "Reshape": 0, "Transpose": 0, "Squeeze": 0, "Unsqueeze": 0, "Flatten": 0,
     "Slice": 0, "Gather": 0, "Concat": 0, "Expand": 0, "Identity": 0, "Softmax": 0, "Tanh": 0, "Sigmoid": 0,
     "Erf": 0, "Relu": 0, "Gelu": 0, "LayerNormalization": 0, "SimplifiedLayerNormalization": 0,
-    "ReduceMean": 0, "ReduceSum": 0, "Max": 0, "Min": 0, "Where": 1, "Split": 0, "Tile": 0, "Cos": 0, "Sin": 0,
+    "ReduceMean": 0, "ReduceSum": 0,
+    # ONNX Runtime contrib ops of model-builder graphs (ONNX shape inference does not type their outputs)
+    "SkipSimplifiedLayerNormalization": 0, "MatMulNBits": 0, "GroupQueryAttention": 0, "GatherBlockQuantized": 2, "Max": 0, "Min": 0, "Where": 1, "Split": 0, "Tile": 0, "Cos": 0, "Sin": 0,
 }
 _FIXED_TYPE: dict[str, ir.DataType] = {"Shape": ir.DataType.INT64, "Size": ir.DataType.INT64,
                                        "Equal": ir.DataType.BOOL, "Less": ir.DataType.BOOL,

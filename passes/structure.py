@@ -4,13 +4,14 @@ A name scope alone is a guess: TorchScript names nodes after the module that emi
 optimised, fused or exported another way keeps some names and loses others. A unit therefore counts only when
 its boundary checks out: exactly one value from its pre-norm's scope flows in, and its result (through its
 post-norm for Gemma-2 style layers, and through any dtype Cast) is one operand of a residual ``Add`` at layer
-level whose other operand is the stream that entered the pre-norm. Operands are told apart by producer, never by
+level (or the node its layout row names instead) whose other operand is the stream that entered the pre-norm. Operands are told apart by producer, never by
 position (GPT-2 puts the residual second). Anything else is refused with one line naming what was expected.
 
 What to look for comes from the rows of ``architectures.GRAPH_LAYOUTS`` (scopes, residual ops, KV names), tried
-in order; nothing here names a family or an exporter. Optimum's ``text-generation-with-past`` export is the
-layout in the table today; what is refused, and why:
-ONNX Runtime-fused graphs (``com.microsoft`` ops hide the units), legacy merged decoders (``If`` on
+in order; nothing here names a family or an exporter. The table holds Optimum's ``text-generation-with-past``
+export and onnxruntime-genai's model-builder graph (whose residual is the next SkipSimplifiedLayerNormalization's
+skip input); what is refused, and why: graphs quantized or built by other tools (``graph_kinds`` names each),
+ONNX Runtime-fused graphs (``com.microsoft`` ops no layout row is made of hide the units), legacy merged decoders (``If`` on
 ``use_cache_branch``), encoders and other non-LLM graphs (no ``logits``), and exports without a KV cache
 (re-export with the ``-with-past`` task, so the rewritten model keeps incremental decoding).
 """
@@ -27,6 +28,7 @@ import onnx_ir as ir
 from ..architectures import GRAPH_LAYOUTS, UNIT_KINDS, GraphLayout, UnitKind, family_for
 from ..errors import UnsupportedModelError
 from ..names import KVNames
+from .graph_kinds import unreadable_reason
 from .graph_tools import consumers, direct_child, in_scope, value_dtype
 
 BYPASS_SCOPE = "subfit/"  # inserted bypass nodes live in <unit scope>subfit/
@@ -151,14 +153,22 @@ class _Refusal(Exception):
     """A layout did not fit; carries the one-line reason for the user."""
 
 
-def check_plain_decoder(model: ir.Model) -> None:
-    """Refuse, by inputs, outputs and operator domains alone, graphs that are no plain decoder export.
+def contrib_ops(graph: ir.Graph) -> Counter[str]:
+    return Counter(n.op_type for n in graph if n.domain in FUSED_DOMAINS)
 
-    The KV cache is checked once the layers are known (a graph whose every attention was bypassed has none).
+
+def check_plain_decoder(model: ir.Model, layouts: tuple[GraphLayout, ...] = GRAPH_LAYOUTS) -> None:
+    """Refuse, by inputs, outputs and operator domains alone, graphs that are no decoder export SubFit reads.
+
+    Fused operators are refused unless a layout row is made of them (the model builder's). The KV cache is checked
+    once the layers are known (a graph whose every attention was bypassed has none).
     """
     graph = model.graph
-    fused = Counter(n.op_type for n in graph if n.domain in FUSED_DOMAINS)
-    if fused:
+    reason = unreadable_reason(model, layouts)
+    if reason is not None:
+        raise UnsupportedModelError(reason)
+    fused = contrib_ops(graph)
+    if fused and not any(row.reads(set(fused)) for row in layouts):
         ops = ", ".join(f"{op} x{n}" for op, n in sorted(fused.items()))
         raise UnsupportedModelError(
             f"the graph was already optimized by ONNX Runtime (fused nodes: {ops}); fused nodes lose the layer "
@@ -179,8 +189,16 @@ def check_plain_decoder(model: ir.Model) -> None:
         )
 
 
+def _holds_units(nodes: list[ir.Node], layer: int, rows: list[GraphLayout]) -> bool:
+    return any(in_scope(n, row.layer_scope.format(i=layer) + row.unit(kind).module + "/")
+               for n in nodes for row in rows for kind in UNIT_KINDS)
+
+
 def _layer_nodes(graph: ir.Graph, layouts: tuple[GraphLayout, ...]) -> tuple[str, dict[int, list[ir.Node]]]:
-    """The layer-scope template the graph uses and its nodes grouped by layer index."""
+    """The layer-scope template the graph uses and its nodes grouped by layer index.
+
+    A last scope holding no unit is not a layer: the model builder puts its final norm at ``/model/layers.N/``.
+    """
     for template in dict.fromkeys(row.layer_scope for row in layouts):
         pattern = re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"(\d+)"))
         grouped: dict[int, list[ir.Node]] = {}
@@ -188,6 +206,9 @@ def _layer_nodes(graph: ir.Graph, layouts: tuple[GraphLayout, ...]) -> tuple[str
             m = pattern.match(node.name or "")
             if m:
                 grouped.setdefault(int(m.group(1)), []).append(node)
+        rows = [row for row in layouts if row.layer_scope == template]
+        if grouped and not _holds_units(grouped[max(grouped)], max(grouped), rows):
+            del grouped[max(grouped)]
         if grouped:
             count = len(grouped)
             if sorted(grouped) != list(range(count)):
@@ -210,9 +231,12 @@ def _through_casts(value: ir.Value, layer_scope: str) -> list[ir.Value]:
 
 
 def unit_params(nodes: list[ir.Node]) -> int:
-    """Weight matrices the unit's MatMul/Gemm nodes read (norms and biases excluded, as in calibration)."""
+    """Weight matrices the unit's MatMul/Gemm nodes read (norms and biases excluded, as in calibration); a
+    quantized ``MatMulNBits`` counts its unquantized K x N matrix."""
     seen: dict[str, int] = {}
     for node in nodes:
+        if node.op_type == "MatMulNBits" and node.inputs[1] is not None:
+            seen[node.inputs[1].name] = node.attributes["K"].as_int() * node.attributes["N"].as_int()
         if node.op_type not in ("MatMul", "Gemm"):
             continue
         for inp in node.inputs:
@@ -228,24 +252,31 @@ def bypass_params(nodes: list[ir.Node]) -> int:
     return sum(seen.values())
 
 
-def _residual_adds(nodes: list[ir.Node], layer_scope: str, ops: tuple[str, ...], from_unit,
+def _residual_adds(nodes: list[ir.Node], layer_scope: str, unit_scope: str, row: GraphLayout, from_unit,
                    is_stream) -> list[tuple[ir.Node, int]]:
-    """Layer-level residual nodes with one operand from the unit and the other the stream; (node, unit operand)."""
+    """Residual nodes with one added operand from the unit and the other the stream; (node, unit operand index).
+
+    Never a node of the unit itself (a bypass ends in an Add of its own)."""
     found = []
     for node in nodes:
-        if node.op_type not in ops or not direct_child(node, layer_scope) or len(node.inputs) != 2:
+        if node.op_type not in row.residual_ops or (row.residual_in_layer and not direct_child(node, layer_scope)):
             continue
-        a, b = node.inputs
-        if a is None or b is None:
+        if in_scope(node, unit_scope):
             continue
-        for idx, (unit_in, resid) in enumerate(((a, b), (b, a))):
-            if any(from_unit(v) for v in _through_casts(unit_in, layer_scope)) and \
-                    any(is_stream(v) for v in _through_casts(resid, layer_scope)):
-                found.append((node, idx))
+        if row.residual_in_layer and len(node.inputs) != 2:
+            continue
+        i, j = row.residual_inputs
+        if max(i, j) >= len(node.inputs) or node.inputs[i] is None or node.inputs[j] is None:
+            continue
+        for unit_index, stream_index in ((i, j), (j, i)):
+            if any(from_unit(v) for v in _through_casts(node.inputs[unit_index], layer_scope)) and \
+                    any(is_stream(v) for v in _through_casts(node.inputs[stream_index], layer_scope)):
+                found.append((node, unit_index))
     return found
 
 
-def _resolve_unit(layer: int, kind: UnitKind, row: GraphLayout, nodes: list[ir.Node]) -> UnitBoundary:
+def _resolve_unit(layer: int, kind: UnitKind, row: GraphLayout, nodes: list[ir.Node],
+                  residual_candidates: list[ir.Node]) -> UnitBoundary:
     names = row.unit(kind)
     layer_scope = row.layer_scope.format(i=layer)
     scope = f"{layer_scope}{names.module}/"
@@ -265,7 +296,7 @@ def _resolve_unit(layer: int, kind: UnitKind, row: GraphLayout, nodes: list[ir.N
     norm_output = next(iter(fed.values()), None)
 
     if bypass_nodes:  # written by InsertBypassPass: trust its own wiring
-        adds = _residual_adds(nodes, layer_scope, row.residual_ops, lambda v: in_scope(v.producer(), bypass_scope),
+        adds = _residual_adds(residual_candidates, layer_scope, scope, row, lambda v: in_scope(v.producer(), bypass_scope),
                               lambda v: True)
     else:
         def from_unit(value: ir.Value) -> bool:
@@ -275,11 +306,12 @@ def _resolve_unit(layer: int, kind: UnitKind, row: GraphLayout, nodes: list[ir.N
         def enters_norm(value: ir.Value) -> bool:
             return in_scope(value.producer(), norm_scope) or any(in_scope(u, norm_scope) for u in consumers(value))
 
-        adds = _residual_adds(nodes, layer_scope, row.residual_ops, from_unit, enters_norm)
+        adds = _residual_adds(residual_candidates, layer_scope, scope, row, from_unit, enters_norm)
     if len(adds) != 1:
         raise _Refusal(
-            f"{what}: expected one residual Add in {layer_scope} adding {scope}'s output to the stream that "
-            f"enters {norm_scope}, found {len(adds)}"
+            f"{what}: expected one residual {'/'.join(row.residual_ops)} "
+            f"{'in ' + layer_scope + ' ' if row.residual_in_layer else ''}adding {scope}'s output to the stream "
+            f"that enters {norm_scope}, found {len(adds)}"
         )
     add, unit_operand = adds[0]
     return UnitBoundary(
@@ -311,9 +343,10 @@ def _layer_kv(graph: ir.Graph, layer: int, attention: UnitBoundary, kv: KVNames)
 
 def _resolve_layers(graph: ir.Graph, row: GraphLayout, grouped: dict[int, list[ir.Node]]) -> list[LayerStructure]:
     layers = []
+    everywhere = [n for n in graph if n.op_type in row.residual_ops] if not row.residual_in_layer else None
     for i in range(len(grouped)):
-        attention = _resolve_unit(i, "attention", row, grouped[i])
-        mlp = _resolve_unit(i, "mlp", row, grouped[i])
+        attention = _resolve_unit(i, "attention", row, grouped[i], everywhere or grouped[i])
+        mlp = _resolve_unit(i, "mlp", row, grouped[i], everywhere or grouped[i])
         layers.append(LayerStructure(index=i, attention=attention, mlp=mlp, kv=_layer_kv(graph, i, attention, row.kv)))
     extra = sorted({kv[1] for v in [*graph.inputs, *graph.outputs]
                     if (kv := row.kv.parse(v.name or ""))} - set(range(len(grouped))))
@@ -322,21 +355,55 @@ def _resolve_layers(graph: ir.Graph, row: GraphLayout, grouped: dict[int, list[i
     return layers
 
 
-def _embedding_table(graph: ir.Graph) -> ir.TensorProtocol:
-    """The token embedding: a 2-D initializer gathered by input_ids (GPT-2 reshapes the ids first)."""
+def _embedding_width(graph: ir.Graph) -> tuple[int, ir.DataType] | None:
+    """Hidden size and dtype of the token embedding: a 2-D initializer gathered by input_ids (GPT-2 reshapes the
+    ids first; the model builder gathers a tied lm_head's transpose)."""
     frontier = [next(v for v in graph.inputs if v.name == "input_ids")]
     for _ in range(4):
         following = []
         for value in frontier:
             for user in consumers(value):
                 table = user.inputs[0]
+                transposed = table is not None and table.producer() is not None \
+                    and table.producer().op_type == "Transpose"
+                if transposed:
+                    table = table.producer().inputs[0]
                 if user.op_type == "Gather" and table is not None and table.const_value is not None \
                         and len(table.const_value.shape) == 2 and user.inputs[1] is value:
-                    return table.const_value
+                    return int(table.const_value.shape[0 if transposed else 1]), table.const_value.dtype
                 if user.op_type in ("Reshape", "Cast", "Unsqueeze", "Squeeze", "Flatten") and user.inputs[0] is value:
                     following.extend(user.outputs)
         frontier = following
-    raise UnsupportedModelError("no token embedding found (a Gather of a 2-D initializer by input_ids)")
+    return None
+
+
+def _model_width(graph: ir.Graph, layers: list[LayerStructure]) -> tuple[int, ir.DataType]:
+    """Hidden size and weight dtype: the embedding's, else (a quantized embedding) layer 0's input-norm weight's."""
+    found = _embedding_width(graph)
+    if found is not None:
+        return found
+    norm = layers[0].attention.norm_output.producer() if layers[0].attention.norm_output is not None else None
+    weights = [v.const_value for v in (norm.inputs if norm is not None else ())
+               if v is not None and v.const_value is not None and len(v.const_value.shape) == 1]
+    if not weights:
+        raise UnsupportedModelError("no token embedding found (a Gather of a 2-D initializer by input_ids)")
+    return int(weights[0].shape[0]), weights[0].dtype
+
+
+def _head_dim_from_attention(graph: ir.Graph, past: ir.Value) -> int | None:
+    """Head size from the fused attention op reading ``past`` (``num_heads`` attribute) and the width of the
+    output projection reading its result, for graphs whose past shape leaves it symbolic."""
+    for user in consumers(past):
+        if "num_heads" not in user.attributes:
+            continue
+        heads = user.attributes["num_heads"].as_int()
+        for proj in consumers(user.outputs[0]):
+            if proj.op_type == "MatMulNBits":
+                return proj.attributes["K"].as_int() // heads
+            weight = proj.inputs[1] if proj.op_type == "MatMul" else None
+            if weight is not None and weight.const_value is not None:
+                return int(weight.const_value.shape[0]) // heads
+    return None
 
 
 def _kv_dims(graph: ir.Graph, layers: list[LayerStructure]) -> tuple[int | None, int | None]:
@@ -347,7 +414,9 @@ def _kv_dims(graph: ir.Graph, layers: list[LayerStructure]) -> tuple[int | None,
             shape = inputs[layer.kv.past_key].shape
             if shape is not None and len(shape) == 4:
                 heads, dim = shape[1], shape[3]
-                return (heads if isinstance(heads, int) else None), (dim if isinstance(dim, int) else None)
+                if not isinstance(dim, int):
+                    dim = _head_dim_from_attention(graph, inputs[layer.kv.past_key])
+                return (heads if isinstance(heads, int) else None), dim
     return None, None
 
 
@@ -365,7 +434,9 @@ def find_decoder_structure(model: ir.Model, model_type: str | None = None,
     kept in ``family_candidates``.
     """
     graph = model.graph
-    check_plain_decoder(model)
+    check_plain_decoder(model, layouts)
+    fused = set(contrib_ops(graph))
+    layouts = tuple(row for row in layouts if row.reads(fused))
     template, grouped = _layer_nodes(graph, layouts)
     wanted = family_for(model_type).name if model_type else None
     outcomes: list[tuple[GraphLayout, list[LayerStructure] | str]] = []
@@ -394,14 +465,14 @@ def find_decoder_structure(model: ir.Model, model_type: str | None = None,
             "`optimum-cli export onnx --task text-generation-with-past`"
         )
     heads, head_dim = _kv_dims(graph, resolved)
-    table = _embedding_table(graph)
+    hidden_size, dtype = _model_width(graph, resolved)
     return DecoderStructure(
         family=wanted if wanted is not None else candidates[0],
         family_candidates=tuple(candidates),
         family_from_config=wanted is not None,
         layout=row,
-        hidden_size=int(table.shape[1]),
-        dtype=table.dtype,
+        hidden_size=hidden_size,
+        dtype=dtype,
         kv_dtype=_kv_dtype(graph, resolved),
         num_kv_heads=heads,
         head_dim=head_dim,

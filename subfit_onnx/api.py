@@ -22,6 +22,7 @@ from .backends import CalibrationJob, prepare_calibration, run_calibration
 from .budget_targets import budget_report, build_budget, output_tag
 from .config import BUDGET_FLAGS, DEFAULT_WARN_PPL_RATIO, SubFitConfig, make_config
 from .errors import SubFitError
+from .exporters.quantize import check_precision
 from .graph_checks import ExportFacts, check_export_family, inspect_export
 from .names import ONNX_FILE, PLAN_FILE, REPORT_FILE, SETTINGS_FILE
 from .plan import CalibratedPlan, Plan, as_calibrated_plan, save_plan
@@ -88,6 +89,7 @@ class _Run:
     dtype: str = "fp32"  # export precision when SOURCE is a model
     external_data: bool | None = None
     warn_ppl_ratio: float | None = DEFAULT_WARN_PPL_RATIO
+    quantize: str | None = None  # "int4" | "int8": quantize the rewritten weights
 
 
 def _prepare(source: str | Path, config: SubFitConfig, output: str | Path | None, *, overwrite: bool,
@@ -146,7 +148,7 @@ def _compress(run: _Run, calibrated: CalibratedPlan | None = None, job: Calibrat
                 seconds["calibration"] = calibrated.seconds or 0.0
             with _timed(seconds, "rewrite"):  # checks the plan against the graph first
                 rewritten = rewrite_into(facts.onnx_file, calibrated.plan, calibrated.tensors, work / STAGED,
-                                         external_data=run.external_data, progress=progress)
+                                         external_data=run.external_data, quantize=run.quantize, progress=progress)
             with _timed(seconds, "quality"):
                 quality = _heldout_quality(run, job, facts.onnx_file.parent, work / STAGED)
         seconds["total"] = time.perf_counter() - run.started
@@ -189,7 +191,7 @@ def _search_quality(run: _Run, job: CalibrationJob, onnx_file: Path, work: Path,
         folder = work / f"trial-{len(made)}"
         with _timed(seconds, "rewrite"):
             rewritten = rewrite_into(onnx_file, calibrated.plan, calibrated.tensors, folder,
-                                     external_data=run.external_data, progress=run.progress)
+                                     external_data=run.external_data, quantize=run.quantize, progress=run.progress)
         with _timed(seconds, "quality"):
             quality = heldout_quality(onnx_file.parent, folder, job.heldout, job.bos, run.warn_ppl_ratio,
                                       run.progress, dense_ppl[0] if dense_ppl else None)
@@ -232,7 +234,7 @@ def optimize(source: str | Path, sparsity: float | None = None, *, config: SubFi
              dtype: str = "fp32", external_data: bool | None = None,
              warn_ppl_ratio: float | None = DEFAULT_WARN_PPL_RATIO, target_speedup: float | None = None,
              kv_budget: float | None = None, max_ppl_ratio: float | None = None,
-             context: int | None = None) -> Result:
+             context: int | None = None, quantize: str | None = None) -> Result:
     """Compress ``source`` (model.onnx, Optimum export folder, local model folder or hub id) into ``output``.
 
     ``model`` is the PyTorch checkpoint to calibrate from (path, hub id or a loaded model); by default SOURCE
@@ -241,13 +243,15 @@ def optimize(source: str | Path, sparsity: float | None = None, *, config: SubFi
     ``calibration_backend``: ``torch`` runs the checkpoint, ``onnx`` runs the export in ONNX Runtime (no checkpoint
     needed), ``auto`` picks torch when a checkpoint is known and onnx otherwise. The report's ``quality`` is the
     held-out perplexity ratio to the dense export (``evaluation.heldout``); above ``warn_ppl_ratio`` (None: never)
-    it carries ``warning: true``.
+    it carries ``warning: true``. ``quantize`` ("int4" or "int8") quantizes the compressed model's weights
+    (``exporters.quantize``; the held-out quality is measured on the quantized model); a bad value is refused first.
 
     Instead of ``sparsity``, one budget (also settable in ``config``): ``target_speedup`` (decode that many times
     faster at ``context`` tokens, unit costs measured on the export), ``kv_budget`` (keep at most that fraction
     of the KV cache) or ``max_ppl_ratio`` (the most removed while the held-out perplexity ratio stays within it).
     """
     started = time.perf_counter()
+    check_precision(quantize)
     config = make_config(config, None, target_speedup=target_speedup, kv_budget=kv_budget,
                          max_ppl_ratio=max_ppl_ratio, context=context)
     if config.budget is not None and (sparsity is not None or plan is not None):
@@ -263,7 +267,8 @@ def optimize(source: str | Path, sparsity: float | None = None, *, config: SubFi
     if warn_ppl_ratio is not None and not warn_ppl_ratio > 0:
         raise SubFitError(f"the perplexity ratio to warn above must be positive, not {warn_ppl_ratio:g}")
     run = replace(_prepare(source, make_config(config, sparsity), output, overwrite=overwrite, progress=progress,
-                           started=started), dtype=dtype, external_data=external_data, warn_ppl_ratio=warn_ppl_ratio)
+                           started=started), dtype=dtype, external_data=external_data, warn_ppl_ratio=warn_ppl_ratio,
+            quantize=quantize)
     if reused is not None:
         return _compress(run, calibrated=reused)
     job = prepare_calibration(run.source, model, run.config, calibration_backend, run.facts)
@@ -296,33 +301,48 @@ def calibrate(source: str | Path, sparsity: float | None = None, *, config: SubF
 
 
 def rewrite(export: str | Path, plan: Any, output: str | Path | None = None, *, overwrite: bool = False,
-            progress: ProgressFactory | None = None, external_data: bool | None = None) -> Result:
-    """Apply a saved plan to an ONNX export (no torch, no calibration); same output layout as ``optimize``."""
+            progress: ProgressFactory | None = None, external_data: bool | None = None,
+            quantize: str | None = None) -> Result:
+    """Apply a saved plan to an ONNX export (no torch, no calibration); same output layout as ``optimize``;
+    ``quantize`` as there."""
     started = time.perf_counter()
+    check_precision(quantize)
     calibrated = as_calibrated_plan(plan)
     run = _prepare(export, make_config(None, calibrated.plan.sparsity.target), output, overwrite=overwrite,
                    progress=progress, started=started, export_only=True)
-    return _compress(replace(run, external_data=external_data), calibrated=calibrated)
+    return _compress(replace(run, external_data=external_data, quantize=quantize), calibrated=calibrated)
+
+
+EXPORT_LAYOUTS = ("optimum", "builder")
 
 
 def export(model: str | Path, output: str | Path | None = None, *, dtype: str = "fp32", overwrite: bool = False,
-           progress: ProgressFactory | None = None) -> Path:
+           progress: ProgressFactory | None = None, layout: str = "optimum") -> Path:
     """Export a model (local folder or hub id) as Optimum does for SubFit; returns the export folder.
 
     This is the dense reference ``evaluate``/``benchmark --reference`` compare against, and a SOURCE that
     ``optimize``/``rewrite`` take without exporting again. Default ``output``: ``<model folder>-onnx`` beside
-    the model (``-onnx-fp16`` for fp16).
+    the model (``-onnx-fp16`` for fp16). ``layout="builder"`` writes onnxruntime-genai's fused model-builder
+    layout instead (``exporters.builder_export``; fp32 only).
     """
     from .exporters.optimum_export import DTYPES, export_decoder
 
     if dtype not in DTYPES:
         raise SubFitError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if layout not in EXPORT_LAYOUTS:
+        raise SubFitError(f"layout must be one of {', '.join(EXPORT_LAYOUTS)}, not {layout!r}")
+    if layout == "builder" and dtype != "fp32":
+        raise SubFitError("the builder layout is exported at fp32 (quantize it with optimize/rewrite --quantize)")
     src = resolve_source(model)
     if not src.needs_export:
         raise SubFitError(f"{model} is already an ONNX export; export takes a PyTorch model folder or hub id")
-    out = Path(output) if output is not None else default_export_output(src, dtype)
+    out = Path(output) if output is not None else default_export_output(src, dtype, layout)
     check_output_free(out, overwrite)
     src = localize(src)
     assert src.path is not None
+    if layout == "builder":
+        from .exporters.builder_export import export_fused
+
+        return export_fused(src.path, out, overwrite=overwrite).parent
     return export_decoder(src.path, out, dtype=dtype, overwrite=overwrite,  # type: ignore[arg-type]
                           progress=progress or silent).parent

@@ -5,7 +5,7 @@ the unit, which norm feeds it (the bypass input), and which post-norm (Gemma-2) 
 residual stream. ``FAMILIES`` holds one declarative row per transformers family (module names); supporting a
 family means adding a row. ``GRAPH_LAYOUTS`` holds one row per way an exporter lays those layers out in ONNX (node
 name scopes, which ops add a unit's output to the stream, KV names); structure finding tries the rows in order,
-so a new exporter's layout (onnxruntime-genai's model builder, say) is one more row, plus its test.
+so a new exporter's layout is one more row, plus its test; onnxruntime-genai's model builder is two rows.
 """
 
 from __future__ import annotations
@@ -104,8 +104,23 @@ class GraphLayout:
     layer_scope: str  # node-name scope of decoder layer N, with {i} for N
     attention: UnitLayout  # name scopes below the layer scope
     mlp: UnitLayout
-    residual_ops: tuple[str, ...] = ("Add",)  # two-operand ops that add a unit's output to the stream
+    residual_ops: tuple[str, ...] = ("Add",)  # ops that add a unit's output to the stream
+    residual_inputs: tuple[int, int] = (0, 1)  # the two inputs of such a node that it adds
+    # True: the residual node is a direct child of the layer scope (Optimum's Add); False: it may sit anywhere,
+    # as the model builder's residual is the next norm, in the next layer's scope for an FFN
+    residual_in_layer: bool = True
+    # com.microsoft ops this exporter writes: a graph is read with this row only when it holds every op of
+    # ``signature_ops`` and no contrib op outside ``fused_ops`` (other fused graphs are refused as ORT-optimized)
+    signature_ops: tuple[str, ...] = ()
+    fused_ops: tuple[str, ...] = ()
+    # True: the exporter writes its own genai_config.json, which a rewrite keeps (its layer count updated);
+    # False: a genai_config.json beside the graph is regenerated for the rewritten graph (runtime_genai)
+    own_genai_config: bool = False
     kv: KVNames = field(default=KV)
+
+    def reads(self, contrib_ops: set[str]) -> bool:
+        """Whether a graph holding these com.microsoft ops can be of this layout."""
+        return set(self.signature_ops) <= contrib_ops <= set(self.fused_ops)
 
     def unit(self, kind: UnitKind) -> UnitLayout:
         return self.attention if kind == "attention" else self.mlp
@@ -128,8 +143,31 @@ def optimum_layouts(families: tuple[FamilyLayout, ...]) -> tuple[GraphLayout, ..
     return tuple(rows)
 
 
+# onnxruntime-genai's model builder (CPU EP, fp32 or int4) names nodes after modules too, but fuses what lies
+# between the units: each norm is a SkipSimplifiedLayerNormalization whose input 0 is the stream, input 1 (skip)
+# the contribution of the unit before it and output 3 the new stream, so a unit's residual node is the next norm
+# on the chain (the next layer's input norm for an FFN, the final norm at /model/layers.N/ after the last one).
+# The ONNX calibration backend splits those norms into Add + SimplifiedLayerNormalization in its private copy
+# (passes.builder_unfuse), so an Add in the norm's scope is the residual node there.
+_MODEL_BUILDER = {
+    "exporter": "onnxruntime-genai",
+    "layer_scope": "/model/layers.{i}/",
+    "residual_ops": ("SkipSimplifiedLayerNormalization", "Add"),
+    "residual_in_layer": False,
+    "signature_ops": ("GroupQueryAttention",),
+    "fused_ops": ("GroupQueryAttention", "SkipSimplifiedLayerNormalization", "MatMulNBits", "GatherBlockQuantized"),
+    "own_genai_config": True,
+}
+
 GRAPH_LAYOUTS: tuple[GraphLayout, ...] = (
     *optimum_layouts(FAMILIES),
+    GraphLayout(families=("llama", "mistral", "qwen2", "phi3", "gemma"),
+                attention=UnitLayout("attn", "input_layernorm"), mlp=UnitLayout("mlp", "post_attention_layernorm"),
+                **_MODEL_BUILDER),
+    GraphLayout(families=("gemma2",),
+                attention=UnitLayout("attn", "input_layernorm", "post_attention_layernorm"),
+                mlp=UnitLayout("mlp", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
+                **_MODEL_BUILDER),
     # another exporter's layout: one GraphLayout row here (see GraphLayout), tested like test_structure's
     # test_a_new_graph_layout_is_one_table_row
 )

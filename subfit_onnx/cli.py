@@ -48,6 +48,13 @@ class DType(str, Enum):
     fp16 = "fp16"
 
 
+# a plain string, checked by the API: a bad value is then one error line (exit 1), like every other bad input
+QuantizeOption = Annotated[str | None, typer.Option(
+    "--quantize", metavar="int4|int8", help="quantize the compressed model's weights (ONNX Runtime MatMulNBits, block 32): int4 keeps "
+    "lm_head, the bypasses and the first/last eighth's FFN down projections at int8; int8 quantizes all",
+    show_default="none: keep the export's precision")]
+
+
 class CalibrationBackend(str, Enum):
     auto = "auto"
     torch = "torch"
@@ -191,6 +198,7 @@ def optimize(
         "ratio to dense stays at most this (several calibrations: slower)", show_default="off: --sparsity")] = None,
     context: Annotated[int | None, typer.Option(
         "--context", help="context length --target-speedup is measured at", show_default="512")] = None,
+    quantize: QuantizeOption = None,
 ) -> None:
     """Export (if needed), calibrate, and rewrite the ONNX model: one folder ORTModelForCausalLM can load."""
     with running.api(output) as api:
@@ -201,7 +209,7 @@ def optimize(
             inputs.source, inputs.sparsity, config=config, model=inputs.model,
             output=output, plan=plan, overwrite=running.overwrite, progress=running.progress(), dtype=dtype.value,
             calibration_backend=inputs.backend.value, target_speedup=target_speedup, kv_budget=kv_budget,
-            max_ppl_ratio=max_ppl_ratio, context=context,
+            max_ppl_ratio=max_ppl_ratio, context=context, quantize=quantize,
             **({"warn_ppl_ratio": warn_ppl_ratio} if warn_ppl_ratio is not None else {})))
 
 
@@ -239,34 +247,41 @@ def rewrite(
     export: Export,
     plan: Annotated[Path, typer.Option("--plan", "-p", help="plan folder or subfit_plan.json", show_default=False)],
     output: Output = None,
+    quantize: QuantizeOption = None,
 ) -> None:
     """Apply a saved plan to an ONNX export (no PyTorch needed); same output as optimize."""
     with running.api(output) as api:
         running.emit_result(api.rewrite(export, plan, output, overwrite=running.overwrite,
-                                        progress=running.progress()))
+                                        progress=running.progress(), quantize=quantize))
 
 
 @app.command()
 def export(
     model: Annotated[str, typer.Argument(help="a Hugging Face model: local folder or hub id", show_default=False)],
     output: Annotated[Path | None, typer.Option(
-        "--output", "-o", help="export folder", show_default="<model folder>-onnx")] = None,
+        "--output", "-o", help="export folder", show_default="<model folder>-onnx[-builder]")] = None,
     dtype: Annotated[DType, typer.Option("--dtype", help="export precision (fp32 or fp16)")] = DType.fp32,
+    layout: Annotated[str, typer.Option(
+        "--layout", metavar="optimum|builder", help="optimum: Optimum's text-generation-with-past export; builder: "
+        "onnxruntime-genai's fused model-builder layout, written by SubFit (fp32; llama, mistral, qwen2, phi3, "
+        "gemma)")] = "optimum",
     overwrite: Overwrite = False,
     as_json: Json = False,
     debug: Debug = False,
 ) -> None:
-    """Export the dense model with Optimum (text-generation-with-past): the --reference for evaluate/benchmark."""
+    """Export the dense model (Optimum's text-generation-with-past, or the model builder's fused layout): the
+    --reference for evaluate/benchmark, and a SOURCE for optimize/rewrite."""
     with _errors(debug, output):
         from . import api
         from .names import ONNX_FILE
         from .onnx_files import model_file_bytes
 
-        folder = api.export(model, output, dtype=dtype.value, overwrite=overwrite, progress=_progress(not as_json))
+        folder = api.export(model, output, dtype=dtype.value, overwrite=overwrite, progress=_progress(not as_json),
+                            layout=layout)
         size = model_file_bytes(folder / ONNX_FILE)
-        info = {"model": model, "output": str(folder), "dtype": dtype.value, "file_bytes": size}
+        info = {"model": model, "output": str(folder), "dtype": dtype.value, "layout": layout, "file_bytes": size}
         human = "\n".join([
-            f"exported {model} -> {folder} ({dtype.value}, {size / 1e6:,.1f} MB)",
+            f"exported {model} -> {folder} ({dtype.value}, {layout} layout, {size / 1e6:,.1f} MB)",
             f"next: subfit-onnx evaluate COMPRESSED --reference {folder} --text TEXT",
         ])
         emit(info, as_json, human)

@@ -38,6 +38,17 @@ class OutputExistsError(SubFitError):
         return f"{self.path} already exists; pass --overwrite to replace it"
 
 
+class InvalidQuantizeError(SubFitError):
+    """A quantization precision SubFit does not offer."""
+
+    def __init__(self, value: object, choices: tuple[str, ...]) -> None:
+        self.value, self.choices = value, choices
+        super().__init__(f"quantize must be one of {', '.join(choices)} or None, not {value!r}")
+
+    def for_cli(self) -> str:
+        return f"--quantize must be one of {', '.join(self.choices)}, not {self.value!r}"
+
+
 class InvalidSparsityError(SubFitError):
     """A sparsity outside (0, 1); a percentage gets a hint, since 25 for 25% is the usual slip."""
 

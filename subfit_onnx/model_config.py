@@ -5,6 +5,9 @@ dicts and from transformers config objects. Their keys differ by family (GPT-2's
 multimodal config keeps them in ``text_config``). Optimum's ``NormalizedConfigManager`` knows the aliases of the
 model types it lists and is asked first; ``FIELD_ALIASES`` covers the rest (``head_dim``, context length, and types
 Optimum does not list, such as gemma2). Importing this module loads neither torch nor transformers.
+
+An onnxruntime-genai model-builder folder ships no config.json, only ``genai_config.json``; ``read_config``
+then maps that over (``config_from_genai``), so every reader gets the same facts whichever file holds them.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from .errors import SubFitError
-from .names import CONFIG_FILE
+from .names import CONFIG_FILE, GENAI_CONFIG_FILE
 
 FIELD_ALIASES: dict[str, tuple[str, ...]] = {
     "num_layers": ("num_hidden_layers", "n_layer"),
@@ -31,12 +34,54 @@ _OPTIMUM_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_key_
 
 
 def read_config(folder: str | Path, *, required: bool = False) -> dict[str, Any] | None:
-    """``folder/config.json`` as a dict; None when there is none (unless ``required``). Bad files: one line."""
+    """``folder/config.json`` as a dict, else the one ``genai_config.json`` describes (a model-builder folder);
+    None when there is neither (unless ``required``). Bad files: one line."""
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
+        genai = read_genai_config(folder)
+        if genai is not None:
+            return config_from_genai(genai, Path(folder) / GENAI_CONFIG_FILE)
         if required:
             raise SubFitError(f"{Path(folder)} has no {CONFIG_FILE}")
         return None
+    return _read_json(path)
+
+
+def read_genai_config(folder: str | Path) -> dict[str, Any] | None:
+    """``folder/genai_config.json`` (onnxruntime-genai's) as a dict; None when there is none."""
+    path = Path(folder) / GENAI_CONFIG_FILE
+    return _read_json(path) if path.is_file() else None
+
+
+# genai_config's model.type -> transformers' model_type, where they differ
+_GENAI_MODEL_TYPES = {"gemma3": "gemma3_text"}
+
+
+def config_from_genai(genai: Mapping[str, Any], where: Path | str = GENAI_CONFIG_FILE) -> dict[str, Any]:
+    """The config.json facts a model-builder ``genai_config.json`` holds: model type, sizes, heads, vocabulary and
+    special tokens. What transformers would default (RoPE, norms) is left out: the graph holds it. Optimum's
+    ``ORTModelForCausalLM`` runs the graph with this much, and SubFit writes it as the output's config.json."""
+    model = genai.get("model") or {}
+    decoder = model.get("decoder") or {}
+    try:
+        config = {
+            "model_type": _GENAI_MODEL_TYPES.get(model["type"], model["type"]),
+            "hidden_size": int(decoder["hidden_size"]),
+            "num_attention_heads": int(decoder["num_attention_heads"]),
+            "num_key_value_heads": int(decoder["num_key_value_heads"]),
+            "head_dim": int(decoder["head_size"]),
+            "num_hidden_layers": int(decoder["num_hidden_layers"]),
+            "vocab_size": int(model["vocab_size"]),
+            "max_position_embeddings": int(model.get("context_length") or 2048),
+            "use_cache": True,
+        }
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise SubFitError(f"{where} lacks {exc} needed to describe the model") from None
+    config.update({k: model[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in model})
+    return config
+
+
+def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:

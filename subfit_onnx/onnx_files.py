@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SubFitError
-from .names import CONFIG_FILE, ONNX_FILE
+from .names import CONFIG_FILE, GENAI_CONFIG_FILE, ONNX_FILE
 
 
 def export_file(export: str | os.PathLike) -> Path:
@@ -32,7 +32,8 @@ def export_file(export: str | os.PathLike) -> Path:
 
 
 def export_paths(model_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """(folder, model.onnx) of an export that runs as it is (config.json included), or one line naming the gap."""
+    """(folder, model.onnx) of an export that runs as it is (config.json included, or a model builder's
+    genai_config.json, which ``model_config.read_config`` maps over), or one line naming the gap."""
     root = Path(model_dir).expanduser()
     if not root.is_dir():
         raise SubFitError(f"{root} is not a folder (expected an Optimum ONNX export)")
@@ -44,8 +45,9 @@ def export_paths(model_dir: str | os.PathLike) -> tuple[Path, Path]:
             raise SubFitError(f"{root} is a PyTorch model, not an ONNX export; make its dense export with "
                               f"`subfit-onnx export {root}`")
         raise SubFitError(f"{root} has no {ONNX_FILE} (expected an Optimum text-generation-with-past export)")
-    if not (root / CONFIG_FILE).is_file():
-        raise SubFitError(f"{root} has no {CONFIG_FILE} (expected an Optimum text-generation-with-past export)")
+    if not (root / CONFIG_FILE).is_file() and not (root / GENAI_CONFIG_FILE).is_file():
+        raise SubFitError(f"{root} has no {CONFIG_FILE} nor {GENAI_CONFIG_FILE} (expected an Optimum "
+                          "text-generation-with-past export or a model-builder folder)")
     return root, model
 
 

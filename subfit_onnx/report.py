@@ -70,6 +70,8 @@ def build_report(*, source: str, output: Path, plan: Plan, rewrite: Any, seconds
         pair = _before_after(raw, name)
         if pair is not None:
             report[name] = pair
+    if raw.get("quantize"):
+        report["quantize"] = {"precision": raw["quantize"], "weights": raw.get("weights")}
     if quality is not None:
         report["quality"] = quality
     report["rewrite"] = {k: v for k, v in raw.items() if isinstance(v, (int, float, str, bool, type(None)))}
@@ -137,6 +139,8 @@ def format_summary(report: dict[str, Any]) -> str:
     ]
     if "file_bytes" in report:
         lines.append(f"  file size    {_change(report['file_bytes'], _bytes)}")
+    if report.get("quantize"):
+        lines.append(f"  weights      {report['quantize']['weights']}")
     if "kv_bytes_per_token" in report:
         lines.append(f"  KV cache     {_change(report['kv_bytes_per_token'], lambda b: f'{b:,} bytes/token')}")
     lines.extend(_quality_lines(report.get("quality")))

@@ -56,8 +56,11 @@ def _model_signature(model_dir: Path, config: dict[str, Any]) -> Any:
 
 
 def genai_config(model_dir: str | os.PathLike, *, context_length: int | None = None,
-                 provider: str = "cpu") -> dict[str, Any]:
-    """The ``genai_config.json`` content for an Optimum export (dense or rewritten), as a dict."""
+                 provider: str = "cpu", share_buffer: bool = False) -> dict[str, Any]:
+    """The ``genai_config.json`` content for an Optimum export (dense or rewritten), as a dict.
+
+    ``share_buffer``: the graph's attention updates a static cache in place (GroupQueryAttention, the fused
+    export's), so onnxruntime-genai may hand it past and present as one buffer."""
     root, _ = export_paths(model_dir)
     cfg = read_config(root, required=True)
     sig = _model_signature(root, cfg)
@@ -111,11 +114,28 @@ def genai_config(model_dir: str | os.PathLike, *, context_length: int | None = N
         },
         "search": {
             "do_sample": False, "num_beams": 1, "num_return_sequences": 1, "max_length": int(ctx), "min_length": 0,
-            "past_present_share_buffer": False, "early_stopping": True, "length_penalty": 1.0,
+            "past_present_share_buffer": share_buffer, "early_stopping": True, "length_penalty": 1.0,
             "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
             "diversity_penalty": 0.0, "no_repeat_ngram_size": 0,
         },
     }
+
+
+def write_rewritten_genai_config(source_dir: Path, out: Path, kv_layers: list[int]) -> Path:
+    """The model builder's own genai_config.json for its rewritten graph: only ``num_hidden_layers`` changes.
+
+    onnxruntime-genai 0.18 finds the KV layers from the session's inputs through the ``%d`` name templates
+    (checked: 5, 25, 30 and 40 all run SmolLM2 with 24 KV layers, and ``past_present_share_buffer`` works with
+    gaps), so the count is kept truthful rather than load-bearing; every other field describes the tokenizer,
+    the search and the tensor names, which a rewrite does not change.
+    """
+    from .model_config import read_genai_config
+
+    content = read_genai_config(source_dir) or {}
+    content.setdefault("model", {}).setdefault("decoder", {})["num_hidden_layers"] = len(kv_layers)
+    path = out / GENAI_CONFIG_FILE
+    path.write_text(json.dumps(content, indent=4) + "\n", encoding="utf-8")
+    return path
 
 
 def write_genai_config(model_dir: str | os.PathLike, **kwargs: Any) -> Path:

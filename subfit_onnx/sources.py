@@ -107,9 +107,10 @@ def recorded_checkpoint(export_dir: Path) -> Path | None:
     return None
 
 
-def default_export_output(source: Source, dtype: str = "fp32") -> Path:
-    """``<model folder>-onnx`` (``-onnx-fp16``) beside the model (the working directory for a hub id)."""
-    name = f"{source.stem}-onnx" + ("" if dtype == "fp32" else f"-{dtype}")
+def default_export_output(source: Source, dtype: str = "fp32", layout: str = "optimum") -> Path:
+    """``<model folder>-onnx`` (``-onnx-fp16``, ``-onnx-builder``) beside the model (the working directory for a
+    hub id)."""
+    name = f"{source.stem}-onnx" + ("" if dtype == "fp32" else f"-{dtype}") + ("" if layout == "optimum" else f"-{layout}")
     return Path(name) if source.kind == "hub" or source.path is None else source.path.parent / name
 
 

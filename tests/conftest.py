@@ -109,3 +109,34 @@ def smollm2_subfit25(smollm2_assets):
                                                  attn_implementation="sdpa").eval()
     result = calibrate_model(model, tokens, config)
     return tokenizer, result.plan, result.tensors
+
+
+# ---- the checkpoints the committed model-builder fixtures were built from, and their Optimum exports -------------
+def _lazily(make):
+    """``get(key)``: ``make(key)`` on first use, the same result after."""
+    made: dict = {}
+
+    def get(key):
+        if key not in made:
+            made[key] = make(key)
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def builder_checkpoint(tmp_path_factory):
+    """``get(family)``: the tiny checkpoint ``tests/fixtures/builder/<family>-*`` was built from."""
+    from builder_fixtures import fixture_checkpoint
+
+    root = tmp_path_factory.mktemp("builder-checkpoints")
+    return _lazily(lambda family: fixture_checkpoint(family, root / family))
+
+
+@pytest.fixture(scope="session")
+def builder_optimum_export(tmp_path_factory, builder_checkpoint):
+    """``get(family)``: the ``model.onnx`` of the Optimum export of that checkpoint (for parity with the builder)."""
+    from subfit_onnx.exporters.optimum_export import export_decoder
+
+    root = tmp_path_factory.mktemp("builder-optimum-exports")
+    return _lazily(lambda family: export_decoder(builder_checkpoint(family), root / family))

@@ -30,8 +30,8 @@ def char_tokenizer(adds_bos: bool = False):
                                    model_input_names=["input_ids", "attention_mask"])
 
 
-def save_checkpoint(family: str, folder: Path, seed: int = 0) -> Path:
-    model = tiny_model(family, seed=seed)
+def save_checkpoint(family: str, folder: Path, seed: int = 0, overrides: dict | None = None) -> Path:
+    model = tiny_model(family, seed=seed, overrides=overrides)
     model.generation_config.eos_token_id = 2
     model.generation_config.pad_token_id = 2
     model.save_pretrained(folder)

@@ -39,9 +39,9 @@ FAMILY_CONFIGS: dict[str, dict] = {
 }
 
 
-def tiny_model(family: str, seed: int = 0) -> PreTrainedModel:
+def tiny_model(family: str, seed: int = 0, overrides: dict | None = None) -> PreTrainedModel:
     """A random model whose norms and biases are random too, weights scaled like a trained model's."""
-    cfg = dict(FAMILY_CONFIGS[family])
+    cfg = {**FAMILY_CONFIGS[family], **(overrides or {})}
     model_type = cfg.pop("model_type")
     config = AutoConfig.for_model(model_type, **cfg)
     config._attn_implementation = "eager" if model_type.startswith("gemma") else "sdpa"

@@ -36,6 +36,7 @@ from ..graph_checks import load_onnx, require_dense
 from ..identity import export_identity, structure_facts
 from ..model_config import config_value, model_type, read_config
 from ..onnx_files import export_file
+from ..passes.builder_unfuse import UnfuseSkipNormsPass, WidenSlidingWindowsPass
 from ..passes.bypass import InsertBypassPass, bypass_initializer_name
 from ..passes.structure import BYPASS_SCOPE, DecoderStructure, UnitBoundary, find_decoder_structure
 from ..progress import ProgressFactory, progress_bar, silent
@@ -131,12 +132,14 @@ class OrtLayerRunner(RowBatches):
         self.path = export_file(export)
         config = read_config(self.path.parent)
         if config is None:
-            raise SubFitError(f"{self.path.parent} has no config.json; the ONNX backend reads the model's shape from it")
+            raise SubFitError(f"{self.path.parent} has no config.json (nor a model builder's genai_config.json); the ONNX backend reads the model's shape from it")
         self.tokens = check_tokens(tokens, config_value(config, "vocab_size"))  # before any heavy work
         self.sessions = SessionFactory.create(self.path.parent, providers, threads)
         self.times = RunnerTimes()
         with self.times.timed("load"):
             self.model = load_onnx(self.path)  # external data checked before anything is read
+            UnfuseSkipNormsPass()(self.model)  # model-builder graphs: a cut point per layer (no-op elsewhere)
+            WidenSlidingWindowsPass(int(self.tokens.shape[1]))(self.model)
             ShapeInferencePass(strict_mode=False)(self.model)  # element types for the values the cuts expose
             self.structure = find_decoder_structure(self.model, model_type(config))
         require_dense(self.structure, self.path)

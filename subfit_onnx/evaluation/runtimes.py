@@ -123,18 +123,9 @@ class _Runner:
         return time_generate(self.model, ids, n, force_with_min_new_tokens=self.kind == "optimum-default")
 
     def _run_genai(self, ids: np.ndarray, n: int) -> float:
-        import onnxruntime_genai as og
-
-        total = ids.shape[1] + n
         t0 = time.perf_counter()
-        params = og.GeneratorParams(self.model)
-        params.set_search_options(max_length=total, min_length=total, do_sample=False)
-        gen = og.Generator(self.model, params)
-        gen.append_tokens(ids.astype(np.int32))
-        while not gen.is_done():
-            gen.generate_next_token()
+        produced = genai_greedy(self.model, ids, n)
         elapsed = time.perf_counter() - t0
-        produced = len(gen.get_sequence(0)) - ids.shape[1]
         if produced != n:
             raise RuntimeError(f"genai produced {produced} tokens instead of {n}")
         return elapsed
@@ -143,6 +134,20 @@ class _Runner:
         self.model = None
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def genai_greedy(model: Any, ids: np.ndarray, n: int) -> int:
+    """Generate ``n`` greedy tokens after ``ids`` with an ``onnxruntime_genai.Model``; the count it produced."""
+    import onnxruntime_genai as og
+
+    total = ids.shape[1] + n
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=total, min_length=total, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(ids.astype(np.int32))
+    while not gen.is_done():
+        gen.generate_next_token()
+    return len(gen.get_sequence(0)) - ids.shape[1]
 
 
 def benchmark_runtimes(candidate_dir: str | os.PathLike, reference_dir: str | os.PathLike | None = None, *,
