@@ -102,8 +102,7 @@ def _prepare(source: str | Path, config: SubFitConfig, output: str | Path | None
     src = resolve_source(source)
     if export_only and src.needs_export:
         raise SubFitError(f"{source} is a model, not an ONNX export; use optimize (it exports first)")
-    tag = output_tag(config) if config.budget else None
-    out = Path(output) if output is not None else default_output(src, config.sparsity, tag=tag) \
+    out = Path(output) if output is not None else default_output(src, config.sparsity, tag=output_tag(config)) \
         if default_output_folder else None
     if out is not None:
         check_output_free(out, overwrite)

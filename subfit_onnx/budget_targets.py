@@ -19,13 +19,14 @@ from .progress import ProgressFactory, silent
 from .unit_costs import UnitCosts, decode_ratio, measure_unit_costs, unit_kv_bytes
 
 
-def output_tag(config: SubFitConfig) -> str:
-    """What the default output folder is named after: ``25`` for sparsity, ``-speed1.3``, ``-kv0.5``, ``-ppl1.3``."""
+def output_tag(config: SubFitConfig) -> str | None:
+    """What a budget run's default output folder is named after (``-speed1.3``, ``-kv0.5``, ``-ppl1.3``); None
+    under ``--sparsity``, whose folder is named after the percentage (``sources.default_output``)."""
     for field, tag in (("target_speedup", "speed"), ("kv_budget", "kv"), ("max_ppl_ratio", "ppl")):
         value = getattr(config, field)
         if value is not None:
             return f"-{tag}{value:g}"
-    return f"{config.sparsity * 100:.1f}".rstrip("0").rstrip(".")
+    return None
 
 
 def build_budget(config: SubFitConfig, onnx_file: str | os.PathLike,

@@ -133,6 +133,19 @@ def _step_ms(decoder: Any, context_ids: np.ndarray, steps: int) -> float:
     return 1e3 * statistics.median(time_decode(decoder, context_ids, steps))
 
 
+def _interleaved_step_ms(decoders: dict[str, Any], context_ids: np.ndarray, steps: int, repeats: int,
+                         bar: Any) -> dict[str, float]:
+    """Median decode step of each decoder, the decoders taken in alternating order each repeat (the machine drifts)."""
+    from .evaluation.benchmark import alternating
+
+    samples: dict[str, list[float]] = defaultdict(list)
+    for r in range(repeats):
+        for name in alternating(list(decoders), r):
+            samples[name].append(_step_ms(decoders[name], context_ids, steps))
+            bar.update(1)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
 def _kernel_us_by_unit(onnx_dir: Path, structure: Any, provider: str, context_ids: np.ndarray,
                        steps: int, scratch: Path) -> dict[str, float]:
     """Kernel time per unit scope over ``steps`` profiled decode steps (the prefill is left out)."""
@@ -181,15 +194,12 @@ def decode_ratio(dense_dir: str | os.PathLike, compressed_dir: str | os.PathLike
     from .evaluation.latency import prompt_ids
     from .runtime import ort_session_options
 
-    decoders = [OnnxDecoder(d, provider, ort_session_options()) for d in (dense_dir, compressed_dir)]
-    ids = prompt_ids(decoders[0].vocab_size or 32000, context, seed=4)
-    samples: list[list[float]] = [[], []]
+    decoders = {name: OnnxDecoder(d, provider, ort_session_options())
+                for name, d in (("dense", dense_dir), ("compressed", compressed_dir))}
+    ids = prompt_ids(decoders["dense"].vocab_size or 32000, context, seed=4)
     with progress_bar(progress, "timing decode", 2 * repeats) as bar:
-        for r in range(repeats):
-            for i in (0, 1) if r % 2 == 0 else (1, 0):
-                samples[i].append(_step_ms(decoders[i], ids, steps))
-                bar.update(1)
-    dense, compressed = (statistics.median(s) for s in samples)
+        medians = _interleaved_step_ms(decoders, ids, steps, repeats, bar)
+    dense, compressed = medians["dense"], medians["compressed"]
     return {"dense_ms": dense, "compressed_ms": compressed, "ratio": compressed / dense, "context": context}
 
 
@@ -235,15 +245,9 @@ def measure_unit_costs(onnx_file: str | os.PathLike, method: MethodSettings, *, 
             kernel = _kernel_us_by_unit(onnx_file.parent, structure, provider, ids, steps, work)
             bar.update(1)
             decoders = {name: OnnxDecoder(d, provider, ort_session_options()) for name, d in dirs.items()}
-            samples: dict[str, list[float]] = defaultdict(list)
-            for r in range(repeats):
-                order = list(decoders) if r % 2 == 0 else list(reversed(decoders))
-                for name in order:
-                    samples[name].append(_step_ms(decoders[name], ids, steps))
-                    bar.update(1)
+            medians = _interleaved_step_ms(decoders, ids, steps, repeats, bar)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    medians = {name: statistics.median(v) for name, v in samples.items()}
     unit_ms, shares = {}, {}
     for kind in UNIT_KINDS:
         keys = [unit_key(u.layer, u.kind) for u in structure.units() if u.kind == kind]

@@ -146,8 +146,8 @@ class Calibrator:
             dense_final = run_held_out(self.runner, start, {}, "dense held-out rows")
         hidden = self.identity.hidden_size
         selections = {}
+        savings = self.budget.savings
         for w, assessments in candidates.items():
-            savings = self.budget.savings
             chosen = greedy_select({k: score(a, self.config.score, savings[k]) for k, a in assessments.items()},
                                    savings, self.budget.target)
             selections[w] = {k: assessments[k].bypass if self.config.bypass else _zero_bypass(hidden) for k in chosen}
