@@ -9,9 +9,14 @@ layer drop at the same parameter fractions. Every compressed model is then measu
 - decode ms/token at context 512 interleaved with the dense export in one process (``unit_costs.decode_ratio``);
 - KV bytes per token.
 
-Writes ``benchmarks/results/budget_frontier_<model>.json`` and prints a table.
+With ``--quantize int4`` every model is written with ``--quantize int4`` (unit costs timed on int4 graphs), and
+decode ratios are to the dense export quantized the same way; perplexity ratios stay to dense fp32, and the
+dense int4 model's own ratio is recorded beside them.
+
+Writes ``benchmarks/results/budget_frontier_<model>[_int4].json`` and prints a table.
 
     python benchmarks/budget_frontier.py [--model smollm2|gemma3] [--assets assets] [--export DENSE_EXPORT]
+        [--quantize int4]
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from subfit_onnx.calibration.text import load_documents
 from subfit_onnx.evaluation.decoder import OnnxDecoder
 from subfit_onnx.evaluation.perplexity import make_windows, window_perplexity
 from subfit_onnx.exporters.optimum_export import export_decoder
-from subfit_onnx.unit_costs import decode_ratio
+from subfit_onnx.unit_costs import decode_ratio, quantized_dense
 
 POINTS: list[tuple[str, dict[str, float]]] = [
     ("params", {"sparsity": 0.125}), ("params", {"sparsity": 0.25}), ("params", {"sparsity": 0.375}),
@@ -46,7 +51,8 @@ def heldout_wiki(wiki: Path, work: Path) -> Path:
     return out
 
 
-def layer_drop(model_dir: Path, export: Path, tokens_source: Path, sparsity: float, out: Path) -> Path:
+def layer_drop(model_dir: Path, export: Path, tokens_source: Path, sparsity: float, out: Path,
+               quantize: str | None = None) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -62,13 +68,13 @@ def layer_drop(model_dir: Path, export: Path, tokens_source: Path, sparsity: flo
         _DENSE_PASS["dense"] = calibrate_model(model, tokens, SubFitConfig(sparsity=sparsity)).dense
     dense = _DENSE_PASS["dense"]
     plan, tensors = layer_drop_plan(model, dense, sparsity)
-    rewrite(export, CalibratedPlan(plan, tensors), out, overwrite=True)
+    rewrite(export, CalibratedPlan(plan, tensors), out, overwrite=True, quantize=quantize)
     return out
 
 
-def measure(dense: Path, path: Path, windows: Any, dense_ppl: float) -> dict[str, Any]:
+def measure(dense: Path, path: Path, windows: Any, dense_ppl: float, quantize: str | None = None) -> dict[str, Any]:
     ppl = window_perplexity(OnnxDecoder(path), windows).perplexity
-    decode = decode_ratio(dense, path, context=512, repeats=5)
+    decode = decode_ratio(dense, path, context=512, repeats=5, quantize=quantize)
     report = json.loads((path / "subfit_report.json").read_text()) if (path / "subfit_report.json").is_file() else {}
     kv = report.get("kv_bytes_per_token", {})
     return {"ppl_ratio": ppl / dense_ppl, "decode_ratio": decode["ratio"], "decode_ms": decode["compressed_ms"],
@@ -86,17 +92,26 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--layer-drop", nargs="*", type=float, default=[0.125, 0.25, 0.375])
     ap.add_argument("--points", nargs="*", type=int, default=None, help="indices into POINTS (default: all)")
+    ap.add_argument("--quantize", choices=("int4", "int8"), default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    q = args.quantize
 
     assets = fetch_assets(args.assets, mc=False, gemma=args.model == "gemma3")
     model_dir = assets.model if args.model == "smollm2" else assets.gemma3
-    work = args.work / args.model
+    work = args.work / (args.model + (f"-{q}" if q else ""))
     work.mkdir(parents=True, exist_ok=True)
     export = args.export or export_decoder(model_dir, work / "dense").parent
     wiki = heldout_wiki(assets.wiki, work)
     windows = make_windows(OnnxDecoder(export).tokenizer, wiki, args.windows, 512)
     dense_ppl = window_perplexity(OnnxDecoder(export), windows).perplexity
+    dense_q_ratio = None
+    if q is not None:  # what quantization alone costs, for reading the compressed rows
+        dense_q = work / f"dense-{q}"
+        if not dense_q.is_dir():
+            quantized_dense(export / "model.onnx", q, dense_q)
+        dense_q_ratio = window_perplexity(OnnxDecoder(dense_q), windows).perplexity / dense_ppl
+        print(f"dense {q}: ppl x{dense_q_ratio:.3f}", flush=True)
     rows: list[dict[str, Any]] = []
     points = POINTS if args.points is None else [POINTS[i] for i in args.points]
     for objective, request in points:
@@ -105,20 +120,22 @@ def main() -> None:
         kwargs = {k: v for k, v in request.items() if k != "sparsity"}
         config = SubFitConfig(calibration=str(assets.c4_calibration))
         result = optimize(export, request.get("sparsity"), model=model_dir, config=config, output=work / name,
-                          overwrite=True, warn_ppl_ratio=None, **kwargs)
+                          overwrite=True, warn_ppl_ratio=None, quantize=q, **kwargs)
         row = {"method": "subfit", "objective": objective, "request": request,
-               "optimize_seconds": time.perf_counter() - t0, **measure(export, result.output, windows, dense_ppl)}
+               "optimize_seconds": time.perf_counter() - t0, **measure(export, result.output, windows, dense_ppl, q)}
         rows.append(row)
         print(f"{objective:8s} {name:22s} ppl x{row['ppl_ratio']:.3f}  decode {row['decode_ratio']:.3f}  "
               f"kv {row['kv_ratio']}", flush=True)
     for s in args.layer_drop:
-        path = layer_drop(model_dir, export, assets.c4_calibration, s, work / f"layer_drop-{s:g}")
+        path = layer_drop(model_dir, export, assets.c4_calibration, s, work / f"layer_drop-{s:g}", q)
         row = {"method": "layer_drop", "objective": "params", "request": {"sparsity": s},
-               **measure(export, path, windows, dense_ppl)}
+               **measure(export, path, windows, dense_ppl, q)}
         rows.append(row)
         print(f"layer drop {s:g}: ppl x{row['ppl_ratio']:.3f}  decode {row['decode_ratio']:.3f}", flush=True)
-    out = Path(args.out or f"benchmarks/results/budget_frontier_{args.model}.json")
-    out.write_text(json.dumps({"model": args.model, "dense_ppl": dense_ppl, "windows": args.windows,
+    suffix = f"_{q}" if q else ""
+    out = Path(args.out or f"benchmarks/results/budget_frontier_{args.model}{suffix}.json")
+    out.write_text(json.dumps({"model": args.model, "quantize": q, "dense_quantized_ppl_ratio": dense_q_ratio,
+                               "dense_ppl": dense_ppl, "windows": args.windows,
                                "window_len": 512, "bos_led": windows.bos is not None, "rows": rows}, indent=1) + "\n")
     print("\n| method | objective | request | ppl ratio | decode ratio | KV ratio | sparsity |")
     print("|---|---|---|---|---|---|---|")

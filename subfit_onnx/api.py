@@ -142,7 +142,7 @@ def _compress(run: _Run, calibrated: CalibratedPlan | None = None, job: Calibrat
             if calibrated is None:
                 assert job is not None
                 with _timed(seconds, "unit costs"):
-                    job.budget, costs = build_budget(run.config, facts.onnx_file, progress)
+                    job.budget, costs = build_budget(run.config, facts.onnx_file, progress, run.quantize)
                 calibrated = run_calibration(job, run.config, progress)
                 seconds["calibration"] = calibrated.seconds or 0.0
             with _timed(seconds, "rewrite"):  # checks the plan against the graph first

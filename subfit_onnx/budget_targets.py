@@ -29,9 +29,10 @@ def output_tag(config: SubFitConfig) -> str | None:
     return None
 
 
-def build_budget(config: SubFitConfig, onnx_file: str | os.PathLike,
-                 progress: ProgressFactory = silent) -> tuple[Budget | None, UnitCosts | None]:
-    """The budget for ``config``'s request on ``onnx_file`` (None: the parameter budget), and the measured costs."""
+def build_budget(config: SubFitConfig, onnx_file: str | os.PathLike, progress: ProgressFactory = silent,
+                 quantize: str | None = None) -> tuple[Budget | None, UnitCosts | None]:
+    """The budget for ``config``'s request on ``onnx_file`` (None: the parameter budget), and the measured costs:
+    a latency budget is timed at the precision the output is quantized to (``quantize``)."""
     from .graph_checks import load_decoder_structure
 
     if config.budget == "kv_budget":
@@ -40,7 +41,8 @@ def build_budget(config: SubFitConfig, onnx_file: str | os.PathLike,
         return kv_budget({k: float(v) for k, v in unit_kv_bytes(structure).items()}, config.kv_budget), None
     if config.budget == "target_speedup":
         assert config.target_speedup is not None
-        costs = measure_unit_costs(onnx_file, config.method, context=config.context, progress=progress)
+        costs = measure_unit_costs(onnx_file, config.method, context=config.context, quantize=quantize,
+                                   progress=progress)
         return latency_budget(costs.savings("latency"), costs.step_ms, config.target_speedup, config.context), costs
     return None, None
 
@@ -57,8 +59,9 @@ def budget_report(plan: Plan, costs: UnitCosts | None, dense_dir: Path, compress
         out["kv_ratio"] = {"predicted": predicted, "measured": kv["after"] / kv["before"]}
     if costs is not None:
         measured = decode_ratio(dense_dir, compressed_dir, context=context, provider=costs.provider,
-                                progress=progress)
+                                quantize=costs.quantize, progress=progress)
         out["decode_ratio"] = {"predicted": costs.predicted_ratio([(u.layer, u.kind) for u in plan.removed]),
                                "measured": measured["ratio"], "dense_ms": measured["dense_ms"],
-                               "compressed_ms": measured["compressed_ms"], "context": context}
+                               "compressed_ms": measured["compressed_ms"], "context": context,
+                               **({"precision": costs.quantize} if costs.quantize else {})}
     return out

@@ -113,7 +113,8 @@ def _budget_lines(budget: dict[str, Any] | None) -> list[str]:
     lines = [f"  budget       {budget['request']}"]
     if "decode_ratio" in budget:
         d = budget["decode_ratio"]
-        lines.append(f"               decode time {d['measured']:.2f} of dense measured ({d['compressed_ms']:.1f} vs "
+        dense = f"dense {d['precision']}" if d.get("precision") else "dense"
+        lines.append(f"               decode time {d['measured']:.2f} of {dense} measured ({d['compressed_ms']:.1f} vs "
                      f"{d['dense_ms']:.1f} ms/token at context {d['context']}), {d['predicted']:.2f} predicted")
     if "kv_ratio" in budget:
         k = budget["kv_ratio"]

@@ -13,9 +13,13 @@ the execution provider, precision and context the user deploys with, in two step
 2. **How it splits across layers.** One profiled run attributes kernel time to each unit's node scope; each kind's
    measured saving is split in proportion (layers differ: Gemma's global attention at long contexts, say).
 
+With ``quantize`` ("int4", "int8") all three graphs are timed after ``--quantize``'s quantization, against the
+dense graph quantized the same way: int4 makes FFN weights cheap to read, so attention and its KV read take a
+larger share of a step and the best units to remove for speed change.
+
 The prediction for a plan is then ``1 - sum(saved) / dense step``; reports set it against the rewritten model's
-measured decode time, so a wrong cost model shows. Measurements are cached per graph, provider, context and bypass
-shape (``$XDG_CACHE_HOME/subfit-onnx/unit-costs``): they take seconds to a minute and do not change.
+measured decode time, so a wrong cost model shows. Measurements are cached per graph, precision, provider, context
+and bypass shape (``$XDG_CACHE_HOME/subfit-onnx/unit-costs``): they take seconds to a minute and do not change.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ class UnitCosts:
     repeats: int = 0
     steps: int = 0
     profile_shares: dict[str, float] = field(default_factory=dict)  # unit key -> share of its kind's kernel time
+    quantize: str | None = None  # the precision the graphs were timed at (None: the export's own)
 
     def savings(self, what: str) -> dict[tuple[int, UnitKind], float]:
         """Per-unit savings for a budget: ``"latency"`` (ms) or ``"kv"`` (bytes), keyed ``(layer, kind)``.
@@ -102,8 +107,10 @@ def _ablated_layers(kind: UnitKind, num_layers: int) -> list[int]:
     return list(range(1, num_layers)) if kind == "attention" else list(range(num_layers))
 
 
-def _ablated_export(onnx_file: Path, kind: UnitKind, method: MethodSettings, out: Path) -> Path:
-    """``out``: the export with the ``_ablated_layers`` of ``kind`` replaced by zero bypasses (the real rewrite)."""
+def _ablated_export(onnx_file: Path, kind: UnitKind | None, method: MethodSettings, out: Path,
+                    quantize: str | None = None) -> Path:
+    """``out``: the export with the ``_ablated_layers`` of ``kind`` replaced by zero bypasses (the real rewrite),
+    quantized as ``--quantize`` would; ``kind=None`` bypasses nothing (the dense reference at that precision)."""
     from .calibration.calibrate import package_versions
     from .exporters.rewrite import rewrite_into
     from .graph_checks import load_decoder_structure
@@ -114,7 +121,7 @@ def _ablated_export(onnx_file: Path, kind: UnitKind, method: MethodSettings, out
     identity, params = export_identity(config, structure_facts(structure), onnx_file.parent)
     rank = method.rank_for(kind, structure.hidden_size)
     removed, tensors = [], {}
-    for layer in _ablated_layers(kind, structure.num_layers):
+    for layer in _ablated_layers(kind, structure.num_layers) if kind is not None else []:
         key = unit_key(layer, kind)
         bypass = _zero_bypass(structure.hidden_size, rank)
         tensors.update(bypass_tensors(key, bypass))
@@ -122,8 +129,14 @@ def _ablated_export(onnx_file: Path, kind: UnitKind, method: MethodSettings, out
                                    params_removed=params[(layer, kind)], bypass=bypass_spec(key, bypass)))
     plan = Plan(model=identity, removed=removed, method=method, versions=package_versions(),
                 sparsity=sparsity_report(removed, sum(params.values()), 0.5))
-    rewrite_into(onnx_file, plan, tensors, out)
+    rewrite_into(onnx_file, plan, tensors, out, quantize=quantize)
     return out
+
+
+def quantized_dense(onnx_file: str | os.PathLike, quantize: str, out: str | os.PathLike) -> Path:
+    """``out``: the dense export quantized exactly as ``--quantize`` quantizes a compressed one (the reference
+    a quantized output's speed and quality are read against)."""
+    return _ablated_export(Path(onnx_file), None, MethodSettings(), Path(out), quantize)
 
 
 # ---- timing and profiling -----------------------------------------------------------------------------------------
@@ -187,23 +200,36 @@ def unit_kv_bytes(structure: Any) -> dict[tuple[int, UnitKind], int]:
 
 
 def decode_ratio(dense_dir: str | os.PathLike, compressed_dir: str | os.PathLike, *, provider: str = "cpu",
-                 context: int = DEFAULT_CONTEXT, steps: int = 16, repeats: int = 5,
+                 context: int = DEFAULT_CONTEXT, steps: int = 16, repeats: int = 5, quantize: str | None = None,
                  progress: ProgressFactory = silent) -> dict[str, float]:
-    """Measured decode step of both graphs at ``context``, interleaved in one process (the machine drifts)."""
+    """Measured decode step of both graphs at ``context``, interleaved in one process (the machine drifts).
+
+    A ``compressed_dir`` quantized with ``quantize`` is timed against the dense export quantized the same way
+    (built here and deleted), so the ratio is what SubFit adds on top of quantization.
+    """
     from .evaluation.decoder import OnnxDecoder
     from .evaluation.latency import prompt_ids
+    from .names import ONNX_FILE
     from .runtime import ort_session_options
+    from .staging import owned_tempdir
 
-    decoders = {name: OnnxDecoder(d, provider, ort_session_options())
-                for name, d in (("dense", dense_dir), ("compressed", compressed_dir))}
-    ids = prompt_ids(decoders["dense"].vocab_size or 32000, context, seed=4)
-    with progress_bar(progress, "timing decode", 2 * repeats) as bar:
-        medians = _interleaved_step_ms(decoders, ids, steps, repeats, bar)
+    work = owned_tempdir("subfit-decode-ratio-") if quantize is not None else None
+    try:
+        if work is not None:
+            dense_dir = quantized_dense(Path(dense_dir) / ONNX_FILE, quantize, work / "dense")
+        decoders = {name: OnnxDecoder(d, provider, ort_session_options())
+                    for name, d in (("dense", dense_dir), ("compressed", compressed_dir))}
+        ids = prompt_ids(decoders["dense"].vocab_size or 32000, context, seed=4)
+        with progress_bar(progress, "timing decode", 2 * repeats) as bar:
+            medians = _interleaved_step_ms(decoders, ids, steps, repeats, bar)
+    finally:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
     dense, compressed = medians["dense"], medians["compressed"]
     return {"dense_ms": dense, "compressed_ms": compressed, "ratio": compressed / dense, "context": context}
 
 
-def _cache_path(onnx_file: Path, provider: str, context: int, method: MethodSettings) -> Path:
+def _cache_path(onnx_file: Path, provider: str, context: int, method: MethodSettings, quantize: str | None) -> Path:
     digest = hashlib.sha256()
     with open(onnx_file, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -211,14 +237,14 @@ def _cache_path(onnx_file: Path, provider: str, context: int, method: MethodSett
     import onnxruntime
 
     shape = f"{method.attention_rank.model_dump_json()}|{method.mlp_rank.model_dump_json()}"
-    digest.update(f"|{provider}|{context}|{shape}|{onnxruntime.__version__}|{CACHE_FORMAT}".encode())
+    digest.update(f"|{provider}|{context}|{shape}|{quantize}|{onnxruntime.__version__}|{CACHE_FORMAT}".encode())
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "subfit-onnx" / "unit-costs"
     return root / f"{digest.hexdigest()[:24]}.json"
 
 
 def measure_unit_costs(onnx_file: str | os.PathLike, method: MethodSettings, *, provider: str = "cpu",
                        context: int = DEFAULT_CONTEXT, steps: int = 16, repeats: int = 5, use_cache: bool = True,
-                       progress: ProgressFactory = silent) -> UnitCosts:
+                       quantize: str | None = None, progress: ProgressFactory = silent) -> UnitCosts:
     """Measure (or read from the cache) every unit's decode cost on ``onnx_file``; see the module docstring."""
     from .evaluation.decoder import OnnxDecoder
     from .evaluation.latency import prompt_ids
@@ -228,7 +254,7 @@ def measure_unit_costs(onnx_file: str | os.PathLike, method: MethodSettings, *, 
     from .staging import owned_tempdir
 
     onnx_file = Path(onnx_file)
-    cache = _cache_path(onnx_file, provider, context, method) if use_cache else None
+    cache = _cache_path(onnx_file, provider, context, method, quantize) if use_cache else None
     if cache is not None and cache.is_file():
         return UnitCosts(**json.loads(cache.read_text()))
     _, config, structure = load_decoder_structure(onnx_file)
@@ -237,12 +263,15 @@ def measure_unit_costs(onnx_file: str | os.PathLike, method: MethodSettings, *, 
     kv_bytes = {unit_key(*k): v for k, v in unit_kv_bytes(structure).items()}
     work = owned_tempdir("subfit-unit-costs-")
     try:
-        with progress_bar(progress, "measuring unit costs", 3 + repeats * 3) as bar:
+        with progress_bar(progress, "measuring unit costs", 4 + repeats * 3) as bar:
             dirs = {"dense": onnx_file.parent}
+            if quantize is not None:
+                dirs["dense"] = _ablated_export(onnx_file, None, method, work / "dense", quantize)
+            bar.update(1)
             for kind in UNIT_KINDS:
-                dirs[kind] = _ablated_export(onnx_file, kind, method, work / kind)
+                dirs[kind] = _ablated_export(onnx_file, kind, method, work / kind, quantize)
                 bar.update(1)
-            kernel = _kernel_us_by_unit(onnx_file.parent, structure, provider, ids, steps, work)
+            kernel = _kernel_us_by_unit(dirs["dense"], structure, provider, ids, steps, work)
             bar.update(1)
             decoders = {name: OnnxDecoder(d, provider, ort_session_options()) for name, d in dirs.items()}
             medians = _interleaved_step_ms(decoders, ids, steps, repeats, bar)
@@ -261,7 +290,7 @@ def measure_unit_costs(onnx_file: str | os.PathLike, method: MethodSettings, *, 
             unit_ms[k] = saved * shares[k] / ablated_share
     costs = UnitCosts(graph=str(onnx_file), provider=provider, context=context, step_ms=medians["dense"],
                       ablated_ms={k: medians[k] for k in UNIT_KINDS}, unit_ms=unit_ms, kv_bytes=kv_bytes,
-                      repeats=repeats, steps=steps, profile_shares=shares)
+                      repeats=repeats, steps=steps, profile_shares=shares, quantize=quantize)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(costs.to_dict(), indent=1))

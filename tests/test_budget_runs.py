@@ -48,6 +48,16 @@ def test_target_speedup_times_the_units_and_reports_predicted_against_measured(t
     assert "predicted" in format_summary(result.report)
 
 
+def test_target_speedup_with_int4_is_timed_against_the_int4_dense(tmp_path, tiny_export, tiny_checkpoint, config):
+    result = subfit_onnx.optimize(tiny_export("llama"), model=tiny_checkpoint("llama"), config=config,
+                                  target_speedup=1.2, context=64, output=tmp_path / "out", quantize="int4")
+    decode = result.report["budget"]["decode_ratio"]
+    assert decode["precision"] == "int4" and 0 < decode["predicted"] <= 1 / 1.2 + 1e-9
+    assert decode["measured"] > 0 and "of dense int4 measured" in format_summary(result.report)
+    assert result.report["quantize"]["weights"].startswith("MatMulNBits")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the int4 dense reference is not left behind
+
+
 def test_an_unreachable_speedup_is_one_line_and_writes_nothing(tmp_path, tiny_export, tiny_checkpoint, config):
     with pytest.raises(SubFitError, match="cannot be reached"):
         subfit_onnx.optimize(tiny_export("llama"), model=tiny_checkpoint("llama"), config=config,

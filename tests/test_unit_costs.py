@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import onnx
 import pytest
 
 from subfit_onnx.config import MethodSettings
@@ -49,3 +50,35 @@ def test_the_attention_ablation_keeps_one_kv_layer(tiny_export, tmp_path):
     assert structure.kv_layers() == [0]
     assert [u.bypassed for u in structure.units() if u.kind == "attention"] == [False] + [True] * (
         structure.num_layers - 1)
+
+
+def test_int4_costs_are_timed_on_int4_graphs_and_cached_apart(costs, tmp_path, monkeypatch):
+    onnx_file, fp32 = costs
+    built: list[tuple[str | None, str | None]] = []
+    real = _ablated_export
+
+    def spy(source, kind, method, out, quantize=None):
+        built.append((kind, quantize))
+        made = real(source, kind, method, out, quantize)
+        ops = {n.op_type for n in onnx.load(made / "model.onnx").graph.node}
+        assert "MatMulNBits" in ops  # what gets timed is the quantized graph
+        return made
+
+    monkeypatch.setattr("subfit_onnx.unit_costs._ablated_export", spy)
+    int4 = measure_unit_costs(onnx_file, MethodSettings(), context=64, steps=4, repeats=2, quantize="int4")
+    assert sorted(built, key=str) == sorted([(None, "int4"), ("attention", "int4"), ("mlp", "int4")], key=str)
+    assert int4.quantize == "int4" and fp32.quantize is None  # not read back from the fp32 entry
+    assert set(int4.unit_ms) == set(fp32.unit_ms) and int4.step_ms > 0
+
+
+def test_the_dense_reference_at_a_precision_bypasses_nothing(tiny_export, tmp_path):
+    onnx_file = tiny_export("llama") / "model.onnx"
+    out = _ablated_export(onnx_file, None, MethodSettings(), tmp_path / "dense-int4", "int4")
+    graph = onnx.load(out / "model.onnx").graph
+    assert not any("/subfit/" in n.name for n in graph.node)
+    assert json.loads((out / "config.json").read_text())["subfit"]["removed"] == []
+    weights = {i.name for i in graph.initializer}
+    assert [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights] == []  # all MatMulNBits
+    assert len([n for n in graph.node if n.op_type == "MatMulNBits"]) == len(
+        [n for n in onnx.load(onnx_file).graph.node if n.op_type == "MatMul" and "lm_head" not in n.name
+         and "proj" in n.name]) + 1  # the seven projections per layer, and lm_head
