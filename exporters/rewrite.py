@@ -28,6 +28,7 @@ from ..identity import check_matches, graph_facts
 from ..model_config import model_type, read_config, write_config
 from ..names import CONFIG_FILE, DATA_FILE, GENAI_CONFIG_FILE, KV, ONNX_FILE, SUBFIT_FILES, unit_key
 from ..onnx_files import export_file, external_data_names, model_file_bytes
+from ..passes.bias_fold import FoldBypassBiasPass
 from ..passes.external_data import LoadExternalTensorsPass
 from ..passes.pipeline import SubFitRewritePass
 from ..passes.structure import DecoderStructure, find_decoder_structure
@@ -168,6 +169,7 @@ def rewrite_into(source: Path, plan: Plan, tensors: Mapping[str, np.ndarray], ou
             LoadExternalTensorsPass(None)(model)
             quantized = quantize_graph(ir.serde.serialize_model(model), spec_for(quantize, model.graph, after))
             model = ir.serde.deserialize_model(quantized.model)
+            FoldBypassBiasPass()(model)  # the bypass Adds go into the MatMulNBits bias
             weights = quantized.describe()
         LoadExternalTensorsPass(EXTERNAL_THRESHOLD if external else None)(model)
         bar.update(1)
