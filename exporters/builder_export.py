@@ -285,17 +285,22 @@ _COMPANIONS = ("config.json", "generation_config.json", "tokenizer.json", "token
 def export_fused(checkpoint: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write ``out``: model.onnx (+ its data file), genai_config.json, config.json and tokenizer files; returns
     the model.onnx path. Staged by ``staging.staged_output``: ``out`` appears only when complete."""
+    with staged_output(out, overwrite) as work:
+        export_fused_into(checkpoint, work / STAGED)
+    return Path(out) / ONNX_FILE
+
+
+def export_fused_into(checkpoint: str | os.PathLike, folder: Path) -> Path:
+    """``export_fused`` into the new folder ``folder``, unstaged: the caller stages it (``optimize`` does)."""
     from ..runtime_genai import write_genai_config
 
     src = Path(checkpoint)
     model, _ = build_graph(src)
-    with staged_output(out, overwrite) as work:
-        staged = work / STAGED
-        staged.mkdir()
-        ir.save(model, staged / ONNX_FILE, external_data=DATA_FILE, size_threshold_bytes=1024)
-        for name in _COMPANIONS:
-            if (src / name).is_file():
-                shutil.copy2(src / name, staged / name)
-        # GroupQueryAttention reads and writes the cache in place: onnxruntime-genai's static shared buffers
-        write_genai_config(staged, share_buffer=True)
-    return Path(out) / ONNX_FILE
+    folder.mkdir(parents=True)
+    ir.save(model, folder / ONNX_FILE, external_data=DATA_FILE, size_threshold_bytes=1024)
+    for name in _COMPANIONS:
+        if (src / name).is_file():
+            shutil.copy2(src / name, folder / name)
+    # GroupQueryAttention reads and writes the cache in place: onnxruntime-genai's static shared buffers
+    write_genai_config(folder, share_buffer=True)
+    return folder / ONNX_FILE

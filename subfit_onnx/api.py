@@ -87,6 +87,7 @@ class _Run:
     progress: ProgressFactory
     started: float
     dtype: str = "fp32"  # export precision when SOURCE is a model
+    layout: str = "optimum"  # export layout when SOURCE is a model: "optimum" or "builder" (exporters.builder_export)
     external_data: bool | None = None
     warn_ppl_ratio: float | None = DEFAULT_WARN_PPL_RATIO
     quantize: str | None = None  # "int4" | "int8": quantize the rewritten weights
@@ -128,7 +129,12 @@ def _compress(run: _Run, calibrated: CalibratedPlan | None = None, job: Calibrat
         if src.needs_export:
             assert src.path is not None
             with _timed(seconds, "export"):
-                onnx_file = export_into(src.path, work / "export", dtype=run.dtype, progress=progress)  # type: ignore[arg-type]
+                if run.layout == "builder":
+                    from .exporters.builder_export import export_fused_into
+
+                    onnx_file = export_fused_into(src.path, work / "export")
+                else:
+                    onnx_file = export_into(src.path, work / "export", dtype=run.dtype, progress=progress)  # type: ignore[arg-type]
             with _timed(seconds, "checks"):
                 facts = inspect_export(onnx_file)
             if job is not None:
@@ -233,7 +239,7 @@ def optimize(source: str | Path, sparsity: float | None = None, *, config: SubFi
              dtype: str = "fp32", external_data: bool | None = None,
              warn_ppl_ratio: float | None = DEFAULT_WARN_PPL_RATIO, target_speedup: float | None = None,
              kv_budget: float | None = None, max_ppl_ratio: float | None = None,
-             context: int | None = None, quantize: str | None = None) -> Result:
+             context: int | None = None, quantize: str | None = None, layout: str | None = None) -> Result:
     """Compress ``source`` (model.onnx, Optimum export folder, local model folder or hub id) into ``output``.
 
     ``model`` is the PyTorch checkpoint to calibrate from (path, hub id or a loaded model); by default SOURCE
@@ -244,6 +250,8 @@ def optimize(source: str | Path, sparsity: float | None = None, *, config: SubFi
     held-out perplexity ratio to the dense export (``evaluation.heldout``); above ``warn_ppl_ratio`` (None: never)
     it carries ``warning: true``. ``quantize`` ("int4" or "int8") quantizes the compressed model's weights
     (``exporters.quantize``; the held-out quality is measured on the quantized model); a bad value is refused first.
+    ``layout`` ("optimum" or "builder", with a model SOURCE only) is the export's layout, as in ``export``: "builder"
+    exports onnxruntime-genai's fused layout, the fastest int4 deployment on CPU.
 
     Instead of ``sparsity``, one budget (also settable in ``config``): ``target_speedup`` (decode that many times
     faster at ``context`` tokens, unit costs measured on the export), ``kv_budget`` (keep at most that fraction
@@ -251,6 +259,7 @@ def optimize(source: str | Path, sparsity: float | None = None, *, config: SubFi
     """
     started = time.perf_counter()
     check_precision(quantize)
+    _check_layout(layout, dtype)
     config = make_config(config, None, target_speedup=target_speedup, kv_budget=kv_budget,
                          max_ppl_ratio=max_ppl_ratio, context=context)
     if config.budget is not None and (sparsity is not None or plan is not None):
@@ -267,7 +276,10 @@ def optimize(source: str | Path, sparsity: float | None = None, *, config: SubFi
         raise SubFitError(f"the perplexity ratio to warn above must be positive, not {warn_ppl_ratio:g}")
     run = replace(_prepare(source, make_config(config, sparsity), output, overwrite=overwrite, progress=progress,
                            started=started), dtype=dtype, external_data=external_data, warn_ppl_ratio=warn_ppl_ratio,
-            quantize=quantize)
+            quantize=quantize, layout=layout or "optimum")
+    if layout is not None and not run.source.needs_export:
+        raise SubFitError(f"{source} is already an ONNX export; --layout applies when SOURCE is a model "
+                          "(export it with `subfit-onnx export --layout`)")
     if reused is not None:
         return _compress(run, calibrated=reused)
     job = prepare_calibration(run.source, model, run.config, calibration_backend, run.facts)
@@ -315,6 +327,13 @@ def rewrite(export: str | Path, plan: Any, output: str | Path | None = None, *, 
 EXPORT_LAYOUTS = ("optimum", "builder")
 
 
+def _check_layout(layout: str | None, dtype: str) -> None:
+    if layout is not None and layout not in EXPORT_LAYOUTS:
+        raise SubFitError(f"layout must be one of {', '.join(EXPORT_LAYOUTS)}, not {layout!r}")
+    if layout == "builder" and dtype != "fp32":
+        raise SubFitError("the builder layout is exported at fp32 (quantize it with optimize/rewrite --quantize)")
+
+
 def export(model: str | Path, output: str | Path | None = None, *, dtype: str = "fp32", overwrite: bool = False,
            progress: ProgressFactory | None = None, layout: str = "optimum") -> Path:
     """Export a model (local folder or hub id) as Optimum does for SubFit; returns the export folder.
@@ -328,10 +347,7 @@ def export(model: str | Path, output: str | Path | None = None, *, dtype: str = 
 
     if dtype not in DTYPES:
         raise SubFitError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    if layout not in EXPORT_LAYOUTS:
-        raise SubFitError(f"layout must be one of {', '.join(EXPORT_LAYOUTS)}, not {layout!r}")
-    if layout == "builder" and dtype != "fp32":
-        raise SubFitError("the builder layout is exported at fp32 (quantize it with optimize/rewrite --quantize)")
+    _check_layout(layout, dtype)
     src = resolve_source(model)
     if not src.needs_export:
         raise SubFitError(f"{model} is already an ONNX export; export takes a PyTorch model folder or hub id")

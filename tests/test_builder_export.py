@@ -86,3 +86,46 @@ def test_export_command_writes_the_builder_layout(builder_checkpoint, tmp_path):
     assert_user_error(cli("export", builder_checkpoint("qwen2"), "--layout", "builder", "--dtype", "fp16",
                           "-o", tmp_path / "bad"), "exported at fp32")
     assert not (tmp_path / "bad").exists()
+
+
+def test_optimize_exports_the_builder_layout_and_quantizes_in_one_step(tiny_checkpoint, tiny_calibration_text,
+                                                                       tmp_path):
+    import subfit_onnx
+    from rewrite_helpers import ort_prefill_decode, rel_diff
+
+    config = subfit_onnx.SubFitConfig(sparsity=0.3, calibration=str(tiny_calibration_text), num_samples=8,
+                                      seq_len=32)
+    checkpoint = tiny_checkpoint("llama")
+    result = subfit_onnx.optimize(checkpoint, config=config, output=tmp_path / "int4", quantize="int4",
+                                  layout="builder")
+    graph = ir.load(tmp_path / "int4" / "model.onnx")
+    structure = find_decoder_structure(graph)
+    assert structure.layout.exporter == "onnxruntime-genai"
+    removed = sorted((u.layer, u.kind) for u in result.plan.removed)
+    assert sorted((u.layer, u.kind) for u in structure.units() if u.bypassed) == removed
+    ops = [n.op_type for n in graph.graph]
+    assert "GatherBlockQuantized" in ops and "MatMul" not in ops
+    assert not [n for n in graph.graph if n.op_type == "Add" and "/subfit/" in n.name]  # biases folded
+    genai = json.loads((tmp_path / "int4" / "genai_config.json").read_text())
+    assert genai["model"]["decoder"]["num_hidden_layers"] == len(structure.kv_layers())
+    assert result.report["quality"]["measured"]
+
+    # the same plan on both layouts gives the same model
+    fused = subfit_onnx.optimize(checkpoint, plan=result.output, output=tmp_path / "fused", layout="builder")
+    optimum = subfit_onnx.optimize(checkpoint, plan=result.output, output=tmp_path / "optimum")
+    ids = np.random.default_rng(2).integers(3, 60, size=(1, 10))
+    a = ort_prefill_decode(fused.output / "model.onnx", ids, ids[:, :1])
+    b = ort_prefill_decode(optimum.output / "model.onnx", ids, ids[:, :1])
+    assert rel_diff(a[0], b[0]) < 1e-4 and rel_diff(a[1], b[1]) < 1e-4
+
+
+def test_optimize_layout_errors_are_one_line_and_write_nothing(tiny_checkpoint, tiny_export, tmp_path):
+    from test_cli_errors import assert_user_error, cli
+
+    assert_user_error(cli("optimize", tiny_checkpoint("llama"), "-s", "0.25", "--layout", "fused", "-o",
+                          tmp_path / "a"), "layout must be one of optimum, builder, not 'fused'")
+    assert_user_error(cli("optimize", tiny_checkpoint("llama"), "-s", "0.25", "--layout", "builder", "--dtype",
+                          "fp16", "-o", tmp_path / "b"), "exported at fp32")
+    assert_user_error(cli("optimize", tiny_export("llama"), "-s", "0.25", "--layout", "builder", "-o",
+                          tmp_path / "c"), "--layout applies when SOURCE is a model")
+    assert list(tmp_path.iterdir()) == []
