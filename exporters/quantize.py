@@ -142,6 +142,9 @@ def untie_lm_head(model) -> bool:
     name = "lm_head.weight"
     graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(table.T), name))
     head.input[1] = name
+    readers = [n for n in graph.node for i in n.input if i == source.output[0]]
+    if not readers and source.output[0] not in {o.name for o in graph.output}:
+        graph.node.remove(source)  # else it keeps the float table alive once the embedding is quantized
     return True
 
 

@@ -75,11 +75,15 @@ def test_bypasses_get_their_own_precision():
 
 def test_int4_embedding_is_a_gather_block_quantized_without_warnings(tiny_export, caplog):
     model = onnx.load(str(tiny_export("gemma") / "model.onnx"))  # tied: lm_head is untied first, then both go
+    table = next(i for i in model.graph.initializer if i.name == "model.embed_tokens.weight")
     with caplog.at_level(logging.DEBUG):
         quantized = quantize_graph(model, QuantizeSpec(bits=8, embedding_bits=4)).model
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # opset raised by us, not with a warning
     assert [n.op_type for n in quantized.graph.node if "embed_tokens" in n.name] == ["GatherBlockQuantized"]
     assert bits_by_node(quantized)["/lm_head/MatMul_Q8"] == 8
+    assert table.name not in {i.name for i in quantized.graph.initializer}  # nothing reads the float table now,
+    assert not [n for n in quantized.graph.node if n.op_type == "Transpose" and table.name in n.input]  # not even
+    # lm_head's old Transpose, which would keep it in the file
     assert next(o.version for o in quantized.opset_import if o.domain in ("", "ai.onnx")) == 21
     table = next(i for i in quantized.graph.initializer if i.name.endswith("_Q4"))
     assert table.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
