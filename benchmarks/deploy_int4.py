@@ -1,7 +1,7 @@
 """SubFit where users deploy: int4 models against onnxruntime-genai's model-builder int4 of the same checkpoint.
 
-Every model is timed in one process, alternating with the others (A B C .. then reversed), medians of
-``--repeats``:
+Every model is timed in one process, alternating with the others (A B C .. then reversed), ``--repeats`` rounds;
+ratios to the builder's int4 are the median over rounds of the ratio within each round:
 - ``genai tok/s``: onnxruntime-genai 0.18 generate, ``--prompt`` token prompt, ``--new`` new tokens, greedy;
 - ``tok/cpu-s``: the same runs per CPU second of this process (steadier than wall time on a shared machine);
 - ``decode ms``: raw ONNX Runtime decode at context ``--context`` (one prefill, then ``--steps`` single-token
@@ -162,6 +162,12 @@ def alternate(names: list[str], runners: dict, call, repeats: int) -> dict[str, 
     return samples
 
 
+def paired(samples: dict[str, list[tuple[float, float]]], name: str, ref: str, field: int) -> float:
+    """Median over rounds of the ratio taken within each round: each round times every model back to back, so a
+    drift of the shared machine between rounds cancels (medians of each model's own samples do not)."""
+    return statistics.median(a[field] / b[field] for a, b in zip(samples[name], samples[ref]))
+
+
 def perplexity(folder: Path, windows: np.ndarray) -> float:
     from subfit_onnx.evaluation.decoder import OnnxDecoder
     from subfit_onnx.evaluation.logprobs import token_logprobs
@@ -245,10 +251,8 @@ def main() -> None:
                "bytes": sum(p.stat().st_size for p in models[name].glob("model.onnx*"))}
         if name in med:
             m = med[name]
-            row.update(m, genai_ratio=m["genai_tok_s"] / med[ref]["genai_tok_s"],
-                       genai_cpu_ratio=m["genai_tok_per_cpu_s"] / med[ref]["genai_tok_per_cpu_s"],
-                       decode_ratio=m["decode_ms"] / med[ref]["decode_ms"],
-                       decode_cpu_ratio=m["decode_cpu_ms"] / med[ref]["decode_cpu_ms"])
+            row.update(m, genai_ratio=paired(genai, name, ref, 0), genai_cpu_ratio=paired(genai, name, ref, 1),
+                       decode_ratio=paired(decode, name, ref, 0), decode_cpu_ratio=paired(decode, name, ref, 1))
         if ppl:
             row.update(ppl=ppl[name], ppl_ratio=ppl[name] / ppl["fp32"])
         rows.append(row)
