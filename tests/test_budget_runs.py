@@ -77,6 +77,18 @@ def test_max_ppl_ratio_keeps_the_largest_sparsity_within_the_ratio(tmp_path, tin
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no trial folders left behind
 
 
+def test_quality_and_kv_budgets_measure_the_quantized_model(tmp_path, tiny_export, tiny_checkpoint, config):
+    common = {"model": tiny_checkpoint("llama"), "config": config, "quantize": "int8"}
+    quality = subfit_onnx.optimize(tiny_export("llama"), max_ppl_ratio=1.5, output=tmp_path / "q", **common).report
+    assert quality["quantize"]["precision"] == "int8"
+    best = [t for t in quality["budget"]["search"] if t["sparsity"] == quality["sparsity"]["target"]]
+    # the trial the search kept was measured on the int8 model it ships, against dense fp32
+    assert best[0]["heldout_ppl_ratio"] == pytest.approx(quality["quality"]["heldout_ppl_ratio"], abs=1e-4)
+    kv = subfit_onnx.optimize(tiny_export("llama"), kv_budget=0.5, output=tmp_path / "kv", **common).report
+    assert kv["quantize"]["precision"] == "int8"
+    assert kv["kv_bytes_per_token"]["after"] <= 0.5 * kv["kv_bytes_per_token"]["before"]
+
+
 def test_an_unmeetable_quality_budget_is_one_line_and_writes_nothing(tmp_path, tiny_export, tiny_checkpoint, config,
                                                                      monkeypatch):
     from subfit_onnx.evaluation.heldout import HeldoutQuality
