@@ -7,6 +7,9 @@ when the tokenizer adds BOS (Gemma), plain text otherwise (SmolLM2). Writes
 benchmarks/results/method_variants[_gemma3].json and prints a table.
 
     python benchmarks/method_variants.py [--model smollm2|gemma3] [--assets assets] [--sparsities 0.25] [--variants ...]
+
+``--calibration-draw I/N`` calibrates on every N-th document (line) of C4's first half, starting at the I-th: a different
+draw of calibration text of the same kind, to see whether a variant's advantage survives another sample.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ def main() -> None:
     ap.add_argument("--eval-len", type=int, default=256, help="tokens per evaluation window")
     ap.add_argument("--wiki-part", choices=("all", "second_half"), default="all")
     ap.add_argument("--no-c4", action="store_true", help="skip the C4 held-out evaluation (screening)")
+    ap.add_argument("--calibration-draw", default=None, metavar="I/N", help="every N-th C4 document from the I-th")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/method_variants[_gemma3].json")
     args = ap.parse_args()
 
@@ -72,7 +76,14 @@ def main() -> None:
     args.out = args.out or f"benchmarks/results/{out_default}"
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    cal = calibration_tokens(tok, assets.c4_calibration, args.num_samples, 256)
+    cal_text, draw = Path(assets.c4_calibration), args.calibration_draw or "0/1"
+    if args.calibration_draw:
+        first, every = (int(x) for x in draw.split("/"))
+        cal_text = Path("work/method_variants") / f"c4_first_half_draw{first}of{every}.txt"
+        cal_text.parent.mkdir(parents=True, exist_ok=True)
+        lines = [ln for ln in Path(assets.c4_calibration).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        cal_text.write_text("\n\n".join(lines[first::every]), encoding="utf-8")  # one C4 document per line
+    cal = calibration_tokens(tok, cal_text, args.num_samples, 256)
     bos = leading_bos(tok)
     streams = {"wiki": tokenize_documents(tok, load_documents(assets.wiki))}
     if args.wiki_part == "second_half":  # the held-out half the issue-14 targets are stated on
@@ -83,8 +94,9 @@ def main() -> None:
     dense_ppl = {name: torch_perplexity(model, w) for name, w in evals.items()}
     out_path = Path(args.out)
     rows = json.loads(out_path.read_text())["rows"] if out_path.exists() else []
-    setting = (args.eval_windows, args.eval_len, args.wiki_part)
-    done = {(r["variant"], r["sparsity"], (r.get("eval_windows", 48), r.get("eval_len", 256), r.get("wiki_part", "all")))
+    setting = (args.eval_windows, args.eval_len, args.wiki_part, draw)
+    done = {(r["variant"], r["sparsity"], (r.get("eval_windows", 48), r.get("eval_len", 256), r.get("wiki_part", "all"),
+                                           r.get("calibration_draw", "0/1")))
             for r in rows}
     dense_cache: dict[tuple, object] = {}
     print(f"dense perplexity: {dense_ppl}")
@@ -106,7 +118,7 @@ def main() -> None:
                 "wiki_ppl_ratio": ppl["wiki"] / dense_ppl["wiki"],
                 "c4_ppl_ratio": ppl["c4_heldout"] / dense_ppl["c4_heldout"] if "c4_heldout" in ppl else None,
                 "calibration_seconds": seconds, "eval_windows": args.eval_windows, "eval_len": args.eval_len,
-                "wiki_part": args.wiki_part, "dense_ppl": dense_ppl,
+                "wiki_part": args.wiki_part, "dense_ppl": dense_ppl, "calibration_draw": draw,
                 "weighting": result.plan.calibration.get("weighting"),
                 "held_out_distance": result.plan.calibration.get("held_out_distance"),
             }
