@@ -173,24 +173,20 @@ def _quantize(model, nodes: list[str], others: list[str], bits: int, spec: Quant
 
     if algorithm == "gather":  # ORT writes int4 GatherBlockQuantized only (quantized along the hidden axis)
         _int4_opset(model)
-        config = mq.DefaultWeightOnlyQuantConfig(block_size=spec.block_size, is_symmetric=spec.symmetric, bits=4,
-                                                 op_types_to_quantize=("Gather",), quant_axes=(("Gather", 1),))
         quantizer = mq.MatMulNBitsQuantizer(model, bits=4, block_size=spec.block_size, is_symmetric=spec.symmetric,
                                             nodes_to_include=nodes, op_types_to_quantize=("Gather",),
-                                            quant_axes=(("Gather", 1),), algo_config=config)
-        with _root_logger_kept():
-            quantizer.process()
-        return quantizer.model.model
-    if algorithm == "hqq":
-        config = mq.HQQWeightOnlyQuantConfig(block_size=spec.block_size, bits=bits)
-    elif algorithm == "k_quant":
-        config = mq.KQuantWeightOnlyQuantConfig()
+                                            quant_axes=(("Gather", 1),))
     else:
-        config = mq.DefaultWeightOnlyQuantConfig(block_size=spec.block_size, is_symmetric=spec.symmetric,
-                                                 accuracy_level=spec.accuracy_level, bits=bits)
-    quantizer = mq.MatMulNBitsQuantizer(model, bits=bits, block_size=spec.block_size, is_symmetric=spec.symmetric,
-                                        accuracy_level=spec.accuracy_level, nodes_to_exclude=others,
-                                        algo_config=config)
+        if algorithm == "hqq":
+            config = mq.HQQWeightOnlyQuantConfig(block_size=spec.block_size, bits=bits)
+        elif algorithm == "k_quant":
+            config = mq.KQuantWeightOnlyQuantConfig()
+        else:
+            config = mq.DefaultWeightOnlyQuantConfig(block_size=spec.block_size, is_symmetric=spec.symmetric,
+                                                     accuracy_level=spec.accuracy_level, bits=bits)
+        quantizer = mq.MatMulNBitsQuantizer(model, bits=bits, block_size=spec.block_size,
+                                            is_symmetric=spec.symmetric, accuracy_level=spec.accuracy_level,
+                                            nodes_to_exclude=others, algo_config=config)
     with _root_logger_kept():
         quantizer.process()
     model = quantizer.model.model
