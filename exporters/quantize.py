@@ -10,7 +10,10 @@
   measured on SmolLM2 25% (builder int4 graph): int8 bypasses keep the fp32 bypasses' perplexity (2.612 vs
   2.611) at a quarter of their bytes; int4 costs 1.2% (2.643).
 - **int4 keeps the matrices int4 hurts most at int8** (``recommended_int4``): lm_head and the FFN down
-  projections of the first and last eighth of the layers.
+  projections of the first and last eighth of the layers. lm_head's int8 blocks are 128 wide: ORT's 8-bit
+  ``MatMulNBits`` kernel streams its per-block scales, and for SmolLM2's 576 x 49152 lm_head one decode step took
+  1.54 ms at block 32, 1.01 ms at block 128 and 1.03 ms for int4 at block 32 (1 thread, random weights), at the
+  same perplexity (wiki ratio 2.295 at block 32, 2.292 at block 128).
 - **int4 quantizes the token embedding** too (``GatherBlockQuantized``, block 32, as the model builder does):
   measured on SmolLM2 at 25% (fused layout), 211 MB -> 120 MB on disk, wiki perplexity ratio 2.278 -> 2.295,
   onnxruntime-genai tokens/s +3% and +7% in two interleaved runs (less memory to stream past); on Gemma-3-270m
@@ -21,7 +24,8 @@ level 4): on SmolLM2 block 128 gave 1.64x dense perplexity against 1.30x for blo
 The other algorithms, measured all-int4 on SmolLM2 at 25% (wiki perplexity / dense fp32, decode ms at 512):
 RTN 2.594 / 10.3, k-quant 2.657 / 10.3, HQQ 2.052 / 135 (its float zero points take ``MatMulNBits`` off ORT's
 fast CPU path). A block-16 or asymmetric int4 lm_head costs as much as block 32 (2.46-2.54 with the rest of
-``recommended_int4``), so lm_head stays int8.
+``recommended_int4``), and so does ORT's GPTQ on lm_head alone (2.528; calibrated on 16 x 512 C4 tokens), so
+lm_head stays int8.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -48,6 +52,7 @@ class QuantizeSpec:
     accuracy_level: int = 4
     bypass_bits: int | None = 8  # None: bypass MatMuls stay in the graph's float type
     lm_head_bits: int | None = None  # None: as ``bits``
+    lm_head_block_size: int | None = None  # None: as ``block_size`` (used when lm_head has its own bits)
     algorithm: str = "default"  # "default" (RTN, ORT's C++ kernel), "hqq" (needs torch), "k_quant"
     int8_nodes: tuple[str, ...] = ()  # node names kept at 8 bits (mixed precision)
     embedding_bits: int | None = None  # 4: the token embedding becomes an int4 GatherBlockQuantized; None: float
@@ -60,6 +65,7 @@ class Quantized:
     model: Any
     block_size: int
     groups: list[tuple[str, int, int]] = field(default_factory=list)
+    blocks: dict[str, int] = field(default_factory=dict)  # groups quantized at another block size than ``block_size``
 
     def describe(self) -> str:
         """One line for the run summary, from what was quantized (an int4 graph's MatMulNBits are not counted)."""
@@ -67,7 +73,10 @@ class Quantized:
             return "nothing to quantize (every weight matrix already MatMulNBits)"
         by_bits: dict[int, list[str]] = {}
         for name, count, bits in self.groups:
-            by_bits.setdefault(bits, []).append(name if name in ("lm_head", "embedding") else f"{count} {name}")
+            label = name if name in ("lm_head", "embedding") else f"{count} {name}"
+            if name in self.blocks:
+                label += f" (block {self.blocks[name]})"
+            by_bits.setdefault(bits, []).append(label)
         parts = [f"int{bits}: {', '.join(names)}" for bits, names in sorted(by_bits.items())]
         return f"MatMulNBits, block {self.block_size}; " + "; ".join(parts)
 
@@ -94,13 +103,16 @@ def recommended_int4(graph, structure) -> QuantizeSpec:
     (the builder's "mixed" selection, narrowed to the down projections).
 
     Measured on SmolLM2 at 25% (wiki ppl / dense fp32; onnxruntime-genai tok/s / builder int4, quiet
-    machine): all int4 2.594 / 1.346x; lm_head int8 2.395 / 1.262x; this 2.278 / 1.214x.
+    machine): all int4 2.594 / 1.346x; lm_head int8 2.395 / 1.262x; this 2.278 / 1.214x, with lm_head at
+    block 32. With lm_head at block 128 and the int4 embedding, in one paired run of 15 rounds: all int4
+    2.611 / 1.236x, this 2.292 / 1.233x, this with lm_head at block 32 2.295 / 1.136x.
     """
     count = structure.num_layers
     ends = max(1, -(-count // 8))
     layers = sorted(set(range(ends)) | set(range(count - ends, count)))
     scopes = [structure.unit(i, "mlp").scope for i in layers if not structure.unit(i, "mlp").bypassed]
-    return QuantizeSpec(lm_head_bits=8, int8_nodes=last_matmuls(graph, scopes), embedding_bits=4)
+    return QuantizeSpec(lm_head_bits=8, lm_head_block_size=128, int8_nodes=last_matmuls(graph, scopes),
+                        embedding_bits=4)
 
 
 def spec_for(precision: str, graph, structure) -> QuantizeSpec:
@@ -208,23 +220,28 @@ def quantize_graph(model, spec: QuantizeSpec) -> Quantized:
     matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in constants]  # weights
     bypass = [n for n in matmuls if BYPASS_MARK in n]
     head = [n for n in matmuls if _is_lm_head(n)]
-    groups: list[tuple[str, list[str], int, str]] = []
+    groups: list[tuple[str, list[str], int, str, int]] = []
+    block = spec.block_size
     if spec.bypass_bits is not None and bypass:  # bypasses: plain RTN (measured: int8 loses nothing)
-        groups.append(("bypass matrices", bypass, spec.bypass_bits, "default"))
+        groups.append(("bypass matrices", bypass, spec.bypass_bits, "default", block))
     if spec.lm_head_bits is not None and spec.lm_head_bits != spec.bits and head:
-        groups.append(("lm_head", head, spec.lm_head_bits, "default"))
+        groups.append(("lm_head", head, spec.lm_head_bits, "default", spec.lm_head_block_size or block))
     mixed = [n for n in matmuls if n not in bypass and n not in head and n in spec.int8_nodes]
     if mixed and spec.bits != 8:
-        groups.append(("FFN down projections", mixed, 8, "default"))
-    special = {n for _, names, _, _ in groups for n in names}
+        groups.append(("FFN down projections", mixed, 8, "default", block))
+    special = {n for _, names, *_ in groups for n in names}
     body = [n for n in matmuls if n not in special and n not in bypass]
     included = " (lm_head included)" if head and head[0] in body else ""
-    groups.append((f"other matrices{included}", body, spec.bits, spec.algorithm))
+    groups.append((f"other matrices{included}", body, spec.bits, spec.algorithm, block))
     if spec.embedding_bits == 4:  # after lm_head was untied from it
-        groups.append(("embedding", embedding_gathers(model), 4, "gather"))
-    done = Quantized(model, spec.block_size)
-    for label, names, bits, algorithm in groups:
+        groups.append(("embedding", embedding_gathers(model), 4, "gather", block))
+    done = Quantized(model, block)
+    for label, names, bits, algorithm, group_block in groups:
         if names:
-            done.model = _quantize(done.model, names, [n for n in matmuls if n not in names], bits, spec, algorithm)
+            group_spec = spec if group_block == block else replace(spec, block_size=group_block)
+            done.model = _quantize(done.model, names, [n for n in matmuls if n not in names], bits, group_spec,
+                                   algorithm)
             done.groups.append((label, len(names), bits))
+            if group_block != block:
+                done.blocks[label] = group_block
     return done

@@ -51,7 +51,7 @@ class DType(str, Enum):
 # a plain string, checked by the API: a bad value is then one error line (exit 1), like every other bad input
 QuantizeOption = Annotated[str | None, typer.Option(
     "--quantize", metavar="int4|int8", help="quantize the compressed model's weights (ONNX Runtime MatMulNBits, block 32): int4 keeps "
-    "lm_head, the bypasses and the first/last eighth's FFN down projections at int8; int8 quantizes all",
+    "lm_head (block 128), the bypasses and the first/last eighth's FFN down projections at int8; int8 quantizes all",
     show_default="none: keep the export's precision")]
 
 

@@ -38,8 +38,8 @@ def logits(model: onnx.ModelProto) -> np.ndarray:
     return session.run(["logits"], feeds)[0]
 
 
-def bits_by_node(model: onnx.ModelProto) -> dict[str, int]:
-    return {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in model.graph.node
+def bits_by_node(model: onnx.ModelProto, attribute: str = "bits") -> dict[str, int]:
+    return {n.name: next(a.i for a in n.attribute if a.name == attribute) for n in model.graph.node
             if n.op_type == "MatMulNBits"}
 
 
@@ -61,8 +61,10 @@ def test_bypasses_get_their_own_precision():
     rng = np.random.default_rng(3)
     bypasses = {(1, "mlp"): random_bypass(64, "full", rng), (2, "attention"): random_bypass(64, "lowrank", rng)}
     SubFitRewritePass(find_decoder_structure(model), bypasses)(model)
-    spec = QuantizeSpec(bits=4, bypass_bits=8, lm_head_bits=8, int8_nodes=("/model/layers.0/mlp/down_proj/MatMul",))
-    quantized = quantize_graph(ir.serde.serialize_model(model), spec).model
+    spec = QuantizeSpec(bits=4, bypass_bits=8, lm_head_bits=8, lm_head_block_size=64,
+                        int8_nodes=("/model/layers.0/mlp/down_proj/MatMul",))
+    done = quantize_graph(ir.serde.serialize_model(model), spec)
+    quantized = done.model
     assert not [n for n in quantized.graph.node if n.op_type == "MatMul"]
     bits = bits_by_node(quantized)
     bypass = {name: b for name, b in bits.items() if "/subfit/" in name}
@@ -71,6 +73,9 @@ def test_bypasses_get_their_own_precision():
     body = {name: b for name, b in bits.items() if "/subfit/" not in name and "lm_head" not in name
             and "layers.0/mlp/down_proj" not in name}
     assert len(body) == len(bits) - 5 and set(body.values()) == {4}
+    blocks = bits_by_node(quantized, "block_size")
+    assert blocks.pop("/lm_head/MatMul_Q8") == 64 and set(blocks.values()) == {32}  # only lm_head has its own
+    assert "int8: 3 bypass matrices, lm_head (block 64), 1 FFN down projections" in done.describe()
 
 
 def test_int4_embedding_is_a_gather_block_quantized_without_warnings(tiny_export, caplog):
@@ -127,14 +132,14 @@ def test_int4_quantizes_lm_head_and_keeps_the_sensitive_matrices_at_int8(compres
     weights = {i.name for i in model.graph.initializer}
     assert not [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
     assert not [n.name for n in model.graph.node if n.op_type == "Transpose" and n.input[0] in weights]  # untied
-    assert bits["/lm_head/MatMul_Q8"] == 8
+    assert bits["/lm_head/MatMul_Q8"] == 8 and bits_by_node(model, "block_size")["/lm_head/MatMul_Q8"] == 128
     # 4 layers: the first and last eighth are layers 0 and 3; layer 2's FFN is a bypass (int8 as well)
     assert bits["/model/layers.0/mlp/down_proj/MatMul_Q8"] == 8 and bits["/model/layers.3/mlp/down_proj/MatMul_Q8"] == 8
     assert {b for name, b in bits.items() if "/subfit/" in name} == {8}
     assert bits["/model/layers.1/mlp/down_proj/MatMul_Q4"] == 4 and bits["/model/layers.0/self_attn/q_proj/MatMul_Q4"] == 4
     report = compressed["int4"].report
     assert report["quantize"] == {"precision": "int4", "weights": "MatMulNBits, block 32; int4: 19 other matrices, embedding; "
-                                  "int8: 3 bypass matrices, lm_head, 2 FFN down projections"}
+                                  "int8: 3 bypass matrices, lm_head (block 128), 2 FFN down projections"}
     assert report["file_bytes"]["after"] < 0.5 * compressed["fp32"].report["file_bytes"]["after"]
     assert set(bits_by_node(onnx.load(str(compressed["int8"].model_path))).values()) == {8}
 
