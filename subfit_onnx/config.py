@@ -8,8 +8,8 @@ whole (bypass ranks, pass-1 sequences) are a ``Portion``, never an int-or-float.
 
 Defaults were chosen by measured perplexity on SmolLM2-135M-Instruct (``benchmarks/method_variants.py``;
 results in ``benchmarks/results/method_variants.json``), not by taste, and measured on Gemma-3-270m too
-(``method_variants_gemma3.json``), where uniform token weighting does better than the default (README, "No
-weighting wins on both real models").
+(``method_variants_gemma3.json``). Token weighting is chosen per model (``weighting="auto"``): stream wins on
+SmolLM2, uniform on Gemma-3 (README, "No weighting wins on both real models").
 """
 
 from __future__ import annotations
@@ -83,8 +83,9 @@ class MethodSettings(BaseModel):
     score: ScoreKind = "stream_error"
     schedule: Literal["sequential", "oneshot"] = "sequential"
     weighting: WeightingSetting = Field(
-        "stream", description="how tokens count in fits and scores; auto picks stream or uniform per model by a "
-        "held-out end-to-end check of one-shot selections (measured: right on Gemma-3, wrong on SmolLM2)")
+        "auto", description="how tokens count in fits and scores; auto runs pass 2 under stream and under uniform "
+        "and keeps the one whose compressed model stays closer to the dense one on held-out calibration rows "
+        "(measured: right on SmolLM2 and Gemma-3; needs 16 calibration rows, else stream)")
     attention_rank: Portion = Field(
         Portion(fraction=0.125), description="bypass rank for attention: a count, a fraction of the hidden size, "
         "or neither for full rank")

@@ -155,5 +155,8 @@ def format_summary(report: dict[str, Any]) -> str:
     elif report.get("plan", {}).get("calibration", {}).get("backend"):
         cal = report["plan"]["calibration"]
         chosen = f", {cal['weighting']} token weighting" if cal.get("weighting") else ""
+        if cal.get("held_out_distance"):  # weighting="auto": say what the choice rested on
+            checked = ", ".join(f"{w} {d:.4f}" for w, d in cal["held_out_distance"].items())
+            chosen += f" (chosen by held-out stream distance: {checked})"
         lines.append(f"  calibration  {cal['backend']} backend{chosen}")
     return "\n".join(lines)

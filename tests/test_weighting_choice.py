@@ -1,17 +1,18 @@
-"""weighting="auto": the end-to-end distance, the held-out rows, and the choice, checked independently."""
+"""weighting="auto": the end-to-end distance, the held-out rows, and the choice after pass 2, checked independently."""
+
+import copy
 
 import numpy as np
 import pytest
 import torch
 
+import subfit_onnx
 from subfit_onnx.calibration.calibrate import calibrate_model
 from subfit_onnx.calibration.end_to_end import stream_distance
-from subfit_onnx.calibration.scoring import score
-from subfit_onnx.calibration.selection import greedy_select, target_params
 from subfit_onnx.calibration.weighting_choice import CANDIDATE_WEIGHTINGS, best_weighting, held_out_rows
 from subfit_onnx.config import SubFitConfig
-from subfit_onnx.reference import install_bypass
-from subfit_onnx.torch_model import model_family, unit_param_table
+from subfit_onnx.reference import BypassModule, apply_plan
+from subfit_onnx.report import format_summary
 from tiny_models import tiny_model
 
 TOKENS = np.random.default_rng(1).integers(0, 256, size=(16, 32))
@@ -30,7 +31,7 @@ def test_stream_distance_is_mean_one_minus_cosine_per_token():
 
 
 def test_held_out_rows_and_ties():
-    assert [held_out_rows(n) for n in (1, 2, 15, 16, 64)] == [0, 1, 1, 2, 8]
+    assert [held_out_rows(n) for n in (1, 2, 15, 16, 64)] == [0, 0, 0, 2, 8]
     assert best_weighting({"stream": 0.2, "uniform": 0.1}) == "uniform"
     assert best_weighting({"stream": 0.1, "uniform": 0.1}) == "stream"
 
@@ -44,31 +45,53 @@ def _last_stream(model, tokens):
     return seen["h"].numpy()
 
 
-def test_auto_weighting_checks_each_candidate_end_to_end_on_rows_no_fit_saw():
-    """Redo the check by hand: pass 1 on the first 14 rows only, a one-shot selection per weighting, the compressed
-    model run on the last 2 rows. Held-out rows leaking into the statistics, a wrong bypass or a wrong stream would
-    each change the distances the plan reports."""
+def test_auto_weighting_runs_pass_2_per_candidate_and_checks_it_on_rows_no_fit_saw():
+    """Redo the check by hand: a whole calibration (pass 1 and pass 2) per weighting on the first 14 rows, each
+    compressed model run on the last 2 rows. Held-out rows leaking into any statistic, a wrong bypass, a wrong
+    stream or the loser's plan would each show."""
     model = tiny_model("llama")
     config = SubFitConfig(sparsity=0.3, num_samples=16, seq_len=32, batch_size=4, weighting="auto")  # 12-15 straddle
-    plan = calibrate_model(model, TOKENS, config).plan
-    reported = plan.calibration["held_out_distance"]
+    auto = calibrate_model(model, TOKENS, config)
+    reported = auto.plan.calibration["held_out_distance"]
     assert list(reported) == list(CANDIDATE_WEIGHTINGS)
-    assert plan.calibration["weighting"] == best_weighting(reported) and plan.method.weighting == "auto"
+    winner = auto.plan.calibration["weighting"]
+    assert winner == best_weighting(reported) and auto.plan.method.weighting == "auto"
+    assert not [m for m in model.modules() if isinstance(m, BypassModule)]  # the model is dense again
 
     fit, held = TOKENS[:14], TOKENS[14:]
     dense_final = _last_stream(model, held)
-    params = unit_param_table(model)
-    target = target_params(sum(params.values()), config.sparsity)
-    expected = {}
+    expected, plans = {}, {}
     for w in CANDIDATE_WEIGHTINGS:
-        dense = calibrate_model(model, fit, config.model_copy(update={"weighting": w})).dense
-        chosen = greedy_select({k: score(a, config.score, params[k]) for k, a in dense.assessments.items()},
-                               params, target)
-        swaps = [install_bypass(model, model_family(model), i, kind, dense.assessments[(i, kind)].bypass)
-                 for i, kind in chosen]
-        expected[w] = stream_distance(_last_stream(model, held), dense_final)
-        for swap in reversed(swaps):
-            swap.undo()
+        plans[w] = calibrate_model(model, fit, config.model_copy(update={"weighting": w}))
+        compressed = apply_plan(copy.deepcopy(model), plans[w].plan, plans[w].tensors)
+        expected[w] = stream_distance(_last_stream(compressed, held), dense_final)
     assert expected["stream"] != pytest.approx(expected["uniform"], rel=1e-3)  # the check tells them apart
     for w in CANDIDATE_WEIGHTINGS:
         assert reported[w] == pytest.approx(expected[w], rel=1e-3, abs=1e-7)
+    kept = plans[winner]
+    assert [(u.layer, u.kind) for u in auto.plan.removed] == [(u.layer, u.kind) for u in kept.plan.removed]
+    assert auto.tensors.keys() == kept.tensors.keys()
+    for name, tensor in auto.tensors.items():
+        np.testing.assert_allclose(tensor, kept.tensors[name], rtol=1e-4, atol=1e-6)
+
+
+def test_auto_weighting_can_leave_the_winner_installed():
+    model = tiny_model("llama")
+    config = SubFitConfig(sparsity=0.3, num_samples=16, seq_len=32, batch_size=4, weighting="auto")
+    auto = calibrate_model(model, TOKENS, config, keep_compressed=True)
+    installed = sorted((m.layer_idx, m.kind) for m in model.modules() if isinstance(m, BypassModule))
+    assert installed == [(u.layer, u.kind) for u in auto.plan.removed]
+
+
+def test_the_summary_says_which_weighting_won_and_on_what(tmp_path, tiny_export, tiny_checkpoint,
+                                                          tiny_calibration_text):
+    config = SubFitConfig(sparsity=0.3, calibration=str(tiny_calibration_text), num_samples=16, seq_len=32)
+    assert config.weighting == "auto"  # the default
+    result = subfit_onnx.optimize(tiny_export("llama"), model=tiny_checkpoint("llama"), config=config,
+                                  output=tmp_path / "out", warn_ppl_ratio=None)
+    calibration = result.report["plan"]["calibration"]
+    distances = calibration["held_out_distance"]
+    line = next(x for x in format_summary(result.report).splitlines() if x.lstrip().startswith("calibration"))
+    assert line == (f"  calibration  torch backend, {calibration['weighting']} token weighting (chosen by held-out "
+                    f"stream distance: stream {distances['stream']:.4f}, uniform {distances['uniform']:.4f})")
+    assert calibration["weighting"] == best_weighting(distances)

@@ -26,12 +26,12 @@ from ..progress import ProgressFactory, silent
 from .budget import UNITS, Budget, params_budget
 from .runner import LayerRunner
 from .scoring import UnitAssessment, assess, score
-from .selection import SequentialSelector, UnitKey, check_reachable, greedy_select, target_params
+from .selection import SequentialSelector, UnitKey, check_reachable, target_params
 from .stats import UnitStats
 from .weighting_choice import (
     CANDIDATE_WEIGHTINGS,
     best_weighting,
-    choose_weighting,
+    held_out_distance,
     held_out_rows,
     run_held_out,
 )
@@ -56,15 +56,19 @@ def package_versions() -> dict[str, str]:
 class DensePass:
     """What pass 1 learns on the dense model; reusable across configs with the same weighting/rank/ridge.
 
-    ``assessments`` are under ``weighting``, the one pass 2 uses; with ``weighting="auto"`` that is the
-    candidate whose selection won the held-out check (``weighting_choice``), and ``held_out`` says how far each
-    candidate's selection left the held-out rows' last stream from the dense one.
+    ``assessments`` are under ``weighting``, the one pass 2 uses. With ``weighting="auto"`` pass 1 also keeps
+    every candidate's assessments, the first held-out row and the dense last stream of the held-out rows; after
+    the check (``weighting_choice``) ``weighting`` is the candidate whose pass 2 won it, and ``held_out`` says how
+    far each candidate's compressed model left the held-out rows' last stream from the dense one.
     """
 
     assessments: dict[UnitKey, UnitAssessment] = field(default_factory=dict)
     block_influence: list[float] = field(default_factory=list)
     weighting: TokenWeighting = "stream"
     held_out: dict[str, float] = field(default_factory=dict)
+    candidates: dict[TokenWeighting, dict[UnitKey, UnitAssessment]] = field(default_factory=dict)
+    held_start: int | None = None
+    dense_final: np.ndarray | None = None
 
 
 @dataclass
@@ -97,6 +101,7 @@ class Calibrator:
             budget.check_reachable(self.params)
         self.budget = budget
         self.swaps: list[Any] = []
+        self.installed: list[tuple[int, UnitKind, Bypass]] = []
         self.removed: list[RemovedUnit] = []
         self.tensors: dict[str, np.ndarray] = {}
 
@@ -106,8 +111,8 @@ class Calibrator:
     def dense_pass(self) -> DensePass:
         """Pass 1: every unit assessed on the dense model, and ShortGPT's block influence per layer.
 
-        With ``weighting="auto"`` every unit is assessed under each candidate weighting, the last calibration
-        rows are kept out of those statistics, and the weighting is chosen on them (``weighting_choice``).
+        With ``weighting="auto"`` every unit is assessed under each candidate weighting and the last calibration
+        rows are kept out of those statistics; pass 2 then runs once per candidate (``compress_checked``).
         """
         total = self.runner.store.shape[0]
         auto = self.config.weighting == "auto"
@@ -124,7 +129,10 @@ class Calibrator:
         finally:
             self.runner.stat_rows = None
         if held:
-            self._choose_weighting(dense, candidates, total - held, dense_final)
+            dense.candidates, dense.held_start = candidates, total - held
+            # pass 1 ran on fewer rows than the held-out ones: run them dense now
+            dense.dense_final = dense_final if dense_final is not None else run_held_out(
+                self.runner, total - held, {}, "dense held-out rows")
         self.runner.store.restore()
         return dense
 
@@ -139,30 +147,15 @@ class Calibrator:
             dense.block_influence.append(_block_influence(self.runner.store.current[:rows], self.runner.store.next[:rows]))
             self.runner.store.advance()
 
-    def _choose_weighting(self, dense: DensePass, candidates: dict[TokenWeighting, dict[UnitKey, UnitAssessment]],
-                          start: int, dense_final: np.ndarray | None) -> None:
-        """Keep the candidate weighting whose one-shot selection does least end-to-end damage on held-out rows."""
-        if dense_final is None:  # pass 1 ran on fewer rows than the held-out ones: run them dense now
-            dense_final = run_held_out(self.runner, start, {}, "dense held-out rows")
-        hidden = self.identity.hidden_size
-        selections = {}
-        savings = self.budget.savings
-        for w, assessments in candidates.items():
-            chosen = greedy_select({k: score(a, self.config.score, savings[k]) for k, a in assessments.items()},
-                                   savings, self.budget.target)
-            selections[w] = {k: assessments[k].bypass if self.config.bypass else _zero_bypass(hidden) for k in chosen}
-        dense.held_out = choose_weighting(self.runner, start, dense_final, selections)
-        dense.weighting = best_weighting(dense.held_out)
-        dense.assessments = candidates[dense.weighting]
-
-    def scores(self, dense: DensePass) -> dict[UnitKey, float]:
-        return {k: score(a, self.config.score, self.budget.savings[k]) for k, a in dense.assessments.items()}
+    def scores(self, assessments: dict[UnitKey, UnitAssessment]) -> dict[UnitKey, float]:
+        return {k: score(a, self.config.score, self.budget.savings[k]) for k, a in assessments.items()}
 
     def _remove(self, i: int, kind: UnitKind, stats: UnitStats, a: UnitAssessment, unit_score: float) -> Bypass:
         bypass = a.bypass if self.config.bypass else _zero_bypass(self.identity.hidden_size)
         fit_rel = a.fit_relative if self.config.bypass else 1.0
         key = unit_key(i, kind)
         self.swaps.append(self.runner.install_bypass(i, kind, bypass))
+        self.installed.append((i, kind, bypass))
         self.tensors.update(bypass_tensors(key, bypass))
         self.removed.append(RemovedUnit(
             layer=i, kind=kind, score=unit_score, fit_error=fit_rel,
@@ -171,27 +164,27 @@ class Calibrator:
         ))
         return bypass
 
-    def compress_pass(self, prior: dict[UnitKey, float], weighting: TokenWeighting) -> None:
+    def compress_pass(self, prior: dict[UnitKey, float], weighting: TokenWeighting, label: str = "") -> None:
         """Pass 2: depth order on the compressed upstream; decide, fit and swap each unit in turn."""
         selector = SequentialSelector(prior, self.budget.savings, self.budget.target,
                                       rescore=self.config.schedule == "sequential")
         dense = self.runner.dense_targets() if self.config.target == "dense_stream" else None
         try:
-            self._compress_layers(selector, dense, weighting)
+            self._compress_layers(selector, dense, weighting, label)
         finally:
             if dense is not None:
                 dense.close()
 
-    def _compress_layers(self, selector: SequentialSelector, dense: Any, w: TokenWeighting) -> None:
+    def _compress_layers(self, selector: SequentialSelector, dense: Any, w: TokenWeighting, label: str) -> None:
         n = self.runner.num_layers
         for i in range(n):
             if dense is not None:
                 self.runner.dense_sweep(i, dense, f"dense layer {i + 1}/{n}")
-            stats = self.runner.sweep(i, UNIT_KINDS, w, f"fitting layer {i + 1}/{n}", dense)
+            stats = self.runner.sweep(i, UNIT_KINDS, w, f"fitting layer {i + 1}/{n}{label}", dense)
             changed = False
             for kind in UNIT_KINDS:
                 if kind == "mlp" and changed:  # the FFN now sees the attention's bypass: measure again
-                    stats = self.runner.sweep(i, ("mlp",), w, f"fitting layer {i + 1}/{n} (FFN)", dense)
+                    stats = self.runner.sweep(i, ("mlp",), w, f"fitting layer {i + 1}/{n} (FFN){label}", dense)
                     changed = False
                 assessment = self._assess(kind, stats[kind])
                 fresh = score(assessment, self.config.score, self.budget.savings[(i, kind)])
@@ -238,6 +231,37 @@ class Calibrator:
     def restore_model(self) -> None:
         for swap in reversed(self.swaps):
             swap.undo()
+        self.swaps = []
+
+    def reinstall(self) -> None:
+        """Swap this calibration's bypasses in again (after another candidate's pass 2 ran on the dense model)."""
+        self.swaps = [self.runner.install_bypass(i, kind, bypass) for i, kind, bypass in self.installed]
+
+
+def compress_checked(first: Calibrator, dense: DensePass) -> Calibrator:
+    """Pass 2 once per candidate weighting, the held-out rows in no statistic; keep the candidate whose compressed
+    model lands the held-out rows' last stream closest to the dense one (``weighting_choice``).
+
+    The model is dense again afterwards; ``dense`` records the distances and the winner.
+    """
+    runner = first.runner
+    runs: dict[TokenWeighting, Calibrator] = {}
+    runner.stat_rows = dense.held_start
+    try:
+        for w, assessments in dense.candidates.items():
+            cal = first if not runs else Calibrator(first.runner, first.config, first.budget)
+            runs[w] = cal
+            try:
+                cal.compress_pass(cal.scores(assessments), w, f" ({w}-weighted)")
+                dense.held_out[w] = held_out_distance(runner, dense.held_start, dense.dense_final)
+            finally:
+                cal.restore_model()
+                runner.store.restore()
+    finally:
+        runner.stat_rows = None
+    dense.weighting = best_weighting(dense.held_out)
+    dense.assessments = dense.candidates[dense.weighting]
+    return runs[dense.weighting]
 
 
 
@@ -276,8 +300,12 @@ def run_calibration(runner: LayerRunner, config: SubFitConfig, calibration_info:
     try:
         with single_threaded_blas():
             dense = dense or cal.dense_pass()
-            prior = cal.scores(dense)
-            cal.compress_pass(prior, dense.weighting)
+            if dense.candidates:
+                cal = compress_checked(cal, dense)
+                if keep_compressed:
+                    cal.reinstall()
+            else:
+                cal.compress_pass(cal.scores(dense.assessments), dense.weighting)
         n, seq, _ = runner.store.shape
         info = {"num_samples": int(n), "seq_len": int(seq), "backend": runner.backend, "weighting": dense.weighting,
                 **({"held_out_distance": dense.held_out} if dense.held_out else {}), **(calibration_info or {})}
