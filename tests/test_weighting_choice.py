@@ -95,3 +95,15 @@ def test_the_summary_says_which_weighting_won_and_on_what(tmp_path, tiny_export,
     assert line == (f"  calibration  torch backend, {calibration['weighting']} token weighting (chosen by held-out "
                     f"stream distance: stream {distances['stream']:.4f}, uniform {distances['uniform']:.4f})")
     assert calibration["weighting"] == best_weighting(distances)
+
+
+def test_a_reused_pass_1_checks_again_and_leaves_the_earlier_plan_its_own_record():
+    """Benchmarks and --max-ppl-ratio reuse pass 1 across budgets: each plan is chosen on its own distances."""
+    model = tiny_model("llama")
+    config = SubFitConfig(sparsity=0.3, num_samples=16, seq_len=32, batch_size=4)
+    first = calibrate_model(model, TOKENS, config)
+    recorded = dict(first.plan.calibration["held_out_distance"])
+    second = calibrate_model(model, TOKENS, config.model_copy(update={"sparsity": 0.5}), dense=first.dense)
+    assert first.plan.calibration["held_out_distance"] == recorded
+    theirs = second.plan.calibration["held_out_distance"]
+    assert theirs != recorded and second.plan.calibration["weighting"] == best_weighting(theirs)

@@ -246,6 +246,7 @@ def compress_checked(first: Calibrator, dense: DensePass) -> Calibrator:
     """
     runner = first.runner
     runs: dict[TokenWeighting, Calibrator] = {}
+    dense.held_out = {}  # a new dict: an earlier run's plan (same pass 1, another budget) keeps its own
     runner.stat_rows = dense.held_start
     try:
         for w, assessments in dense.candidates.items():
@@ -308,7 +309,7 @@ def run_calibration(runner: LayerRunner, config: SubFitConfig, calibration_info:
                 cal.compress_pass(cal.scores(dense.assessments), dense.weighting)
         n, seq, _ = runner.store.shape
         info = {"num_samples": int(n), "seq_len": int(seq), "backend": runner.backend, "weighting": dense.weighting,
-                **({"held_out_distance": dense.held_out} if dense.held_out else {}), **(calibration_info or {})}
+                **({"held_out_distance": dict(dense.held_out)} if dense.held_out else {}), **(calibration_info or {})}
         plan = cal.plan(info)
         if not keep_compressed:
             cal.restore_model()
