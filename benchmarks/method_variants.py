@@ -39,6 +39,7 @@ VARIANTS: dict[str, dict] = {
     "score=replaceability": {"score": "replaceability"},
     "score=contribution": {"score": "contribution"},
     "schedule=oneshot": {"schedule": "oneshot"},
+    "weighting=stream": {"weighting": "stream"},
     "weighting=auto": {"weighting": "auto"},
     "weighting=uniform": {"weighting": "uniform"},
     "weighting=skip_first": {"weighting": "skip_first"},

@@ -3,8 +3,9 @@
 Pass 1 runs the dense model layer by layer and scores every unit. Pass 2 runs layer by layer again on the
 *compressed* upstream: each unit is re-scored on what it now sees, decided (``SequentialSelector``), and, when it
 goes, fitted on those same statistics and swapped for its bypass before the next unit is measured. Cost: about
-one forward for pass 1 and 1-2 for pass 2, whatever the number of removals. Pass 1's scores are only priors for
-the units pass 2 has not reached yet, so ``prior_samples`` can run it on a subset of the sequences.
+one forward for pass 1 and 1-2 for pass 2 (twice with ``weighting="auto"``), whatever the number of removals.
+Pass 1's scores are only priors for the units pass 2 has not reached yet, so ``prior_samples`` can run it on a
+subset of the sequences.
 """
 
 from __future__ import annotations
