@@ -5,12 +5,15 @@ import copy
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import subfit_onnx
 from subfit_onnx.calibration.calibrate import calibrate_model
 from subfit_onnx.calibration.end_to_end import stream_distance
 from subfit_onnx.calibration.weighting_choice import CANDIDATE_WEIGHTINGS, best_weighting, held_out_rows
+from subfit_onnx.cli import app
 from subfit_onnx.config import SubFitConfig
+from subfit_onnx.plan import load_plan
 from subfit_onnx.reference import BypassModule, apply_plan
 from subfit_onnx.report import format_summary
 from tiny_models import tiny_model
@@ -107,3 +110,17 @@ def test_a_reused_pass_1_checks_again_and_leaves_the_earlier_plan_its_own_record
     assert first.plan.calibration["held_out_distance"] == recorded
     theirs = second.plan.calibration["held_out_distance"]
     assert theirs != recorded and second.plan.calibration["weighting"] == best_weighting(theirs)
+
+
+@pytest.mark.parametrize("flag, chosen_by_check", [((), True), (("--weighting", "stream"), False),
+                                                   (("--weighting", "uniform"), False)])
+def test_the_weighting_flag(tiny_checkpoint, tiny_calibration_text, tmp_path, flag, chosen_by_check):
+    args = ["calibrate", str(tiny_checkpoint("llama")), "-s", "0.3", "-c", str(tiny_calibration_text), "-n", "16",
+            "-l", "32", "--json", "-o", str(tmp_path / "plan"), *flag]
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    plan = load_plan(tmp_path / "plan")[0]
+    assert plan.method.weighting == (flag[1] if flag else "auto")
+    assert ("held_out_distance" in plan.calibration) is chosen_by_check
+    assert plan.calibration["weighting"] == (best_weighting(plan.calibration["held_out_distance"]) if chosen_by_check
+                                             else flag[1])
