@@ -32,9 +32,9 @@ from .stats import UnitStats
 from .weighting_choice import (
     CANDIDATE_WEIGHTINGS,
     best_weighting,
+    dense_held_out,
     held_out_distance,
     held_out_rows,
-    run_held_out,
 )
 
 if TYPE_CHECKING:  # torch stays out of run_calibration's imports: the ONNX Runtime backend has no torch
@@ -132,8 +132,7 @@ class Calibrator:
         if held:
             dense.candidates, dense.held_start = candidates, total - held
             # pass 1 ran on fewer rows than the held-out ones: run them dense now
-            dense.dense_final = dense_final if dense_final is not None else run_held_out(
-                self.runner, total - held, {}, "dense held-out rows")
+            dense.dense_final = dense_final if dense_final is not None else dense_held_out(self.runner, total - held)
         self.runner.store.restore()
         return dense
 
@@ -310,7 +309,7 @@ def run_calibration(runner: LayerRunner, config: SubFitConfig, calibration_info:
                 cal.compress_pass(cal.scores(dense.assessments), dense.weighting)
         n, seq, _ = runner.store.shape
         info = {"num_samples": int(n), "seq_len": int(seq), "backend": runner.backend, "weighting": dense.weighting,
-                **({"held_out_distance": dict(dense.held_out)} if dense.held_out else {}), **(calibration_info or {})}
+                **({"held_out_distance": dense.held_out} if dense.held_out else {}), **(calibration_info or {})}
         plan = cal.plan(info)
         if not keep_compressed:
             cal.restore_model()

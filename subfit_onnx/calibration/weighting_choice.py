@@ -22,16 +22,12 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ..bypass import Bypass
 from ..config import TokenWeighting
 from .end_to_end import stream_distance
 from .runner import LayerRunner
-from .selection import UnitKey
 
 CANDIDATE_WEIGHTINGS: tuple[TokenWeighting, ...] = ("stream", "uniform")  # ties go to the first
 HELD_OUT_SHARE = 8  # one calibration row in this many is held out for the check
-
-
 MIN_CHECK_ROWS = 16  # below this, holding rows out costs the fits more than the check is worth: no check
 
 
@@ -41,20 +37,15 @@ def held_out_rows(rows: int) -> int:
     return 0 if rows < MIN_CHECK_ROWS else rows // HELD_OUT_SHARE
 
 
-def run_held_out(runner: LayerRunner, start: int, bypasses: Mapping[UnitKey, Bypass], desc: str) -> np.ndarray:
-    """The last stream of rows ``start:`` with ``bypasses`` installed; the model and the store's start stay."""
-    swaps = [runner.install_bypass(i, kind, b) for (i, kind), b in sorted(bypasses.items())]
-    try:
-        runner.store.restore()
-        n = runner.num_layers
-        with runner.only_rows(start):
-            for i in range(n):
-                runner.sweep(i, (), "uniform", f"{desc} {i + 1}/{n}")
-                runner.store.advance()
-        return np.array(runner.store.current[start:])
-    finally:
-        for swap in reversed(swaps):
-            swap.undo()
+def dense_held_out(runner: LayerRunner, start: int) -> np.ndarray:
+    """The dense model's last stream of rows ``start:`` (when pass 1 did not run them); the store's start stays."""
+    runner.store.restore()
+    n = runner.num_layers
+    with runner.only_rows(start):
+        for i in range(n):
+            runner.sweep(i, (), "uniform", f"dense held-out rows {i + 1}/{n}")
+            runner.store.advance()
+    return np.array(runner.store.current[start:])
 
 
 def held_out_distance(runner: LayerRunner, start: int, dense_final: np.ndarray) -> float:
