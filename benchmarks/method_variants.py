@@ -51,6 +51,7 @@ VARIANTS: dict[str, dict] = {
     "target=dense_stream": {"target": "dense_stream"},
     "prior_samples=1/4": {"prior_samples": Portion(fraction=0.25)},
     "prior_samples=1/2": {"prior_samples": Portion(fraction=0.5)},
+    "weighting=auto, prior_samples=1/2": {"weighting": "auto", "prior_samples": Portion(fraction=0.5)},
     "ridge=1": {"ridge": 1.0},
     "ridge=0.3": {"ridge": 0.3},
 }

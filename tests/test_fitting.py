@@ -76,3 +76,20 @@ def test_float32_batch_products_stay_within_1e_4_of_float64():
     fast, err32 = fit_bypass(_stats(x, y, h, "stream", batches=4, product_dtype=np.float32), ridge=1e-4)
     assert np.abs(fast.weight - exact.weight).max() < 1e-4 * np.abs(exact.weight).max()
     assert err32 == pytest.approx(err64, rel=1e-4)
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "stream"])
+def test_statistics_of_two_row_sets_add_up_to_those_of_all_rows(weighting):
+    """How the weighting check's held-out rows join the winner's fits: batch by batch, the sum is the whole."""
+    rng = np.random.default_rng(5)
+    x, y, h = rng.normal(size=(6, 10, 8)), rng.normal(size=(6, 10, 8)), rng.normal(size=(6, 10, 8)) * 3
+    whole = _stats(x, y, h, weighting, batches=3)
+    first, rest = _stats(x[:4], y[:4], h[:4], weighting, batches=2), _stats(x[4:], y[4:], h[4:], weighting, batches=1)
+    first.held_out_part().update(x[4:], y[4:], h[4:])
+    for joined in (first + rest, first.with_held_out()):
+        np.testing.assert_allclose(joined.gram, whole.gram, rtol=1e-12)
+        np.testing.assert_allclose(joined.cross, whole.cross, rtol=1e-12)
+        for name in ("tokens", "weight_sum", "y_energy", "stream_energy", "turn_sum", "growth_sum", "kept_error"):
+            assert getattr(joined, name) == pytest.approx(getattr(whole, name), rel=1e-12), name
+    with pytest.raises(ValueError, match="do not add"):
+        first + _stats(x, y, h, "uniform" if weighting == "stream" else "stream")

@@ -13,7 +13,7 @@ from subfit_onnx.calibration.end_to_end import stream_distance
 from subfit_onnx.calibration.weighting_choice import CANDIDATE_WEIGHTINGS, best_weighting, held_out_rows
 from subfit_onnx.cli import app
 from subfit_onnx.config import SubFitConfig
-from subfit_onnx.plan import load_plan
+from subfit_onnx.plan import bypass_tensors, load_plan
 from subfit_onnx.reference import BypassModule, apply_plan
 from subfit_onnx.report import format_summary
 from tiny_models import tiny_model
@@ -50,8 +50,8 @@ def _last_stream(model, tokens):
 
 def test_auto_weighting_runs_pass_2_per_candidate_and_checks_it_on_rows_no_fit_saw():
     """Redo the check by hand: a whole calibration (pass 1 and pass 2) per weighting on the first 14 rows, each
-    compressed model run on the last 2 rows. Held-out rows leaking into any statistic, a wrong bypass, a wrong
-    stream or the loser's plan would each show."""
+    compressed model run on the last 2 rows. Held-out rows leaking into the check, a wrong stream or the loser's
+    units would each show. The winner's bypasses are then refitted on all 16 rows (next test)."""
     model = tiny_model("llama")
     config = SubFitConfig(sparsity=0.3, num_samples=16, seq_len=32, batch_size=4, weighting="auto")  # 12-15 straddle
     auto = calibrate_model(model, TOKENS, config)
@@ -74,16 +74,40 @@ def test_auto_weighting_runs_pass_2_per_candidate_and_checks_it_on_rows_no_fit_s
     kept = plans[winner]
     assert [(u.layer, u.kind) for u in auto.plan.removed] == [(u.layer, u.kind) for u in kept.plan.removed]
     assert auto.tensors.keys() == kept.tensors.keys()
-    for name, tensor in auto.tensors.items():
-        np.testing.assert_allclose(tensor, kept.tensors[name], rtol=1e-4, atol=1e-6)
+    for name, tensor in auto.tensors.items():  # refitted: the held-out rows now count
+        assert not np.allclose(tensor, kept.tensors[name], rtol=1e-3, atol=1e-5), name
+
+
+@pytest.mark.parametrize("weighting", CANDIDATE_WEIGHTINGS)
+def test_the_winner_is_refitted_on_every_row(weighting, monkeypatch):
+    """The first removed unit has nothing removed upstream, so its refit is the dense model's fit on all 16 rows.
+
+    Batches of 2 rows: ``stream`` normalises token weights per batch, so only a batch that does not straddle the
+    held-out rows sums exactly as in a calibration on every row.
+    """
+    monkeypatch.setattr("subfit_onnx.calibration.calibrate.best_weighting", lambda distances: weighting)
+    model = tiny_model("llama")
+    config = SubFitConfig(sparsity=0.3, num_samples=16, seq_len=32, batch_size=2, weighting="auto")
+    auto = calibrate_model(model, TOKENS, config)
+    assert auto.plan.calibration["weighting"] == weighting
+    first = auto.plan.removed[0]
+    every_row = calibrate_model(model, TOKENS, config.model_copy(update={"weighting": weighting}))
+    expected = bypass_tensors(first.key, every_row.dense.assessments[(first.layer, first.kind)].bypass)
+    assert expected.keys() <= auto.tensors.keys()
+    for name, tensor in expected.items():
+        np.testing.assert_allclose(auto.tensors[name], tensor, rtol=1e-4, atol=1e-6)
 
 
 def test_auto_weighting_can_leave_the_winner_installed():
     model = tiny_model("llama")
     config = SubFitConfig(sparsity=0.3, num_samples=16, seq_len=32, batch_size=4, weighting="auto")
     auto = calibrate_model(model, TOKENS, config, keep_compressed=True)
-    installed = sorted((m.layer_idx, m.kind) for m in model.modules() if isinstance(m, BypassModule))
-    assert installed == [(u.layer, u.kind) for u in auto.plan.removed]
+    installed = {(m.layer_idx, m.kind): m for m in model.modules() if isinstance(m, BypassModule)}
+    assert sorted(installed) == [(u.layer, u.kind) for u in auto.plan.removed]
+    for unit in auto.plan.removed:  # the refitted bypasses, the plan's own
+        module = installed[(unit.layer, unit.kind)]
+        for role, name in unit.bypass.tensors.items():
+            np.testing.assert_array_equal(getattr(module, role).numpy(), auto.tensors[name])
 
 
 def test_the_summary_says_which_weighting_won_and_on_what(tmp_path, tiny_export, tiny_checkpoint,

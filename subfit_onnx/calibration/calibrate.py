@@ -105,6 +105,9 @@ class Calibrator:
         self.installed: list[tuple[int, UnitKind, Bypass]] = []
         self.removed: list[RemovedUnit] = []
         self.tensors: dict[str, np.ndarray] = {}
+        # each removed unit's statistics over every row, held-out ones included (checked runs only; (d+1)^2
+        # float64 twice per unit)
+        self.all_rows: dict[UnitKey, UnitStats] = {}
 
     def _assess(self, kind: UnitKind, stats: UnitStats) -> UnitAssessment:
         return assess(stats, self.config.rank_for(kind, self.identity.hidden_size), self.config.ridge)
@@ -152,17 +155,43 @@ class Calibrator:
 
     def _remove(self, i: int, kind: UnitKind, stats: UnitStats, a: UnitAssessment, unit_score: float) -> Bypass:
         bypass = a.bypass if self.config.bypass else _zero_bypass(self.identity.hidden_size)
-        fit_rel = a.fit_relative if self.config.bypass else 1.0
-        key = unit_key(i, kind)
         self.swaps.append(self.runner.install_bypass(i, kind, bypass))
         self.installed.append((i, kind, bypass))
+        if stats.held_out is not None:  # a checked pass 2: keep every row's sums for the winner's refit
+            self.all_rows[(i, kind)] = stats.with_held_out()
+        self.removed.append(self._removed_unit(i, kind, stats, a, unit_score))
+        return bypass
+
+    def _removed_unit(self, i: int, kind: UnitKind, stats: UnitStats, a: UnitAssessment,
+                      unit_score: float) -> RemovedUnit:
+        bypass = a.bypass if self.config.bypass else _zero_bypass(self.identity.hidden_size)
+        fit_rel = a.fit_relative if self.config.bypass else 1.0
+        key = unit_key(i, kind)
         self.tensors.update(bypass_tensors(key, bypass))
-        self.removed.append(RemovedUnit(
+        return RemovedUnit(
             layer=i, kind=kind, score=unit_score, fit_error=fit_rel,
             stream_error=a.stream_relative if self.config.bypass else fit_rel * stats.y_energy / max(stats.stream_energy, 1e-30),
             params_removed=self.params[(i, kind)], bypass=bypass_spec(key, bypass),
-        ))
-        return bypass
+        )
+
+    def refit_with_held_out(self) -> None:
+        """Fit every removed unit's bypass again on all rows, the check's held-out rows included.
+
+        The check needed rows no fit saw; once it has chosen, those rows are just more calibration data (measured:
+        the fits on 7/8 of the rows cost SmolLM2 0.02 and Gemma-3-270m 0.04 of wiki perplexity ratio). Which units
+        go and their scores stay as the check saw them; downstream statistics were taken behind the 7/8 fits, a
+        difference far below the fits' own error.
+        """
+        if not self.config.bypass or not self.all_rows:
+            return
+        refits: dict[UnitKey, Bypass] = {}
+        for n, unit in enumerate(self.removed):
+            key = (unit.layer, unit.kind)
+            stats = self.all_rows[key]
+            a = self._assess(unit.kind, stats)
+            self.removed[n] = self._removed_unit(unit.layer, unit.kind, stats, a, unit.score)
+            refits[key] = a.bypass
+        self.installed = [(i, kind, refits[(i, kind)]) for i, kind, _ in self.installed]
 
     def compress_pass(self, prior: dict[UnitKey, float], weighting: TokenWeighting, label: str = "") -> None:
         """Pass 2: depth order on the compressed upstream; decide, fit and swap each unit in turn."""
@@ -240,14 +269,15 @@ class Calibrator:
 
 def compress_checked(first: Calibrator, dense: DensePass) -> Calibrator:
     """Pass 2 once per candidate weighting, the held-out rows in no statistic; keep the candidate whose compressed
-    model lands the held-out rows' last stream closest to the dense one (``weighting_choice``).
+    model lands the held-out rows' last stream closest to the dense one (``weighting_choice``). The held-out rows'
+    sums ride along apart, so the winner's bypasses are then refitted on every row at no extra forward.
 
     The model is dense again afterwards; ``dense`` records the distances and the winner.
     """
     runner = first.runner
     runs: dict[TokenWeighting, Calibrator] = {}
     dense.held_out = {}  # a new dict: an earlier run's plan (same pass 1, another budget) keeps its own
-    runner.stat_rows = dense.held_start
+    runner.stat_rows, runner.keep_held_out_stats = dense.held_start, True
     try:
         for w, assessments in dense.candidates.items():
             cal = first if not runs else Calibrator(first.runner, first.config, first.budget)
@@ -259,10 +289,12 @@ def compress_checked(first: Calibrator, dense: DensePass) -> Calibrator:
                 cal.restore_model()
                 runner.store.restore()
     finally:
-        runner.stat_rows = None
+        runner.stat_rows, runner.keep_held_out_stats = None, False
     dense.weighting = best_weighting(dense.held_out)
     dense.assessments = dense.candidates[dense.weighting]
-    return runs[dense.weighting]
+    winner = runs[dense.weighting]
+    winner.refit_with_held_out()
+    return winner
 
 
 

@@ -30,7 +30,8 @@ class RowBatches:
     ``row_limit`` restricts sweeps to the first rows; ``keep_mlp_inputs`` says whether sweeps store the FFN's
     inputs (``ActivationStore.mlp_inputs``), which only pass 2 uses. Pass 1 (scoring only) needs neither.
     ``row_start`` starts sweeps at a later row (the held-out rows a candidate selection is checked on), and
-    ``stat_rows`` keeps the rows from that index on out of every statistic: they are run, never fitted.
+    ``stat_rows`` keeps the rows from that index on out of every statistic: they are run, never fitted; with
+    ``keep_held_out_stats`` their sums are kept apart (``UnitStats.held_out``), so fits can take them in later.
     """
 
     tokens: np.ndarray
@@ -40,6 +41,7 @@ class RowBatches:
     row_start: int = 0
     stat_rows: int | None = None
     keep_mlp_inputs: bool = True
+    keep_held_out_stats: bool = False
 
     @contextmanager
     def scoring_only(self, rows: int) -> Iterator[None]:
@@ -91,19 +93,18 @@ class RowBatches:
             mid, x = self.store.mlp_inputs()
             mid[rows] = h_in["mlp"]
             x[rows] = taps["mlp.x"]
-        fitted = rows.stop - rows.start if self.stat_rows is None else min(rows.stop, self.stat_rows) - rows.start
-        if fitted <= 0:
-            return
-        if fitted < rows.stop - rows.start:  # a batch that straddles the held-out rows: fit only its first part
-            h_in = {k: v[:fitted] for k, v in h_in.items()}
-            taps = {k: v[:fitted] for k, v in taps.items()}
-            dense_after = None if dense_after is None else {k: v[:fitted] for k, v in dense_after.items()}
-        for kind, st in stats.items():
-            x, y = taps[f"{kind}.x"], taps[f"{kind}.y"]
-            if dense_after is None:
-                st.update(x, y, h_in[kind])
-            else:
-                st.update(x, dense_after[kind] - h_in[kind], h_in[kind], y_actual=y)
+        n = rows.stop - rows.start
+        fitted = n if self.stat_rows is None else max(0, min(rows.stop, self.stat_rows) - rows.start)
+        parts = [(slice(0, fitted), stats)] if fitted else []
+        if fitted < n and self.keep_held_out_stats:  # held-out rows: summed apart (``UnitStats.held_out``)
+            parts.append((slice(fitted, n), {kind: st.held_out_part() for kind, st in stats.items()}))
+        for part, part_stats in parts:
+            for kind, st in part_stats.items():
+                x, y, h_k = taps[f"{kind}.x"][part], taps[f"{kind}.y"][part], h_in[kind][part]
+                if dense_after is None:
+                    st.update(x, y, h_k)
+                else:
+                    st.update(x, dense_after[kind][part] - h_k, h_k, y_actual=y)
 
 
 class LayerRunner(Protocol):
@@ -112,6 +113,7 @@ class LayerRunner(Protocol):
     unit_params: dict[tuple[int, UnitKind], int]
     store: ActivationStore
     stat_rows: int | None
+    keep_held_out_stats: bool
 
     @property
     def num_layers(self) -> int: ...

@@ -45,6 +45,8 @@ class UnitStats:
     turn_sum: float = 0.0  # sum w (1 - cos(h_in, h_out))
     growth_sum: float = 0.0  # sum w ||y|| / ||h_in||
     kept_error: float = 0.0  # sum w ||y_actual - y||^2: the stream error left if the unit is *kept*
+    # the same sums over the rows a check holds out (``weighting="auto"``), kept apart until the check is done
+    held_out: UnitStats | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.gram = np.zeros((self.dim_in + 1, self.dim_in + 1), dtype=np.float64)
@@ -101,6 +103,25 @@ class UnitStats:
         # "stream": relative to the stream each token lands in; the batch mean keeps the scale near 1
         inv = 1.0 / np.maximum(out_sq, 1e-30)
         return inv / inv.mean()
+
+    def held_out_part(self) -> UnitStats:
+        if self.held_out is None:
+            self.held_out = UnitStats(self.dim_in, self.dim_out, self.weighting, self.product_dtype, self.products)
+        return self.held_out
+
+    def with_held_out(self) -> UnitStats:
+        """The sums over every row, held-out ones included."""
+        return self if self.held_out is None else self + self.held_out
+
+    def __add__(self, other: UnitStats) -> UnitStats:
+        """The sums over both sets of tokens (same unit, same weighting): the fit on all of them."""
+        if (other.dim_in, other.dim_out, other.weighting) != (self.dim_in, self.dim_out, self.weighting):
+            raise ValueError("statistics of different shapes or weightings do not add")
+        out = UnitStats(self.dim_in, self.dim_out, self.weighting, self.product_dtype, self.products)
+        out.gram, out.cross = self.gram + other.gram, self.cross + other.cross
+        for name in ("tokens", "weight_sum", "y_energy", "stream_energy", "turn_sum", "growth_sum", "kept_error"):
+            setattr(out, name, getattr(self, name) + getattr(other, name))
+        return out
 
     @property
     def mean_turn(self) -> float:

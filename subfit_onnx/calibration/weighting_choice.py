@@ -5,8 +5,9 @@ Which tokens a unit's error is measured on decides which units go, and no single
 unit under each candidate weighting at once (the layers run once; only the statistics are repeated), with the
 last 1/8 of the calibration rows outside every statistic. Pass 2 then runs once per candidate on the remaining
 rows, the held-out rows riding along in its batches, and the candidate whose compressed model lands the held-out
-rows' last stream closest to the dense one (``end_to_end.stream_distance``) gives the plan. Cost: one more
-pass 2 and a second set of pass-1 statistics; the plan's fits see 7/8 of the rows.
+rows' last stream closest to the dense one (``end_to_end.stream_distance``) gives the plan. The held-out rows'
+statistics are summed apart in pass 2, so once the check has chosen, the winner's bypasses are refitted on every
+row (``Calibrator.refit_with_held_out``). Cost: one more pass 2 and a second set of pass-1 statistics.
 
 The check must see pass 2's result: an earlier version compared one-shot selections built from pass 1 and picked
 uniform on both models, wrong on SmolLM2, whose stream-weighted selection is only good once pass 2 refits it in
