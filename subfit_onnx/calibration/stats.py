@@ -26,6 +26,35 @@ def numpy_tn(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return a.T @ b
 
 
+@dataclass(frozen=True)
+class TokenBatch:
+    """One batch's per-token arrays, computed once for every weighting that sums them (``StatsByWeighting``)."""
+
+    x: np.ndarray  # [tokens, dim_in] in the product dtype
+    y: np.ndarray  # [tokens, dim_out], the fit target
+    out_sq: np.ndarray  # [batch, seq] ||h_out||^2 (float64); token weights need the sequence axis
+    in_sq: np.ndarray  # [tokens] ||h_in||^2
+    y_sq: np.ndarray  # [tokens] ||y||^2
+    in_out_dot: np.ndarray  # [tokens] <h_in, h_out>
+    gap_sq: np.ndarray | None  # [tokens] ||y_actual - y||^2, when the target is not the unit's own output
+
+    @classmethod
+    def of(cls, x: np.ndarray, y: np.ndarray, h_in: np.ndarray, y_actual: np.ndarray | None,
+           dtype: type) -> TokenBatch:
+        x = np.asarray(x, dtype=dtype)
+        y = np.asarray(y, dtype=dtype)
+        h_in = np.asarray(h_in, dtype=dtype)
+        h_out = h_in + y
+        token_dot = lambda a, b: np.einsum("bsd,bsd->bs", a, b).astype(np.float64)
+        gap = None if y_actual is None else np.asarray(y_actual, dtype=dtype) - y
+        return cls(
+            x=x.reshape(-1, x.shape[-1]), y=y.reshape(-1, y.shape[-1]), out_sq=token_dot(h_out, h_out),
+            in_sq=token_dot(h_in, h_in).reshape(-1), y_sq=token_dot(y, y).reshape(-1),
+            in_out_dot=token_dot(h_in, h_out).reshape(-1),
+            gap_sq=None if gap is None else token_dot(gap, gap).reshape(-1),
+        )
+
+
 @dataclass
 class UnitStats:
     """Running sums for one unit: bypass input x (its pre-norm output), contribution y, residual stream h."""
@@ -57,24 +86,20 @@ class UnitStats:
 
         ``y`` is the fit target. When it is the correction that restores the dense stream rather than the unit's
         own output, ``y_actual`` (the unit's output) gives the error that keeping the unit leaves.
+        """
+        self.add(TokenBatch.of(x, y, h_in, y_actual, self.product_dtype))
+
+    def add(self, batch: TokenBatch) -> None:
+        """Add one batch's tokens under this weighting.
 
         One batch's per-token work and products run in ``product_dtype`` (float32: 2x faster on CPU BLAS, ~1e-5
         relative effect on fitted weights, measured on SmolLM2); every sum across tokens and batches is float64,
         so long calibrations don't lose precision.
         """
         dt = self.product_dtype
-        x = np.asarray(x, dtype=dt)
-        y = np.asarray(y, dtype=dt)
-        h_in = np.asarray(h_in, dtype=dt)
-        h_out = h_in + y
-        token_dot = lambda a, b: np.einsum("bsd,bsd->bs", a, b).astype(np.float64)
-        out_sq, in_sq, y_sq = token_dot(h_out, h_out), token_dot(h_in, h_in), token_dot(y, y)
-
-        w_flat = self._token_weights(out_sq).reshape(-1)
+        w_flat = self._token_weights(batch.out_sq).reshape(-1)
         keep = w_flat > 0
-        xs = x.reshape(-1, x.shape[-1])[keep]
-        ys = y.reshape(-1, y.shape[-1])[keep]
-        wk = w_flat[keep]
+        xs, ys, wk = batch.x[keep], batch.y[keep], w_flat[keep]
         # sqrt-weighted rows: the gram is then s.T @ s of one array, which numpy hands to BLAS syrk (half the
         # work of a general product; measured 7.5 ms against 13.5 ms per 2048-token batch at d=576)
         sw = np.sqrt(wk)[:, None].astype(dt)
@@ -83,15 +108,14 @@ class UnitStats:
         self.cross += np.asarray(self.products(xs_w, ys * sw), dtype=np.float64)
         self.tokens += int(keep.sum())
         self.weight_sum += float(wk.sum())
-        self.y_energy += float((wk * y_sq.reshape(-1)[keep]).sum())
-        if y_actual is not None:
-            gap = np.asarray(y_actual, dtype=dt) - y
-            self.kept_error += float((wk * token_dot(gap, gap).reshape(-1)[keep]).sum())
-        out_k, in_k = out_sq.reshape(-1)[keep], in_sq.reshape(-1)[keep]
+        self.y_energy += float((wk * batch.y_sq[keep]).sum())
+        if batch.gap_sq is not None:
+            self.kept_error += float((wk * batch.gap_sq[keep]).sum())
+        out_k, in_k = batch.out_sq.reshape(-1)[keep], batch.in_sq[keep]
         self.stream_energy += float((wk * out_k).sum())
-        dot = token_dot(h_in, h_out).reshape(-1)[keep]
+        dot = batch.in_out_dot[keep]
         self.turn_sum += float((wk * (1.0 - dot / np.maximum(np.sqrt(in_k * out_k), 1e-30))).sum())
-        self.growth_sum += float((wk * np.sqrt(y_sq.reshape(-1)[keep] / np.maximum(in_k, 1e-30))).sum())
+        self.growth_sum += float((wk * np.sqrt(batch.y_sq[keep] / np.maximum(in_k, 1e-30))).sum())
 
     def _token_weights(self, out_sq: np.ndarray) -> np.ndarray:
         if self.weighting == "uniform":
@@ -143,8 +167,10 @@ class StatsByWeighting(dict[TokenWeighting, UnitStats]):
     """
 
     def update(self, x: np.ndarray, y: np.ndarray, h_in: np.ndarray, y_actual: np.ndarray | None = None) -> None:
+        batches: dict[type, TokenBatch] = {}  # the per-token work once per product dtype
         for stats in self.values():
-            stats.update(x, y, h_in, y_actual)
+            dt = stats.product_dtype
+            stats.add(batches.get(dt) or batches.setdefault(dt, TokenBatch.of(x, y, h_in, y_actual, dt)))
 
 
 AnyStats = UnitStats | StatsByWeighting
