@@ -95,8 +95,9 @@ class MethodSettings(BaseModel):
         description="fit each bypass to the unit's own output, or to what restores the dense model's stream there",
     )
     prior_samples: Portion = Field(
-        Portion(), description="calibration sequences pass 1 scores on (its scores are only priors): a count, a "
-        "fraction of num_samples, or neither for all")
+        Portion(fraction=0.5), description="calibration sequences pass 1 scores on (its scores are only priors "
+        "for the units pass 2 has not reached): a count, a fraction of num_samples, or neither for all; half "
+        "chose the same units as all on SmolLM2 and Gemma-3-270m at 25% and 37.5%")
     ridge: float = Field(0.1, ge=0.0, description="ridge strength relative to mean diag(X^T X)")
     bypass: bool = Field(True, description="False drops units with no bypass (the 'submodule drop' baseline)")
 

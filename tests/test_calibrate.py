@@ -133,7 +133,8 @@ def test_prior_samples_limits_pass_one_only():
     assert progress.done("fitting") == progress.done("embedding") == {8}
     assert result.plan.sparsity.achieved >= 0.3
     assert config.prior_rows(8) == 2 and SubFitConfig(prior_samples=Portion(count=3)).prior_rows(8) == 3
-    assert SubFitConfig(prior_samples=Portion(count=30)).prior_rows(8) == 8 == SubFitConfig().prior_rows(8)
+    assert SubFitConfig(prior_samples=Portion(count=30)).prior_rows(8) == 8 == SubFitConfig(prior_samples=Portion()).prior_rows(8)
+    assert SubFitConfig().prior_rows(64) == 32  # the default: half
     with pytest.raises(ValueError):
         SubFitConfig(prior_samples=Portion(fraction=1.5))
     with pytest.raises(ValueError):
@@ -186,3 +187,4 @@ def test_calibration_stream_equals_the_compressed_model():
         model(torch.as_tensor(TOKENS))
     handle.remove()
     np.testing.assert_allclose(carried, seen["h"].numpy(), rtol=1e-4, atol=1e-4)
+

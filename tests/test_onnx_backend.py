@@ -273,7 +273,9 @@ def test_progress_goes_through_the_factory(tiny_export, capfd):
     descs = list(progress.bars)
     assert descs[0] == "embedding calibration tokens"
     assert "scoring layer 4/4" in descs and "fitting layer 1/4" in descs
-    assert all(total == TOKENS.shape[0] for _, total in progress.bars.values())
+    rows = {desc: total for desc, (_, total) in progress.bars.items()}
+    assert all(total == CONFIG.prior_rows(TOKENS.shape[0]) for desc, total in rows.items() if desc.startswith("scoring"))
+    assert all(total == TOKENS.shape[0] for desc, total in rows.items() if not desc.startswith("scoring"))
     out = capfd.readouterr()
     assert out.out == "" and out.err == ""
 

@@ -12,7 +12,7 @@ from subfit_onnx.calibration.calibrate import calibrate_model
 from subfit_onnx.calibration.end_to_end import stream_distance
 from subfit_onnx.calibration.weighting_choice import CANDIDATE_WEIGHTINGS, best_weighting, held_out_rows
 from subfit_onnx.cli import app
-from subfit_onnx.config import SubFitConfig
+from subfit_onnx.config import Portion, SubFitConfig
 from subfit_onnx.plan import bypass_tensors, load_plan
 from subfit_onnx.reference import BypassModule, apply_plan
 from subfit_onnx.report import format_summary
@@ -87,7 +87,8 @@ def test_the_winner_is_refitted_on_every_row(weighting, monkeypatch):
     """
     monkeypatch.setattr("subfit_onnx.calibration.calibrate.best_weighting", lambda distances: weighting)
     model = tiny_model("llama")
-    config = SubFitConfig(sparsity=0.3, num_samples=16, seq_len=32, batch_size=2, weighting="auto")
+    config = SubFitConfig(sparsity=0.3, num_samples=16, seq_len=32, batch_size=2, weighting="auto",
+                          prior_samples=Portion())  # pass 1 on every row: its fits are the expected ones
     auto = calibrate_model(model, TOKENS, config)
     assert auto.plan.calibration["weighting"] == weighting
     first = auto.plan.removed[0]
