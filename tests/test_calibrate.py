@@ -188,3 +188,37 @@ def test_calibration_stream_equals_the_compressed_model():
     handle.remove()
     np.testing.assert_allclose(carried, seen["h"].numpy(), rtol=1e-4, atol=1e-4)
 
+
+@pytest.mark.parametrize("weighting, rows", [("stream", 8), ("auto", 16)])
+def test_pass_2_stops_fitting_once_the_budget_is_met(weighting, rows, monkeypatch):
+    """Layers after the last possible removal are not run for fits; only the weighting check's held-out rows go
+    on to the last layer. The plan is the one a pass 2 over every layer gives."""
+    tokens = np.random.default_rng(3).integers(0, 256, size=(rows, 32))
+    model = tiny_model("llama", overrides={"num_hidden_layers": 6})
+    with torch.no_grad():  # the first layers' units barely write to the stream: they go first
+        for layer in model.model.layers[:3]:
+            layer.mlp.down_proj.weight.mul_(0.01)
+            layer.self_attn.o_proj.weight.mul_(0.01)
+    config = SubFitConfig(sparsity=0.2, num_samples=rows, seq_len=32, batch_size=4, weighting=weighting)
+    progress = Recorder()
+    early = calibrate_model(model, tokens, config, progress=progress)
+    last = max(u.layer for u in early.plan.removed)
+    assert last < 3  # the budget is met well before the last layer
+
+    def layers(prefix: str, label: str) -> set[int]:
+        return {int(d[len(prefix):].split("/")[0]) for d in progress.bars if d.startswith(prefix) and label in d}
+
+    winner = f"({early.plan.calibration['weighting']}-weighted)" if weighting == "auto" else ""
+    assert max(layers("fitting layer ", winner)) == last + 1
+    for label in ("(stream-weighted)", "(uniform-weighted)") if weighting == "auto" else ():
+        fitted, held = layers("fitting layer ", label), layers("held-out rows layer ", label)
+        assert fitted | held == set(range(1, 7)) and max(fitted) < min(held)  # held-out rows reach the end
+    if weighting != "auto":
+        assert not [d for d in progress.bars if d.startswith("held-out rows layer")]
+
+    monkeypatch.setattr("subfit_onnx.calibration.selection.SequentialSelector.done", property(lambda self: False))
+    full = calibrate_model(model, tokens, config)
+    assert early.plan.removed == full.plan.removed
+    assert early.plan.calibration == full.plan.calibration
+    for name, tensor in full.tensors.items():
+        np.testing.assert_array_equal(early.tensors[name], tensor)

@@ -207,6 +207,9 @@ class Calibrator:
     def _compress_layers(self, selector: SequentialSelector, dense: Any, w: TokenWeighting, label: str) -> None:
         n = self.runner.num_layers
         for i in range(n):
+            if selector.done:  # nothing later can go: the fit rows need not run on
+                self._finish_held_out_rows(i, label)
+                return
             if dense is not None:
                 self.runner.dense_sweep(i, dense, f"dense layer {i + 1}/{n}")
             stats = self.runner.sweep(i, UNIT_KINDS, w, f"fitting layer {i + 1}/{n}{label}", dense)
@@ -225,6 +228,22 @@ class Calibrator:
             self.runner.store.advance()
             if dense is not None:
                 dense.store.advance()
+
+    def _finish_held_out_rows(self, start_layer: int, label: str) -> None:
+        """Run the weighting check's held-out rows (if any) through the layers pass 2 no longer needs.
+
+        Once the budget is met no later unit is decided or fitted, so the fit rows stop here (measured: uniform
+        weighting on SmolLM2 at 25% makes its last removal at layer 20 of 30). Only the check needs the last
+        stream, and only of the held-out rows.
+        """
+        held_start = self.runner.stat_rows
+        if held_start is None:
+            return
+        n = self.runner.num_layers
+        with self.runner.only_rows(held_start):
+            for i in range(start_layer, n):
+                self.runner.sweep(i, (), "uniform", f"held-out rows layer {i + 1}/{n}{label}")
+                self.runner.store.advance()
 
     def _outputs_with_mlp_bypass(self, bypass: Bypass) -> None:
         """``mid + bypass(x)`` from the last sweep's stored FFN inputs: the layer's outputs without a re-run.

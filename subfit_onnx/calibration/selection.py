@@ -66,6 +66,11 @@ class SequentialSelector:
     def saved(self) -> float:
         return sum(self.savings[k] for k in self.removed)
 
+    @property
+    def done(self) -> bool:
+        """The target is met, so no later unit can go (under either schedule)."""
+        return self.saved >= self.target
+
     def _drift(self) -> float:
         if not self._log_drift:
             return 1.0
