@@ -1,12 +1,14 @@
-"""The main table: SubFit against layer-level baselines on SmolLM2-135M-Instruct, all as ONNX models in ORT.
+"""The main table: SubFit against layer-level baselines on SmolLM2-135M-Instruct (or ``--model gemma3``:
+Gemma-3-270m), all as ONNX models in ORT.
 
 One command reproduces it (about an hour on 2 CPU cores; steps already done in --work are reused):
 
-    python benchmarks/main_table.py [--assets assets] [--work assets/bench]
+    python benchmarks/main_table.py [--model smollm2|gemma3] [--assets assets] [--work assets/bench]
 
 - Calibration: the first half of exllamav2's c4.utf8, 64 x 256 tokens, shared by every method.
 - Perplexity: held-out windows of wiki.utf8 and of the second half of c4.utf8 (48 windows x 256 tokens each,
-  spread evenly over the text, each scored from its first token), ONNX Runtime CPU EP.
+  spread evenly over the text), ONNX Runtime CPU EP. Windows are cut as deployed (``subfit-onnx evaluate``):
+  BOS-led and scored after BOS when the tokenizer adds one (Gemma), from their first token otherwise (SmolLM2).
 - Accuracy: length-normalised multiple-choice accuracy on the first 200 items of each BIG-bench set that
   ``subfit-onnx fetch-assets`` writes to <assets>/mc (social_iqa, goal_inference);
   retention is the mean over both sets of (model acc_norm / dense acc_norm).
@@ -16,7 +18,7 @@ One command reproduces it (about an hour on 2 CPU cores; steps already done in -
   linear map), submodule drop (SubFit's selection, no bypass) and a layer-truncated model with the same parameter
   count (the physical floor for speed; exported the same way).
 
-Writes benchmarks/results/main_table.{json,md} and three PNG plots.
+Writes benchmarks/results/main_table[_gemma3].{json,md} and, for SmolLM2, three PNG plots.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ def truncated_export(model_dir: Path, keep_layers: int, out: Path, work: Path) -
     model = _load(model_dir)
     model.model.layers = model.model.layers[:keep_layers]
     model.config.num_hidden_layers = keep_layers
+    if getattr(model.config, "layer_types", None):  # Gemma-3: sliding/full attention per layer
+        model.config.layer_types = model.config.layer_types[:keep_layers]
     hf_dir = work / f"hf-truncated-{keep_layers}"
     model.save_pretrained(hf_dir)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(hf_dir)
@@ -63,11 +67,12 @@ def truncated_export(model_dir: Path, keep_layers: int, out: Path, work: Path) -
 
 
 def build_models(args: argparse.Namespace, assets: Any, work: Path, log: dict) -> dict[str, Path]:
+    model_dir = args.model_dir
     dense_dir = work / "dense"
     if not (dense_dir / "model.onnx").exists():
-        export_decoder(assets.model, dense_dir)
+        export_decoder(model_dir, dense_dir)
     models = {"dense": dense_dir}
-    tokenizer = AutoTokenizer.from_pretrained(assets.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokens = calibration_tokens(tokenizer, assets.c4_calibration, args.num_samples, 256)
     dense_pass = None
     for s in args.sparsities:
@@ -76,7 +81,7 @@ def build_models(args: argparse.Namespace, assets: Any, work: Path, log: dict) -
         if all((p / "model.onnx").exists() for p in targets.values()):
             models.update({f"{m}@{s}": p for m, p in targets.items()})
             continue
-        model = _load(assets.model)
+        model = _load(model_dir)
         t0 = time.perf_counter()
         result = calibrate_model(model, tokens, SubFitConfig(sparsity=s, num_samples=args.num_samples),
                                  dense=dense_pass)
@@ -86,7 +91,7 @@ def build_models(args: argparse.Namespace, assets: Any, work: Path, log: dict) -
             "subfit": (result.plan, result.tensors),
             "submodule_drop": drop_bypasses(result.plan, result.tensors),
             "layer_drop": layer_drop_plan(model, result.dense, s),
-            "replaceme": replaceme_plan(_load(assets.model), tokens, s),
+            "replaceme": replaceme_plan(_load(model_dir), tokens, s),
         }
         for method, (plan, tensors) in plans.items():
             save_plan(plan, tensors, work / "plans" / f"{method}-{pct}")
@@ -95,7 +100,7 @@ def build_models(args: argparse.Namespace, assets: Any, work: Path, log: dict) -
             log.setdefault("plans", {})[f"{method}@{s}"] = {
                 "depth_map": plan.depth_map(), "achieved": plan.sparsity.achieved, "net": plan.sparsity.net}
         keep = round(result.plan.model.num_layers * (1 - result.plan.sparsity.achieved))
-        truncated_export(assets.model, keep, targets["truncated"], work)
+        truncated_export(model_dir, keep, targets["truncated"], work)
         log.setdefault("plans", {})[f"truncated@{s}"] = {"keep_layers": keep}
         models.update({f"{m}@{s}": p for m, p in targets.items()})
     return models
@@ -193,7 +198,8 @@ def plots(rows: dict[str, dict], out_dir: Path) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--assets", default=str(REPO / "assets"))
-    ap.add_argument("--work", default=None, help="where exports go (default: <assets>/bench)")
+    ap.add_argument("--model", choices=("smollm2", "gemma3"), default="smollm2")
+    ap.add_argument("--work", default=None, help="where exports go (default: <assets>/bench[-gemma3])")
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.125, 0.25, 0.375])
     ap.add_argument("--num-samples", type=int, default=64)
     ap.add_argument("--windows", type=int, default=48)
@@ -205,11 +211,13 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
 
-    assets = fetch_assets(args.assets)
-    work = Path(args.work) if args.work else assets.root / "bench"
+    assets = fetch_assets(args.assets, gemma=args.model == "gemma3")
+    args.model_dir = assets.model if args.model == "smollm2" else assets.gemma3
+    suffix = "" if args.model == "smollm2" else f"_{args.model}"
+    work = Path(args.work) if args.work else assets.root / f"bench{suffix.replace('_', '-')}"
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / "main_table.json"
+    json_path = out_dir / f"main_table{suffix}.json"
     saved = json.loads(json_path.read_text()) if json_path.exists() else {}
     log = saved.get("log", {})
     models = build_models(args, assets, work, log)
@@ -218,13 +226,15 @@ def main() -> None:
         for row in rows.values():
             row.pop("speed", None)
     for name, _ in measure(models, assets, args, rows):
-        json_path.write_text(json.dumps({"settings": vars(args), "log": log, "rows": rows}, indent=2))
+        json_path.write_text(json.dumps({"settings": {k: str(v) if isinstance(v, Path) else v
+                                                      for k, v in vars(args).items()}, "log": log, "rows": rows},
+                                        indent=2))
         print(f"measured {name}", flush=True)
     md = table(rows)
-    (out_dir / "main_table.md").write_text(md + "\n")
-    pngs = plots(rows, out_dir)
+    (out_dir / f"main_table{suffix}.md").write_text(md + "\n")
+    pngs = plots(rows, out_dir) if not suffix else []
     print(md)
-    print(f"wrote {json_path}, main_table.md and {', '.join(pngs) or 'no plots (pip install matplotlib)'}")
+    print(f"wrote {json_path}, main_table{suffix}.md and {', '.join(pngs) or 'no plots'}")
 
 
 if __name__ == "__main__":
