@@ -35,6 +35,7 @@ from .weighting_choice import (
     dense_held_out,
     held_out_distance,
     held_out_rows,
+    run_rows_on,
 )
 
 if TYPE_CHECKING:  # torch stays out of run_calibration's imports: the ONNX Runtime backend has no torch
@@ -157,14 +158,14 @@ class Calibrator:
         bypass = a.bypass if self.config.bypass else _zero_bypass(self.identity.hidden_size)
         self.swaps.append(self.runner.install_bypass(i, kind, bypass))
         self.installed.append((i, kind, bypass))
-        if stats.held_out is not None:  # a checked pass 2: keep every row's sums for the winner's refit
+        if self.config.bypass and stats.held_out is not None:  # a checked pass 2: every row's sums, for a refit
             self.all_rows[(i, kind)] = stats.with_held_out()
-        self.removed.append(self._removed_unit(i, kind, stats, a, unit_score))
+        self.removed.append(self._removed_unit(i, kind, stats, a, unit_score, bypass))
         return bypass
 
-    def _removed_unit(self, i: int, kind: UnitKind, stats: UnitStats, a: UnitAssessment,
-                      unit_score: float) -> RemovedUnit:
-        bypass = a.bypass if self.config.bypass else _zero_bypass(self.identity.hidden_size)
+    def _removed_unit(self, i: int, kind: UnitKind, stats: UnitStats, a: UnitAssessment, unit_score: float,
+                      bypass: Bypass) -> RemovedUnit:
+        """The plan's record of a removal, its tensors filed under the unit's key."""
         fit_rel = a.fit_relative if self.config.bypass else 1.0
         key = unit_key(i, kind)
         self.tensors.update(bypass_tensors(key, bypass))
@@ -182,14 +183,14 @@ class Calibrator:
         go and their scores stay as the check saw them; downstream statistics were taken behind the 7/8 fits, a
         difference far below the fits' own error.
         """
-        if not self.config.bypass or not self.all_rows:
+        if not self.all_rows:  # an unchecked run, or units dropped with no bypass
             return
         refits: dict[UnitKey, Bypass] = {}
         for n, unit in enumerate(self.removed):
             key = (unit.layer, unit.kind)
             stats = self.all_rows[key]
             a = self._assess(unit.kind, stats)
-            self.removed[n] = self._removed_unit(unit.layer, unit.kind, stats, a, unit.score)
+            self.removed[n] = self._removed_unit(unit.layer, unit.kind, stats, a, unit.score, a.bypass)
             refits[key] = a.bypass
         self.installed = [(i, kind, refits[(i, kind)]) for i, kind, _ in self.installed]
 
@@ -236,14 +237,8 @@ class Calibrator:
         weighting on SmolLM2 at 25% makes its last removal at layer 20 of 30). Only the check needs the last
         stream, and only of the held-out rows.
         """
-        held_start = self.runner.stat_rows
-        if held_start is None:
-            return
-        n = self.runner.num_layers
-        with self.runner.only_rows(held_start):
-            for i in range(start_layer, n):
-                self.runner.sweep(i, (), "uniform", f"held-out rows layer {i + 1}/{n}{label}")
-                self.runner.store.advance()
+        if self.runner.stat_rows is not None:
+            run_rows_on(self.runner, self.runner.stat_rows, start_layer, "held-out rows layer", label)
 
     def _outputs_with_mlp_bypass(self, bypass: Bypass) -> None:
         """``mid + bypass(x)`` from the last sweep's stored FFN inputs: the layer's outputs without a re-run.

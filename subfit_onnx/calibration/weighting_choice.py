@@ -38,14 +38,19 @@ def held_out_rows(rows: int) -> int:
     return 0 if rows < MIN_CHECK_ROWS else rows // HELD_OUT_SHARE
 
 
+def run_rows_on(runner: LayerRunner, start: int, first_layer: int, desc: str, suffix: str = "") -> None:
+    """Advance rows ``start:`` of the store from layer ``first_layer`` to the last, collecting nothing."""
+    n = runner.num_layers
+    with runner.only_rows(start):
+        for i in range(first_layer, n):
+            runner.sweep(i, (), "uniform", f"{desc} {i + 1}/{n}{suffix}")
+            runner.store.advance()
+
+
 def dense_held_out(runner: LayerRunner, start: int) -> np.ndarray:
     """The dense model's last stream of rows ``start:`` (when pass 1 did not run them); the store's start stays."""
     runner.store.restore()
-    n = runner.num_layers
-    with runner.only_rows(start):
-        for i in range(n):
-            runner.sweep(i, (), "uniform", f"dense held-out rows {i + 1}/{n}")
-            runner.store.advance()
+    run_rows_on(runner, start, 0, "dense held-out rows")
     return np.array(runner.store.current[start:])
 
 
