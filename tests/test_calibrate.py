@@ -222,3 +222,34 @@ def test_pass_2_stops_fitting_once_the_budget_is_met(weighting, rows, monkeypatc
     assert early.plan.calibration == full.plan.calibration
     for name, tensor in full.tensors.items():
         np.testing.assert_array_equal(early.tensors[name], tensor)
+
+
+def test_check_candidates_share_pass_2_until_one_removes(monkeypatch):
+    """``weighting="auto"`` runs the layers no candidate removes from once, with both weightings' statistics; each
+    candidate's pass 2 starts where the first removal is. The plan is the one separate passes 2 give."""
+    tokens = np.random.default_rng(4).integers(0, 256, size=(16, 32))
+    model = tiny_model("llama", overrides={"num_hidden_layers": 6})
+    with torch.no_grad():  # the last layers' units barely write to the stream: they go, the first ones stay
+        for layer in model.model.layers[3:]:
+            layer.mlp.down_proj.weight.mul_(0.01)
+            layer.self_attn.o_proj.weight.mul_(0.01)
+    config = SubFitConfig(sparsity=0.2, num_samples=16, seq_len=32, batch_size=4)
+    progress = Recorder()
+    shared = calibrate_model(model, tokens, config, progress=progress)
+    first = min(u.layer for u in shared.plan.removed)
+    assert first >= 3
+
+    def layers(label: str) -> set[int]:
+        return {int(d.split(" ")[2].split("/")[0]) for d in progress.bars if d.startswith("fitting") and label in d}
+
+    once = layers("(every weighting)")
+    assert once and max(once) <= first + 1 and once == set(range(1, max(once) + 1))
+    for w in ("stream", "uniform"):
+        assert min(layers(f"({w}-weighted)")) == max(once)  # each resumes at the layer where they part
+
+    monkeypatch.setattr("subfit_onnx.calibration.calibrate.shared_prefix", lambda cal, selectors: 0)
+    separate = calibrate_model(model, tokens, config)
+    assert shared.plan.removed == separate.plan.removed
+    assert shared.plan.calibration == separate.plan.calibration
+    for name, tensor in separate.tensors.items():
+        np.testing.assert_array_equal(shared.tensors[name], tensor)

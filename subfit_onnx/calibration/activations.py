@@ -24,7 +24,7 @@ class ActivationStore:
         self._dir = owned_tempdir(STORE_PREFIX, workdir)
         self.current = self._open("a")
         self.next = self._open("b")
-        self._saved: Path | None = None
+        self._saved: dict[str, Path] = {}
         self._mlp_inputs: tuple[np.memmap, np.memmap] | None = None
 
     def _open(self, name: str) -> np.memmap:
@@ -48,16 +48,17 @@ class ActivationStore:
         """The layer's outputs become the next layer's inputs."""
         self.current, self.next = self.next, self.current
 
-    def snapshot(self) -> None:
-        """Keep a copy of the current boundary (the embeddings) to restart a pass from."""
+    def snapshot(self, name: str = "start") -> None:
+        """Keep a copy of the current boundary to restart a pass from: ``start`` holds the embeddings, and other
+        names later boundaries (where the weighting check's candidates part ways)."""
         self.current.flush()
-        self._saved = self._dir / "start.npy"
-        shutil.copyfile(self.current.filename, self._saved)
+        self._saved[name] = self._dir / f"saved_{name}.npy"
+        shutil.copyfile(self.current.filename, self._saved[name])
 
-    def restore(self) -> None:
-        if self._saved is None:
-            raise RuntimeError("no snapshot to restore")
-        self.current[:] = np.load(self._saved, mmap_mode="r")
+    def restore(self, name: str = "start") -> None:
+        if name not in self._saved:
+            raise RuntimeError(f"no snapshot {name!r} to restore")
+        self.current[:] = np.load(self._saved[name], mmap_mode="r")
 
     def close(self) -> None:
         del self.current, self.next

@@ -172,5 +172,8 @@ class StatsByWeighting(dict[TokenWeighting, UnitStats]):
             dt = stats.product_dtype
             stats.add(batches.get(dt) or batches.setdefault(dt, TokenBatch.of(x, y, h_in, y_actual, dt)))
 
+    def held_out_part(self) -> StatsByWeighting:
+        return StatsByWeighting({w: stats.held_out_part() for w, stats in self.items()})
+
 
 AnyStats = UnitStats | StatsByWeighting
