@@ -54,6 +54,9 @@ VARIANTS: dict[str, dict] = {
     "weighting=auto, prior_samples=1/2": {"weighting": "auto", "prior_samples": Portion(fraction=0.5)},
     "ridge=1": {"ridge": 1.0},
     "ridge=0.3": {"ridge": 0.3},
+    "ridge=0.1": {"ridge": 0.1},
+    "ridge=3e-2": {"ridge": 3e-2},
+    "ridge=1e-3": {"ridge": 1e-3},
 }
 
 
