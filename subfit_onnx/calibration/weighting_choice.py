@@ -7,7 +7,8 @@ last 1/8 of the calibration rows outside every statistic. Pass 2 then runs once 
 rows, the held-out rows riding along in its batches, and the candidate whose compressed model lands the held-out
 rows' last stream closest to the dense one (``end_to_end.stream_distance``) gives the plan. The held-out rows'
 statistics are summed apart in pass 2, so once the check has chosen, the winner's bypasses are refitted on every
-row (``Calibrator.refit_with_held_out``). Cost: one more pass 2 and a second set of pass-1 statistics.
+row (``Calibrator.refit_with_held_out``). Cost: one more pass 2, less the first layers, which every candidate
+keeps and which run once (``calibrate.shared_prefix``), and a second set of pass-1 statistics.
 
 The check must see pass 2's result: an earlier version compared one-shot selections built from pass 1 and picked
 uniform on both models, wrong on SmolLM2, whose stream-weighted selection is only good once pass 2 refits it in
