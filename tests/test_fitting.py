@@ -26,13 +26,15 @@ def test_full_fit_recovers_exact_linear_map_and_bias():
     assert err / st.y_energy < 1e-12
 
 
-def test_error_from_statistics_matches_direct_residual():
+@pytest.mark.parametrize("ridge", [1e-3, 0.3])
+def test_error_from_statistics_matches_direct_residual(ridge):
+    """The error comes from the solved normal equations (``G W = C - s W``), so a large ridge ``s`` is checked too."""
     rng = np.random.default_rng(1)
     x = rng.normal(size=(4, 30, 8))
     y = np.tanh(x @ rng.normal(size=(8, 8)))
     st = _stats(x, y, rng.normal(size=x.shape))
     for rank in (None, 3):
-        bypass, err = fit_bypass(st, rank=rank, ridge=1e-3)
+        bypass, err = fit_bypass(st, rank=rank, ridge=ridge)
         direct = float(((y - bypass.apply(x)) ** 2).sum())
         assert err == pytest.approx(direct, rel=1e-8)
 
@@ -93,3 +95,18 @@ def test_statistics_of_two_row_sets_add_up_to_those_of_all_rows(weighting):
             assert getattr(joined, name) == pytest.approx(getattr(whole, name), rel=1e-12), name
     with pytest.raises(ValueError, match="do not add"):
         first + _stats(x, y, h, "uniform" if weighting == "stream" else "stream")
+
+
+@pytest.mark.parametrize("rank", [None, 3])
+def test_torch_thread_pool_fits_equal_numpy_fits(rank):
+    """The PyTorch backend solves on torch's pool (``TORCH_LINALG``); the fit must not depend on where it ran."""
+    from subfit_onnx.calibration.torch_backend import TORCH_LINALG
+
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(4, 30, 8))
+    y = np.tanh(x @ rng.normal(size=(8, 8)))
+    st = _stats(x, y, rng.normal(size=x.shape) * 4, "stream")
+    on_numpy, err_numpy = fit_bypass(st, rank=rank, ridge=1e-2)
+    on_torch, err_torch = fit_bypass(st, rank=rank, ridge=1e-2, linalg=TORCH_LINALG)
+    np.testing.assert_allclose(on_torch.apply(x), on_numpy.apply(x), rtol=1e-10, atol=1e-12)
+    assert err_torch == pytest.approx(err_numpy, rel=1e-10)

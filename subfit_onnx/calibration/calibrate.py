@@ -112,7 +112,7 @@ class Calibrator:
         self.all_rows: dict[UnitKey, UnitStats] = {}
 
     def _assess(self, kind: UnitKind, stats: UnitStats) -> UnitAssessment:
-        return assess(stats, self.config.rank_for(kind, self.identity.hidden_size), self.config.ridge)
+        return assess(stats, self.config.rank_for(kind, self.identity.hidden_size), self.config.ridge, self.runner.linalg)
 
     def dense_pass(self) -> DensePass:
         """Pass 1: every unit assessed on the dense model, and ShortGPT's block influence per layer.

@@ -17,7 +17,8 @@ from ..architectures import UnitKind
 from ..bypass import Bypass
 from ..identity import ModelIdentity
 from .activations import ActivationStore
-from .stats import AnyStats, StatsByWeighting, TransposedProduct, UnitStats, Weightings, numpy_tn
+from .linalg import NUMPY_LINALG, LinearAlgebra
+from .stats import AnyStats, StatsByWeighting, UnitStats, Weightings
 
 
 class Undoable(Protocol):
@@ -32,6 +33,7 @@ class RowBatches:
     ``row_start`` starts sweeps at a later row (the held-out rows a candidate selection is checked on), and
     ``stat_rows`` keeps the rows from that index on out of every statistic: they are run, never fitted; with
     ``keep_held_out_stats`` their sums are kept apart (``UnitStats.held_out``), so fits can take them in later.
+    ``linalg`` is where the statistics' products and the fits run (``calibration.linalg``).
     """
 
     tokens: np.ndarray
@@ -42,6 +44,7 @@ class RowBatches:
     stat_rows: int | None = None
     keep_mlp_inputs: bool = True
     keep_held_out_stats: bool = False
+    linalg: LinearAlgebra = NUMPY_LINALG
 
     @contextmanager
     def scoring_only(self, rows: int) -> Iterator[None]:
@@ -74,11 +77,11 @@ class RowBatches:
         for start in range(self.row_start, n, self.batch_size):
             yield slice(start, min(start + self.batch_size, n))
 
-    def new_stats(self, hidden: int, weighting: Weightings, products: TransposedProduct = numpy_tn) -> AnyStats:
+    def new_stats(self, hidden: int, weighting: Weightings) -> AnyStats:
         """One unit's statistics: under one weighting, or under several at once (``StatsByWeighting``)."""
         if isinstance(weighting, str):
-            return UnitStats(hidden, hidden, weighting, products=products)
-        return StatsByWeighting({w: UnitStats(hidden, hidden, w, products=products) for w in weighting})
+            return UnitStats(hidden, hidden, weighting, products=self.linalg.tn)
+        return StatsByWeighting({w: UnitStats(hidden, hidden, w, products=self.linalg.tn) for w in weighting})
 
     def collect_batch(self, stats: dict[UnitKind, UnitStats], rows: slice, h: np.ndarray,
                       taps: dict[str, np.ndarray], dense_after: dict[UnitKind, np.ndarray] | None) -> None:
@@ -114,6 +117,7 @@ class LayerRunner(Protocol):
     store: ActivationStore
     stat_rows: int | None
     keep_held_out_stats: bool
+    linalg: LinearAlgebra
 
     @property
     def num_layers(self) -> int: ...

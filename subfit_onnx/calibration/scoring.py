@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from ..bypass import Bypass
 from ..config import ScoreKind
 from .fitting import fit_bypass
+from .linalg import NUMPY_LINALG, LinearAlgebra
 from .stats import UnitStats
 
 
@@ -39,8 +40,8 @@ class UnitAssessment:
         return self.stream_relative
 
 
-def assess(stats: UnitStats, rank: int | None, ridge: float) -> UnitAssessment:
-    bypass, err = fit_bypass(stats, rank=rank, ridge=ridge)
+def assess(stats: UnitStats, rank: int | None, ridge: float, linalg: LinearAlgebra = NUMPY_LINALG) -> UnitAssessment:
+    bypass, err = fit_bypass(stats, rank=rank, ridge=ridge, linalg=linalg)
     return UnitAssessment(
         bypass=bypass,
         fit_relative=err / max(stats.y_energy, 1e-30),

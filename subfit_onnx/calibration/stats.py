@@ -11,19 +11,12 @@ activation of many LLMs (norm ~25,000 against ~150 for SmolLM2) from owning 99% 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..config import TokenWeighting
-
-TransposedProduct = Callable[[np.ndarray, np.ndarray], np.ndarray]
-
-
-def numpy_tn(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``a.T @ b``; with ``b is a`` numpy hands it to BLAS syrk (half the work)."""
-    return a.T @ b
+from .linalg import TransposedProduct, numpy_tn
 
 
 @dataclass(frozen=True)
@@ -98,15 +91,19 @@ class UnitStats:
         """
         dt = self.product_dtype
         w_flat = self._token_weights(batch.out_sq).reshape(-1)
-        keep = w_flat > 0
+        weighted = w_flat > 0
+        # a mask that keeps every token (every weighting but skip_first) would only copy the batch
+        keep: slice | np.ndarray = slice(None) if weighted.all() else weighted
         xs, ys, wk = batch.x[keep], batch.y[keep], w_flat[keep]
         # sqrt-weighted rows: the gram is then s.T @ s of one array, which numpy hands to BLAS syrk (half the
         # work of a general product; measured 7.5 ms against 13.5 ms per 2048-token batch at d=576)
         sw = np.sqrt(wk)[:, None].astype(dt)
-        xs_w = np.concatenate([xs, np.ones((xs.shape[0], 1), dtype=dt)], axis=1) * sw
+        xs_w = np.empty((xs.shape[0], xs.shape[1] + 1), dtype=dt)
+        np.multiply(xs, sw, out=xs_w[:, :-1])
+        xs_w[:, -1:] = sw
         self.gram += np.asarray(self.products(xs_w, xs_w), dtype=np.float64)
         self.cross += np.asarray(self.products(xs_w, ys * sw), dtype=np.float64)
-        self.tokens += int(keep.sum())
+        self.tokens += int(wk.size)
         self.weight_sum += float(wk.sum())
         self.y_energy += float((wk * batch.y_sq[keep]).sum())
         if batch.gap_sq is not None:

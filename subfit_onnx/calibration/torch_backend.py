@@ -31,6 +31,7 @@ from ..torch_model import (
 )
 from .activations import ActivationStore
 from .dense_targets import DenseTargets
+from .linalg import LinearAlgebra, numpy_solve
 from .runner import RowBatches
 from .stats import AnyStats, Weightings
 
@@ -50,6 +51,21 @@ def torch_tn(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (ta.T @ tb).numpy()
 
 
+def torch_solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    try:
+        return torch.linalg.solve(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+    except torch.linalg.LinAlgError:
+        return numpy_solve(a, b)
+
+
+def torch_eigh(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    values, vectors = torch.linalg.eigh(torch.from_numpy(a))
+    return values.numpy(), vectors.numpy()
+
+
+TORCH_LINALG = LinearAlgebra(tn=torch_tn, solve=torch_solve, eigh=torch_eigh)
+
+
 def _as_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().cpu().numpy()  # float32; UnitStats picks the precision
 
@@ -66,6 +82,7 @@ class TorchLayerRunner(RowBatches):
     """Owns the activation store and runs one layer over all calibration tokens at a time."""
 
     backend = "torch"
+    linalg = TORCH_LINALG
 
     def __init__(self, model: nn.Module, tokens: np.ndarray, batch_size: int = 8,
                  workdir: str | None = None, progress: ProgressFactory = silent) -> None:
@@ -177,7 +194,7 @@ class TorchLayerRunner(RowBatches):
         layer = self.layers[index]
         args, kwargs = self.layer_args[index]
         hidden = self.store.shape[2]
-        stats = {kind: self.new_stats(hidden, weighting, torch_tn) for kind in collect}
+        stats = {kind: self.new_stats(hidden, weighting) for kind in collect}
         with progress_bar(self.progress, desc, self.active_rows) as bar, \
                 self._unit_taps(layer, tuple(UNIT_KINDS)) as seen:
             for rows in self.batches():
