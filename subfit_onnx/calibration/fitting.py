@@ -6,7 +6,7 @@ directions of its own fitted outputs (reduced-rank regression). Both need only `
 
 Every unit is assessed in each pass (about 230 fits for SmolLM2 at the defaults), so the error of a fit comes from
 the normal equations it solved rather than from another product with the Gram matrix: with ``(G + s I) W = C``,
-``G W = C - s W`` (derivation at ``_errors``).
+``G W = C - s W`` (derivation in ``fit_bypass``).
 """
 
 from __future__ import annotations

@@ -2,9 +2,11 @@
 
 The math (``stats``, ``fitting``) is numpy and backend-free; a backend only says which library carries it out.
 numpy's BLAS stays on one thread while calibrating (``calibrate.single_threaded_blas``), so the PyTorch backend
-hands the same float arrays to torch's own thread pool instead (``torch_backend.TORCH_LINALG``): measured on 2
-cores, a 577 x 577 solve with 576 right-hand sides 18 ms on numpy's one thread and 10 ms on torch's pool, a
-576 x 576 ``eigh`` 38 ms and 25 ms.
+hands the products and solves to torch's own thread pool instead (``torch_backend.TORCH_LINALG``): measured on 2
+cores, a 577 x 577 solve with 576 right-hand sides took 18 ms on numpy's one thread and 10 ms on torch's pool.
+``eigh`` stays numpy's everywhere (torch's took 25 ms against 38 ms): LAPACK builds pick eigenvector signs
+differently, so a low-rank bypass's two factors (not their product) would flip sign with the library, and torch's
+flipped some of a format-1 plan's recorded factors.
 """
 
 from __future__ import annotations

@@ -58,12 +58,7 @@ def torch_solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return numpy_solve(a, b)
 
 
-def torch_eigh(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    values, vectors = torch.linalg.eigh(torch.from_numpy(a))
-    return values.numpy(), vectors.numpy()
-
-
-TORCH_LINALG = LinearAlgebra(tn=torch_tn, solve=torch_solve, eigh=torch_eigh)
+TORCH_LINALG = LinearAlgebra(tn=torch_tn, solve=torch_solve)  # eigh stays numpy's (see ``calibration.linalg``)
 
 
 def _as_numpy(t: torch.Tensor) -> np.ndarray:
