@@ -69,8 +69,8 @@ def main() -> None:
         model = apply_plan(copy.deepcopy(dense), plan.model_copy(update={"removed": units}), tensors)
         return torch_perplexity(model, windows) / dense_ppl
 
-    rows = {"plan": ratio(plan.removed)}
-    print(f"plan {plan.depth_map()}: x{rows['plan']:.4f}", flush=True)
+    plan_ratio = ratio(plan.removed)
+    print(f"plan {plan.depth_map()}: x{plan_ratio:.4f}", flush=True)
     units = {}
     for unit in plan.removed:
         name = f"{unit.layer}{unit.kind[0]}"
@@ -82,7 +82,7 @@ def main() -> None:
     out = Path(args.out or f"benchmarks/results/unit_damage_{args.model}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": str(model_dir), "depth_map": plan.depth_map(), "dense_ppl": dense_ppl,
-                               "windows": f"{args.eval_windows} x 512, wiki second half", "plan_ratio": rows["plan"],
+                               "windows": f"{args.eval_windows} x 512, wiki second half", "plan_ratio": plan_ratio,
                                "product_of_only": product, "units": units}, indent=2))
 
 

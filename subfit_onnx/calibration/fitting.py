@@ -18,15 +18,16 @@ from .linalg import NUMPY_LINALG, LinearAlgebra
 from .stats import UnitStats
 
 
-def _centered(stats: UnitStats) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Weighted means of x and y and the centred second moments; the bias then falls out unshrunk."""
+def _centered(stats: UnitStats) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+    """Weighted means of x and y, the centred second moments (the bias then falls out unshrunk), and the centred
+    target energy."""
     d = stats.dim_in
     wsum = max(float(stats.gram[d, d]), 1e-30)
     mean_x = stats.gram[d, :d] / wsum
     mean_y = stats.cross[d] / wsum
     gram_c = stats.gram[:d, :d] - wsum * np.outer(mean_x, mean_x)
     cross_c = stats.cross[:d] - wsum * np.outer(mean_x, mean_y)
-    return mean_x, mean_y, gram_c, cross_c
+    return mean_x, mean_y, gram_c, cross_c, stats.y_energy - wsum * float(mean_y @ mean_y)
 
 
 def _ridge_solve(gram_c: np.ndarray, cross_c: np.ndarray, ridge: float,
@@ -35,11 +36,6 @@ def _ridge_solve(gram_c: np.ndarray, cross_c: np.ndarray, ridge: float,
     d = gram_c.shape[0]
     shift = ridge * max(float(np.trace(gram_c)) / max(d, 1), 1e-12)
     return linalg.solve(gram_c + shift * np.eye(d), cross_c), shift
-
-
-def _centred_y_energy(stats: UnitStats, mean_y: np.ndarray) -> float:
-    wsum = max(float(stats.gram[stats.dim_in, stats.dim_in]), 1e-30)
-    return stats.y_energy - wsum * float(mean_y @ mean_y)
 
 
 def fit_bypass(stats: UnitStats, rank: int | None = None, ridge: float = 1e-4,
@@ -54,16 +50,16 @@ def fit_bypass(stats: UnitStats, rank: int | None = None, ridge: float = 1e-4,
     ``<WP, G WP> = tr(V^T M V)`` (the top-r eigenvalues) and ``<WP, C> = tr(V^T M V) + s |W V|^2``, so
     ``err = E - sum(top eigenvalues) - 2 s |W V|^2``.
     """
-    mean_x, mean_y, gram_c, cross_c = _centered(stats)
+    mean_x, mean_y, gram_c, cross_c, energy = _centered(stats)
     weight, shift = _ridge_solve(gram_c, cross_c, ridge, linalg)
-    energy = _centred_y_energy(stats, mean_y)
     if rank is None or rank >= min(stats.dim_in, stats.dim_out):
         bias = mean_y - mean_x @ weight
         err = energy - float(np.sum(weight * cross_c)) - shift * float(np.sum(weight * weight))
         return Bypass(weight=weight, bias=bias), max(err, 0.0)
     # Reduced-rank regression: keep the top-r principal directions of the fitted (centred) outputs.
     fitted_cov = weight.T @ (cross_c - shift * weight)
-    eigvals, eigvecs = linalg.eigh((fitted_cov + fitted_cov.T) / 2)
+    # numpy's eigh whatever the backend: the factors' signs must not depend on the LAPACK build (``linalg``)
+    eigvals, eigvecs = np.linalg.eigh((fitted_cov + fitted_cov.T) / 2)
     order = np.argsort(eigvals)[::-1][:rank]
     top = eigvecs[:, order]
     down = weight @ top

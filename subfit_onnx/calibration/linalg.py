@@ -4,9 +4,9 @@ The math (``stats``, ``fitting``) is numpy and backend-free; a backend only says
 numpy's BLAS stays on one thread while calibrating (``calibrate.single_threaded_blas``), so the PyTorch backend
 hands the products and solves to torch's own thread pool instead (``torch_backend.TORCH_LINALG``): measured on 2
 cores, a 577 x 577 solve with 576 right-hand sides took 18 ms on numpy's one thread and 10 ms on torch's pool.
-``eigh`` stays numpy's everywhere (torch's took 25 ms against 38 ms): LAPACK builds pick eigenvector signs
-differently, so a low-rank bypass's two factors (not their product) would flip sign with the library, and torch's
-flipped some of a format-1 plan's recorded factors.
+``eigh`` is not one of them: it stays numpy's everywhere (``fitting``; torch's took 25 ms against 38 ms), because
+LAPACK builds pick eigenvector signs differently, so a low-rank bypass's two factors (not their product) would flip
+sign with the library, and torch's flipped some of a format-1 plan's recorded factors.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ def numpy_solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 class LinearAlgebra:
     tn: TransposedProduct = numpy_tn  # one batch's X^T X and X^T Y
     solve: Callable[[np.ndarray, np.ndarray], np.ndarray] = numpy_solve  # symmetric positive (semi)definite a
-    eigh: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] = np.linalg.eigh  # ascending eigenvalues
 
 
 NUMPY_LINALG = LinearAlgebra()

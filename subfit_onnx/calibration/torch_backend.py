@@ -58,7 +58,7 @@ def torch_solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return numpy_solve(a, b)
 
 
-TORCH_LINALG = LinearAlgebra(tn=torch_tn, solve=torch_solve)  # eigh stays numpy's (see ``calibration.linalg``)
+TORCH_LINALG = LinearAlgebra(tn=torch_tn, solve=torch_solve)
 
 
 def _as_numpy(t: torch.Tensor) -> np.ndarray:
