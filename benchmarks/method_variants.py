@@ -38,6 +38,8 @@ VARIANTS: dict[str, dict] = {
     "default": {},
     "score=replaceability": {"score": "replaceability"},
     "score=contribution": {"score": "contribution"},
+    "score=end_to_end": {"score": "end_to_end"},
+    "score=end_to_end, schedule=oneshot": {"score": "end_to_end", "schedule": "oneshot"},
     "schedule=oneshot": {"schedule": "oneshot"},
     "weighting=stream": {"weighting": "stream"},
     "weighting=auto": {"weighting": "auto"},

@@ -61,6 +61,11 @@ class CalibrationBackend(str, Enum):
     onnx = "onnx"
 
 
+class UnitScore(str, Enum):
+    stream_error = "stream_error"
+    end_to_end = "end_to_end"
+
+
 class TokenWeighting(str, Enum):
     auto = "auto"
     stream = "stream"
@@ -93,6 +98,10 @@ Weighting = Annotated[TokenWeighting, typer.Option(
     "--weighting", help="how tokens count in fits and scores. auto: calibrate under stream and under uniform and "
     "keep the one closer to the dense model on held-out calibration rows (right on SmolLM2 and Gemma-3; about 2x "
     "the calibration time); stream or uniform: that one alone")]
+Score = Annotated[UnitScore | None, typer.Option(
+    "--score", help="how units are ranked for removal. stream_error: each bypass's error where it lands; "
+    "end_to_end: each unit alone replaced, measured at the last layer on a calibration row no fit saw",
+    show_default="stream_error")]
 Output = Annotated[Path | None, typer.Option(
     "--output", "-o", help="output folder", show_default="<source folder>-subfit<percent>")]
 PlanOut = Annotated[Path | None, typer.Option(
@@ -112,20 +121,22 @@ class CalibrationInputs:
     seq_len: int | None
     backend: CalibrationBackend
     weighting: TokenWeighting = TokenWeighting.auto
+    score: UnitScore | None = None
 
     def config(self, with_sparsity: bool = True) -> Any:
         from .config import make_config
 
         return make_config(None, self.sparsity if with_sparsity else None, calibration=self.calibration,
-                           num_samples=self.num_samples, seq_len=self.seq_len, weighting=self.weighting.value)
+                           num_samples=self.num_samples, seq_len=self.seq_len, weighting=self.weighting.value,
+                           score=self.score.value if self.score else None)
 
 
 def _calibration_inputs(source: Source, sparsity: Sparsity = None, model: Model = None,
                         calibration: Calibration = None, num_samples: NumSamples = None, seq_len: SeqLen = None,
                         backend: Backend = CalibrationBackend.auto,
-                        weighting: Weighting = TokenWeighting.auto) -> CalibrationInputs:
+                        weighting: Weighting = TokenWeighting.auto, score: Score = None) -> CalibrationInputs:
     """The shared options, declared once: typer reads this signature for every command that takes them."""
-    return CalibrationInputs(source, sparsity, model, calibration, num_samples, seq_len, backend, weighting)
+    return CalibrationInputs(source, sparsity, model, calibration, num_samples, seq_len, backend, weighting, score)
 
 
 @dataclass

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import InvalidSparsityError, SubFitError
 
-ScoreKind = Literal["contribution", "replaceability", "stream_error"]  # see calibration.scoring
+ScoreKind = Literal["contribution", "replaceability", "stream_error", "end_to_end"]  # calibration.scoring, .probe
 TokenWeighting = Literal["uniform", "stream", "skip_first"]  # see calibration.stats
 WeightingSetting = TokenWeighting | Literal["auto"]  # "auto": see calibration.weighting_choice
 DEFAULT_CALIBRATION = "Salesforce/wikitext:wikitext-2-raw-v1:train"

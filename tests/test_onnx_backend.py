@@ -267,6 +267,22 @@ def test_auto_weighting_checks_alike_in_both_backends(tiny_export):
     assert [u.key for u in onnx_plan.removed] == [u.key for u in torch_plan.removed]
 
 
+def test_end_to_end_probes_alike_in_both_backends(tiny_export):
+    """score="end_to_end": each unit alone, run from its layer on in ONNX Runtime, moves the last stream as in
+    PyTorch; the probes report through one bar, not one per layer and unit."""
+    config = CONFIG.model_copy(update={"weighting": "auto", "sparsity": 0.3, "num_samples": 16, "score": "end_to_end"})
+    tokens = np.random.default_rng(5).integers(3, 256, size=(16, 32))
+    progress = Recorder()
+    onnx_result = calibrate_export(tiny_export("llama"), tokens, config, progress=progress)
+    torch_result = calibrate_model(tiny_model("llama"), tokens, config)
+    assert progress.bars["end-to-end probes"] == [8, 8] and "" not in progress.bars  # 8 units, once
+    for w, distances in torch_result.dense.end_to_end.items():
+        assert len(distances) == 8
+        for key, d in distances.items():
+            assert onnx_result.dense.end_to_end[w][key] == pytest.approx(d, rel=1e-3, abs=1e-7)
+    assert [u.key for u in onnx_result.plan.removed] == [u.key for u in torch_result.plan.removed]
+
+
 def test_progress_goes_through_the_factory(tiny_export, capfd):
     progress = Recorder()
     calibrate_export(tiny_export("llama"), TOKENS, CONFIG, progress=progress)

@@ -26,6 +26,7 @@ from ..names import unit_key
 from ..plan import Plan, RemovedUnit, bypass_spec, bypass_tensors, sparsity_report
 from ..progress import ProgressFactory, silent
 from .budget import UNITS, Budget, params_budget
+from .probe import EndToEndProbe
 from .runner import LayerRunner
 from .scoring import UnitAssessment, assess, score
 from .selection import SequentialSelector, UnitKey, check_reachable, target_params
@@ -42,6 +43,8 @@ from .weighting_choice import (
 if TYPE_CHECKING:  # torch stays out of run_calibration's imports: the ONNX Runtime backend has no torch
     from torch import nn
 
+PROBED_WEIGHTING: TokenWeighting = "uniform"  # whose bypasses the end-to-end probes try (``probe_units``)
+LOCAL_SCORE = "stream_error"  # what pass 2 measures again to update an end-to-end score (``EndToEndPrior``)
 VERSION_PACKAGES = ("subfit-onnx", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnx-ir", "onnxruntime")
 
 
@@ -72,6 +75,23 @@ class DensePass:
     candidates: dict[TokenWeighting, dict[UnitKey, UnitAssessment]] = field(default_factory=dict)
     held_start: int | None = None
     dense_final: np.ndarray | None = None
+    end_to_end: dict[TokenWeighting, dict[UnitKey, float]] = field(default_factory=dict)  # ``probe`` distances
+
+
+@dataclass
+class EndToEndPrior:
+    """``score="end_to_end"`` under one weighting: each unit's probe distance, and its local pass-1 damage.
+
+    Pass 2 sees a unit on the compressed upstream, where only its local damage can be measured again; the fresh
+    end-to-end estimate scales the probe distance by how much the local damage has grown since pass 1.
+    """
+
+    distance: dict[UnitKey, float]
+    local: dict[UnitKey, float]
+
+    def estimate(self, key: UnitKey, local_now: float) -> float:
+        before = self.local[key]
+        return self.distance[key] * (local_now / before if before > 0 else 1.0)
 
 
 @dataclass
@@ -110,6 +130,7 @@ class Calibrator:
         # each removed unit's statistics over every row, held-out ones included (checked runs only; (d+1)^2
         # float64 twice per unit)
         self.all_rows: dict[UnitKey, UnitStats] = {}
+        self.end_to_end: dict[TokenWeighting, EndToEndPrior] = {}
 
     def _assess(self, kind: UnitKind, stats: UnitStats) -> UnitAssessment:
         return assess(stats, self.config.rank_for(kind, self.identity.hidden_size), self.config.ridge, self.runner.linalg)
@@ -152,8 +173,21 @@ class Calibrator:
             dense.block_influence.append(_block_influence(self.runner.store.current[:rows], self.runner.store.next[:rows]))
             self.runner.store.advance()
 
-    def scores(self, assessments: dict[UnitKey, UnitAssessment]) -> dict[UnitKey, float]:
+    def scores(self, assessments: dict[UnitKey, UnitAssessment], weighting: TokenWeighting) -> dict[UnitKey, float]:
+        prior = self.end_to_end.get(weighting)
+        if prior is not None:
+            return {k: self._per_saving(prior.distance[k], k) for k in assessments}
         return {k: score(a, self.config.score, self.budget.savings[k]) for k, a in assessments.items()}
+
+    def _per_saving(self, damage: float, key: UnitKey) -> float:
+        saving = self.budget.savings[key]
+        return damage / saving * 1e6 if saving > 0 else float("inf")
+
+    def use_end_to_end(self, dense: DensePass) -> None:
+        """Score by the probes' distances (``score="end_to_end"``) for every weighting pass 1 probed."""
+        for w, distances in dense.end_to_end.items():
+            local = dense.candidates.get(w, dense.assessments if w == dense.weighting else {})
+            self.end_to_end[w] = EndToEndPrior(distances, {k: a.damage(LOCAL_SCORE) for k, a in local.items()})
 
     def _remove(self, i: int, kind: UnitKind, stats: UnitStats, a: UnitAssessment, unit_score: float) -> Bypass:
         bypass = a.bypass if self.config.bypass else _zero_bypass(self.identity.hidden_size)
@@ -202,6 +236,9 @@ class Calibrator:
     def fresh(self, i: int, kind: UnitKind, stats: UnitStats) -> tuple[UnitAssessment, float]:
         """A unit's assessment on what it sees now, and its score."""
         assessment = self._assess(kind, stats)
+        prior = self.end_to_end.get(stats.weighting)
+        if prior is not None:
+            return assessment, self._per_saving(prior.estimate((i, kind), assessment.damage(LOCAL_SCORE)), (i, kind))
         return assessment, score(assessment, self.config.score, self.budget.savings[(i, kind)])
 
     def compress_pass(self, selector: SequentialSelector, weighting: TokenWeighting, label: str = "",
@@ -306,13 +343,14 @@ def compress_checked(first: Calibrator, dense: DensePass) -> Calibrator:
     runner = first.runner
     runs: dict[TokenWeighting, Calibrator] = {}
     dense.held_out = {}  # a new dict: an earlier run's plan (same pass 1, another budget) keeps its own
-    selectors = {w: first.selector(first.scores(assessments)) for w, assessments in dense.candidates.items()}
+    selectors = {w: first.selector(first.scores(assessments, w)) for w, assessments in dense.candidates.items()}
     runner.stat_rows, runner.keep_held_out_stats = dense.held_start, True
     try:
         start = shared_prefix(first, selectors)
         runner.store.snapshot(PARTING)
         for w, selector in selectors.items():
             cal = first if not runs else Calibrator(first.runner, first.config, first.budget)
+            cal.end_to_end = first.end_to_end
             runs[w] = cal
             try:
                 cal.compress_pass(selector, w, f" ({w}-weighted)", start)
@@ -356,6 +394,23 @@ def shared_prefix(cal: Calibrator, selectors: dict[TokenWeighting, SequentialSel
     return n
 
 
+def probe_units(cal: Calibrator, dense: DensePass) -> None:
+    """Pass 1's bypasses tried one at a time end to end (``probe``), once per pass 1 and kept on ``dense``.
+
+    Only one weighting's bypasses are probed (uniform when it is a candidate), and every candidate selects by
+    those distances: what a unit's removal does to the output hardly depends on which weighting fitted its
+    bypass, and probing each candidate's would double the probes' cost.
+    """
+    if dense.end_to_end:
+        return
+    candidates = dense.candidates or {dense.weighting: dense.assessments}
+    probed = PROBED_WEIGHTING if PROBED_WEIGHTING in candidates else next(iter(candidates))
+    zero = _zero_bypass(cal.identity.hidden_size)
+    bypasses = {k: a.bypass if cal.config.bypass else zero for k, a in candidates[probed].items()}
+    distances = EndToEndProbe(cal.runner).damages(bypasses)
+    dense.end_to_end = {w: distances for w in candidates}
+
+
 def _block_influence(before: np.ndarray, after: np.ndarray) -> float:
     """ShortGPT's BI: 1 - mean cosine between a layer's input and output hidden states."""
     total, count = 0.0, 0
@@ -391,12 +446,15 @@ def run_calibration(runner: LayerRunner, config: SubFitConfig, calibration_info:
     try:
         with single_threaded_blas():
             dense = dense or cal.dense_pass()
+            if config.score == "end_to_end":
+                probe_units(cal, dense)
+                cal.use_end_to_end(dense)
             if dense.candidates:
                 cal = compress_checked(cal, dense)
                 if keep_compressed:
                     cal.reinstall()
             else:
-                cal.compress_pass(cal.selector(cal.scores(dense.assessments)), dense.weighting)
+                cal.compress_pass(cal.selector(cal.scores(dense.assessments, dense.weighting)), dense.weighting)
         n, seq, _ = runner.store.shape
         info = {"num_samples": int(n), "seq_len": int(seq), "backend": runner.backend, "weighting": dense.weighting,
                 **({"held_out_distance": dense.held_out} if dense.held_out else {}), **(calibration_info or {})}

@@ -16,6 +16,7 @@ import numpy as np
 from ..architectures import UnitKind
 from ..bypass import Bypass
 from ..identity import ModelIdentity
+from ..progress import ProgressFactory
 from .activations import ActivationStore
 from .linalg import NUMPY_LINALG, LinearAlgebra
 from .stats import AnyStats, StatsByWeighting, UnitStats, Weightings
@@ -118,6 +119,7 @@ class LayerRunner(Protocol):
     stat_rows: int | None
     keep_held_out_stats: bool
     linalg: LinearAlgebra
+    progress: ProgressFactory
 
     @property
     def num_layers(self) -> int: ...
