@@ -80,7 +80,10 @@ class MethodSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    score: ScoreKind = "stream_error"
+    score: ScoreKind = Field(
+        "stream_error", description="how units are ranked: stream_error (each bypass's error where it lands) or "
+        "end_to_end (each unit alone replaced, measured at the last layer; calibration.probe): 2.25 against 2.99 "
+        "on Gemma-3-270m at 25%, 1.95 against 1.92 on SmolLM2, about 10% more optimize time")
     schedule: Literal["sequential", "oneshot"] = "sequential"
     weighting: WeightingSetting = Field(
         "auto", description="how tokens count in fits and scores; auto runs pass 2 under stream and under uniform "
