@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 from subfit_onnx.calibration.calibrate import Calibrator, EndToEndPrior, probe_units
 from subfit_onnx.calibration.end_to_end import stream_distance
@@ -11,18 +10,9 @@ from subfit_onnx.calibration.torch_backend import TorchLayerRunner
 from subfit_onnx.config import SubFitConfig
 from subfit_onnx.reference import install_bypass
 from subfit_onnx.torch_model import model_family
-from tiny_models import tiny_model
+from tiny_models import last_stream, tiny_model
 
 TOKENS = np.random.default_rng(3).integers(0, 256, size=(16, 32))
-
-
-def _last_stream(model, tokens):
-    seen = {}
-    handle = model.model.norm.register_forward_pre_hook(lambda m, args: seen.setdefault("h", args[0]))
-    with torch.no_grad():
-        model(torch.as_tensor(tokens))
-    handle.remove()
-    return seen["h"].numpy()
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
@@ -42,13 +32,13 @@ def test_probe_distance_is_the_whole_model_with_that_unit_alone_replaced(family)
     assert list(dense.end_to_end) == list(dense.candidates)
     assert dense.end_to_end["stream"] is dense.end_to_end["uniform"]  # one probe, under uniform's bypasses
     distances = dense.end_to_end["uniform"]
-    dense_last = _last_stream(model, TOKENS[-1:])
+    dense_last = last_stream(model, TOKENS[-1:])
     checked = 0
     assert set(distances) == set(dense.candidates["uniform"])
     for (i, kind), d in distances.items():
         swap = install_bypass(model, model_family(model), i, kind, dense.candidates["uniform"][(i, kind)].bypass)
         try:
-            expected = stream_distance(_last_stream(model, TOKENS[-1:]), dense_last)
+            expected = stream_distance(last_stream(model, TOKENS[-1:]), dense_last)
         finally:
             swap.undo()
         assert d == pytest.approx(expected, rel=1e-4, abs=1e-9)

@@ -4,7 +4,6 @@ import copy
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 import subfit_onnx
@@ -16,7 +15,7 @@ from subfit_onnx.config import Portion, SubFitConfig
 from subfit_onnx.plan import bypass_tensors, load_plan
 from subfit_onnx.reference import BypassModule, apply_plan
 from subfit_onnx.report import format_summary
-from tiny_models import tiny_model
+from tiny_models import last_stream, tiny_model
 
 TOKENS = np.random.default_rng(1).integers(0, 256, size=(16, 32))
 
@@ -39,15 +38,6 @@ def test_held_out_rows_and_ties():
     assert best_weighting({"stream": 0.1, "uniform": 0.1}) == "stream"
 
 
-def _last_stream(model, tokens):
-    seen = {}
-    handle = model.model.norm.register_forward_pre_hook(lambda m, args: seen.setdefault("h", args[0]))
-    with torch.no_grad():
-        model(torch.as_tensor(tokens))
-    handle.remove()
-    return seen["h"].numpy()
-
-
 def test_auto_weighting_runs_pass_2_per_candidate_and_checks_it_on_rows_no_fit_saw():
     """Redo the check by hand: a whole calibration (pass 1 and pass 2) per weighting on the first 14 rows, each
     compressed model run on the last 2 rows. Held-out rows leaking into the check, a wrong stream or the loser's
@@ -62,12 +52,12 @@ def test_auto_weighting_runs_pass_2_per_candidate_and_checks_it_on_rows_no_fit_s
     assert not [m for m in model.modules() if isinstance(m, BypassModule)]  # the model is dense again
 
     fit, held = TOKENS[:14], TOKENS[14:]
-    dense_final = _last_stream(model, held)
+    dense_final = last_stream(model, held)
     expected, plans = {}, {}
     for w in CANDIDATE_WEIGHTINGS:
         plans[w] = calibrate_model(model, fit, config.model_copy(update={"weighting": w}))
         compressed = apply_plan(copy.deepcopy(model), plans[w].plan, plans[w].tensors)
-        expected[w] = stream_distance(_last_stream(compressed, held), dense_final)
+        expected[w] = stream_distance(last_stream(compressed, held), dense_final)
     assert expected["stream"] != pytest.approx(expected["uniform"], rel=1e-3)  # the check tells them apart
     for w in CANDIDATE_WEIGHTINGS:
         assert reported[w] == pytest.approx(expected[w], rel=1e-3, abs=1e-7)

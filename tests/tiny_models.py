@@ -6,6 +6,8 @@ which would merge tensors that the rewrite must tell apart.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
@@ -56,3 +58,13 @@ def tiny_model(family: str, seed: int = 0, overrides: dict | None = None) -> Pre
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
     return model.eval()
+
+
+def last_stream(model: PreTrainedModel, tokens) -> Any:
+    """The residual stream entering the final norm: what ``end_to_end.stream_distance`` compares."""
+    seen = {}
+    handle = model.model.norm.register_forward_pre_hook(lambda m, args: seen.setdefault("h", args[0]))
+    with torch.no_grad():
+        model(torch.as_tensor(tokens))
+    handle.remove()
+    return seen["h"].numpy()
