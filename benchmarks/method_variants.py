@@ -40,6 +40,7 @@ VARIANTS: dict[str, dict] = {
     "score=contribution": {"score": "contribution"},
     "score=end_to_end": {"score": "end_to_end"},
     "score=end_to_end, schedule=oneshot": {"score": "end_to_end", "schedule": "oneshot"},
+    "score=end_to_end, weighting=uniform": {"score": "end_to_end", "weighting": "uniform"},
     "schedule=oneshot": {"schedule": "oneshot"},
     "weighting=stream": {"weighting": "stream"},
     "weighting=auto": {"weighting": "auto"},
