@@ -28,7 +28,7 @@ from ..progress import ProgressFactory, silent
 from .budget import UNITS, Budget, params_budget
 from .probe import EndToEndProbe
 from .runner import LayerRunner
-from .scoring import UnitAssessment, assess, score
+from .scoring import UnitAssessment, assess, per_saving, score
 from .selection import SequentialSelector, UnitKey, check_reachable, target_params
 from .stats import UnitStats
 from .weighting_choice import (
@@ -76,6 +76,10 @@ class DensePass:
     held_start: int | None = None
     dense_final: np.ndarray | None = None
     end_to_end: dict[TokenWeighting, dict[UnitKey, float]] = field(default_factory=dict)  # ``probe`` distances
+
+    def by_weighting(self) -> dict[TokenWeighting, dict[UnitKey, UnitAssessment]]:
+        """Pass 1's assessments under every weighting it ran: each candidate's, or the one weighting's."""
+        return self.candidates or {self.weighting: self.assessments}
 
 
 @dataclass
@@ -176,18 +180,14 @@ class Calibrator:
     def scores(self, assessments: dict[UnitKey, UnitAssessment], weighting: TokenWeighting) -> dict[UnitKey, float]:
         prior = self.end_to_end.get(weighting)
         if prior is not None:
-            return {k: self._per_saving(prior.distance[k], k) for k in assessments}
+            return {k: per_saving(prior.distance[k], self.budget.savings[k]) for k in assessments}
         return {k: score(a, self.config.score, self.budget.savings[k]) for k, a in assessments.items()}
-
-    def _per_saving(self, damage: float, key: UnitKey) -> float:
-        saving = self.budget.savings[key]
-        return damage / saving * 1e6 if saving > 0 else float("inf")
 
     def use_end_to_end(self, dense: DensePass) -> None:
         """Score by the probes' distances (``score="end_to_end"``) for every weighting pass 1 probed."""
+        assessed = dense.by_weighting()
         for w, distances in dense.end_to_end.items():
-            local = dense.candidates.get(w, dense.assessments if w == dense.weighting else {})
-            self.end_to_end[w] = EndToEndPrior(distances, {k: a.damage(LOCAL_SCORE) for k, a in local.items()})
+            self.end_to_end[w] = EndToEndPrior(distances, {k: a.damage(LOCAL_SCORE) for k, a in assessed[w].items()})
 
     def _remove(self, i: int, kind: UnitKind, stats: UnitStats, a: UnitAssessment, unit_score: float) -> Bypass:
         bypass = a.bypass if self.config.bypass else _zero_bypass(self.identity.hidden_size)
@@ -238,7 +238,8 @@ class Calibrator:
         assessment = self._assess(kind, stats)
         prior = self.end_to_end.get(stats.weighting)
         if prior is not None:
-            return assessment, self._per_saving(prior.estimate((i, kind), assessment.damage(LOCAL_SCORE)), (i, kind))
+            estimate = prior.estimate((i, kind), assessment.damage(LOCAL_SCORE))
+            return assessment, per_saving(estimate, self.budget.savings[(i, kind)])
         return assessment, score(assessment, self.config.score, self.budget.savings[(i, kind)])
 
     def compress_pass(self, selector: SequentialSelector, weighting: TokenWeighting, label: str = "",
@@ -403,7 +404,7 @@ def probe_units(cal: Calibrator, dense: DensePass) -> None:
     """
     if dense.end_to_end:
         return
-    candidates = dense.candidates or {dense.weighting: dense.assessments}
+    candidates = dense.by_weighting()
     probed = PROBED_WEIGHTING if PROBED_WEIGHTING in candidates else next(iter(candidates))
     zero = _zero_bypass(cal.identity.hidden_size)
     bypasses = {k: a.bypass if cal.config.bypass else zero for k, a in candidates[probed].items()}

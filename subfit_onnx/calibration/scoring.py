@@ -52,8 +52,12 @@ def assess(stats: UnitStats, rank: int | None, ridge: float, linalg: LinearAlgeb
 
 
 def score(assessment: UnitAssessment, kind: ScoreKind, saving: float) -> float:
+    return per_saving(assessment.damage(kind), saving)
+
+
+def per_saving(damage: float, saving: float) -> float:
     """Damage per million of what removing the unit saves (parameters, ms or KV bytes; see ``budget``): the
     greedy removes the cheapest damage per unit saved first. A unit that saves nothing is never worth removing."""
     if saving <= 0:
         return math.inf
-    return assessment.damage(kind) / saving * 1e6
+    return damage / saving * 1e6
