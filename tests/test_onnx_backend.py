@@ -134,8 +134,12 @@ def test_gemma2_against_eager_pytorch(tiny_export):
     assert 1e-5 < w_err < 1e-2 and b_err < 1e-2, (w_err, b_err)
 
 
-def test_fp16_export_selects_like_fp32(tiny_export):
-    config = SubFitConfig(sparsity=0.3, num_samples=8, seq_len=32, batch_size=4, attention_rank=Portion(count=8))
+@pytest.mark.parametrize("score", ["end_to_end", "stream_error"])
+def test_fp16_export_selects_like_fp32(tiny_export, score):
+    """end_to_end probes layer 0 with a bypass of the norm the fp16 export applies before widening the stream,
+    a value only the prelude computes: the prelude is renewed to compute it."""
+    config = SubFitConfig(sparsity=0.3, num_samples=8, seq_len=32, batch_size=4, attention_rank=Portion(count=8),
+                          score=score)
     half = calibrate_export(tiny_export("llama", "fp16"), TOKENS, config)
     full = calibrate_model(tiny_model("llama"), TOKENS, config)
     assert removed(half) == removed(full)

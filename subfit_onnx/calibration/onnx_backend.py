@@ -152,6 +152,7 @@ class OrtLayerRunner(RowBatches):
         self._layer: _LayerSession | None = None
         self._shared: dict[int, dict[str, np.ndarray]] = {}
         self._prelude: _Prelude | None = None
+        self._prelude_gives: set[str] = set()
         try:
             self._fill_embeddings()
         except BaseException:
@@ -245,6 +246,18 @@ class OrtLayerRunner(RowBatches):
             self.cutter = GraphCutter(self.model, self.structure)
         if self._layer is not None and self._layer.index == changed:
             self._layer = None
+        if not {v.name for v in self.cutter.shared_values(changed)} <= self._prelude_gives:
+            self._renew_prelude()
+
+    def _renew_prelude(self) -> None:
+        """A bypass can make a layer read a value no prelude computes yet: one that depends on the embeddings
+        only, such as layer 0's bypass of the norm an fp16 export applies before widening the stream."""
+        with self.times.timed("build"):
+            prelude = _Prelude(self.cutter, self.sessions, self.structure)
+        self._prelude_gives = prelude.gives
+        self._shared.clear()  # rebuilt per batch size on next use
+        if self._prelude is not None:
+            self._prelude = prelude
 
     def _session(self, index: int) -> _LayerSession:
         if self._layer is None or self._layer.index != index:
@@ -278,6 +291,7 @@ class OrtLayerRunner(RowBatches):
         """Run the prelude on every batch: ``B_0`` into the store, shared values kept per batch size."""
         with self.times.timed("build"):
             self._prelude = _Prelude(self.cutter, self.sessions, self.structure)
+        self._prelude_gives = self._prelude.gives
         with progress_bar(self.progress, "embedding calibration tokens", self.tokens.shape[0]) as bar:
             for rows in self.batches():
                 with self.times.timed("graph"):
@@ -311,6 +325,7 @@ class _Prelude:
         self.graph_inputs = list(cutter.model.graph.inputs)
         self.kv = (structure.num_kv_heads, structure.head_dim)
         self.per_batch = cutter.depends_on_token_values(self.graph.shared)
+        self.gives = {*self.graph.shared, *(v.name for v in self.graph_inputs)}  # what run()'s shared dict holds
 
     def run(self, ids: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         batch, seq = ids.shape

@@ -144,14 +144,21 @@ def _walk_layer(index: int, outputs: list[ir.Value], stream_in: ir.Value, stream
     return list(shared)
 
 
-def _typed(graph: ir.Graph) -> ir.Graph:
-    """Graph inputs and outputs must declare their element type; TorchScript leaves interior values untyped."""
-    for value in [*graph.inputs, *graph.outputs]:
+def _type(values: list[ir.Value]) -> None:
+    """Graph inputs and outputs must declare their element type; TorchScript leaves interior values untyped.
+
+    A cut's inputs are typed in the source graph, before extraction: their clones have no producer to tell.
+    """
+    for value in values:
         if value.dtype is None:
             dtype = value_dtype(value)
             if dtype is None:
                 raise UnsupportedModelError(f"cannot tell the element type of {value.name!r} to cut the graph there")
             value.dtype = dtype
+
+
+def _typed(graph: ir.Graph) -> ir.Graph:
+    _type([*graph.inputs, *graph.outputs])
     return graph
 
 
@@ -201,6 +208,7 @@ class GraphCutter:
         stream_in = self.boundaries[index]
         shared = self.shared_values(index)
         outputs = _unique([out, *(t.value for t in taps)])
+        _type([stream_in, *shared])
         graph = ir.convenience.extract(self.model.graph, [stream_in, *shared], outputs)
         return LayerGraph(index=index, model=_named_model(self.model, graph), stream_in=stream_in.name,
                           stream_out=out.name, shared=[v.name for v in shared],
