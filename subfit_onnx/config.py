@@ -6,10 +6,11 @@ many sequences of how many tokens, in which batches), ``MethodSettings`` how uni
 since the data part does not change what the plan means. Counts that may be given absolutely or relative to a
 whole (bypass ranks, pass-1 sequences) are a ``Portion``, never an int-or-float.
 
-Defaults were chosen by measured perplexity on SmolLM2-135M-Instruct (``benchmarks/method_variants.py``;
-results in ``benchmarks/results/method_variants.json``), not by taste, and measured on Gemma-3-270m too
-(``method_variants_gemma3.json``). Token weighting is chosen per model (``weighting="auto"``): stream wins on
-SmolLM2, uniform on Gemma-3 (README, "No weighting wins on both real models").
+Defaults were chosen by measured perplexity on SmolLM2-135M-Instruct and Gemma-3-270m
+(``benchmarks/method_variants.py``; results in ``benchmarks/results/``), not by taste. Units are ranked end to end
+(``score="end_to_end"``) under uniform token weighting: on Gemma-3 that loses a quarter less perplexity than the
+local score, on SmolLM2 it is within 1.2%, and it costs one pass 2 instead of the two ``weighting="auto"`` runs
+(README, "The default: end-to-end scores, uniform weighting").
 """
 
 from __future__ import annotations
@@ -81,14 +82,15 @@ class MethodSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     score: ScoreKind = Field(
-        "stream_error", description="how units are ranked: stream_error (each bypass's error where it lands) or "
-        "end_to_end (each unit alone replaced, measured at the last layer; calibration.probe): 2.25 against 2.99 "
-        "on Gemma-3-270m at 25%, 1.95 against 1.92 on SmolLM2, about 10% more optimize time")
+        "end_to_end", description="how units are ranked: end_to_end (each unit alone replaced, measured at the last "
+        "layer; calibration.probe) or stream_error (each bypass's error where it lands). At the defaults against "
+        "stream_error with weighting auto: 2.24 against 2.99 on Gemma-3-270m at 25%, 1.94 against 1.92 on SmolLM2")
     schedule: Literal["sequential", "oneshot"] = "sequential"
     weighting: WeightingSetting = Field(
-        "auto", description="how tokens count in fits and scores; auto runs pass 2 under stream and under uniform "
-        "and keeps the one whose compressed model stays closer to the dense one on held-out calibration rows "
-        "(measured: right on SmolLM2 and Gemma-3; needs 16 calibration rows, else stream)")
+        "uniform", description="how tokens count in fits and scores; auto runs pass 2 under stream and under "
+        "uniform and keeps the one whose compressed model stays closer to the dense one on held-out calibration "
+        "rows (needs 16 calibration rows, else stream); under end_to_end it chose uniform on both real models at "
+        "25% and 37.5%, at about 1.3x the optimize time")
     attention_rank: Portion = Field(
         Portion(fraction=0.125), description="bypass rank for attention: a count, a fraction of the hidden size, "
         "or neither for full rank")

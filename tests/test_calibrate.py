@@ -233,7 +233,7 @@ def test_check_candidates_share_pass_2_until_one_removes(monkeypatch):
         for layer in model.model.layers[3:]:
             layer.mlp.down_proj.weight.mul_(0.01)
             layer.self_attn.o_proj.weight.mul_(0.01)
-    config = SubFitConfig(sparsity=0.2, num_samples=16, seq_len=32, batch_size=4)
+    config = SubFitConfig(sparsity=0.2, num_samples=16, seq_len=32, batch_size=4, weighting="auto")
     progress = Recorder()
     shared = calibrate_model(model, tokens, config, progress=progress)
     first = min(u.layer for u in shared.plan.removed)

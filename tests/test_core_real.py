@@ -16,9 +16,10 @@ from subfit_onnx.torch_eval import torch_perplexity
 pytestmark = pytest.mark.real
 
 # Measured with the fixture's settings (32 x 256 C4 tokens, default config) on 24 wiki windows of 256 tokens:
-# 1.869 (dense 29.41; 1.895 with the earlier ridge 1e-4). The bound leaves 7% for platform numerics; a
-# regression in scoring or fitting moves the ratio far more (the paper's straightforward scores give 5.4-5.7).
-MAX_WIKI_PPL_RATIO = 2.0
+# 1.961 (dense 29.41) with the end-to-end score; the local score of earlier defaults measured 1.869. The bound
+# leaves 7% for platform numerics; a regression in scoring or fitting moves the ratio far more (the paper's
+# straightforward scores give 5.4-5.7).
+MAX_WIKI_PPL_RATIO = 2.1
 
 
 def _model(assets):

@@ -24,12 +24,13 @@ def optimum_cli(*args, timeout=600):
 
 @pytest.fixture(scope="module")
 def config(tiny_calibration_text):
-    return SubFitConfig(sparsity=0.6, calibration=str(tiny_calibration_text), num_samples=8, seq_len=32)
+    return SubFitConfig(sparsity=0.7, calibration=str(tiny_calibration_text), num_samples=8, seq_len=32)
 
 
 @pytest.fixture(scope="module")
 def subfit_output(tmp_path_factory, tiny_export, tiny_checkpoint, config):
-    """SubFitOptimizer on the plain export; at 0.6 the tiny llama loses attention (KV) and FFN units."""
+    """SubFitOptimizer on the plain export; at 0.7 the tiny llama loses attention (KV) and FFN units (its
+    FFNs are 2/3 of the block parameters, so they cannot meet 0.7 alone)."""
     save_dir = tmp_path_factory.mktemp("optimum") / "subfit"
     optimizer = SubFitOptimizer.from_pretrained(tiny_export("llama"), model=tiny_checkpoint("llama"))
     assert optimizer.optimize(config, save_dir) == save_dir

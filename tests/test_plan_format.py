@@ -26,7 +26,7 @@ DATA = Path(__file__).parent / "data" / "plan-format1"
 def fresh(tiny_checkpoint, tiny_calibration_text):
     """The calibration the format-1 files recorded, run again by this version."""
     config = SubFitConfig(sparsity=0.4, calibration=str(tiny_calibration_text), num_samples=8, seq_len=32,
-                          batch_size=4, weighting="stream", prior_samples=Portion(),
+                          batch_size=4, score="stream_error", weighting="stream", prior_samples=Portion(),
                           ridge=0.1)  # what format 1 recorded
     return subfit_onnx.calibrate(tiny_checkpoint("llama"), config=config)
 

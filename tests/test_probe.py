@@ -19,7 +19,8 @@ TOKENS = np.random.default_rng(3).integers(0, 256, size=(16, 32))
 def test_probe_distance_is_the_whole_model_with_that_unit_alone_replaced(family):
     """The probe runs one row from the unit's layer on, from stored inputs; the reference runs the whole model."""
     model = tiny_model(family)
-    config = SubFitConfig(sparsity=0.3, num_samples=16, seq_len=32, batch_size=4, score="end_to_end")
+    config = SubFitConfig(sparsity=0.3, num_samples=16, seq_len=32, batch_size=4, score="end_to_end",
+                          weighting="auto")
     runner = TorchLayerRunner(model, TOKENS, config.batch_size)
     try:
         cal = Calibrator(runner, config)
@@ -71,7 +72,7 @@ def test_fresh_estimate_scales_the_probe_distance_by_the_growth_of_the_local_dam
     assert prior.estimate((1, "mlp"), 0.3) == pytest.approx(0.05)  # no local damage before: nothing to scale by
 
 
-@pytest.mark.parametrize("flag, score", [((), "stream_error"), (("--score", "end_to_end"), "end_to_end")])
+@pytest.mark.parametrize("flag, score", [((), "end_to_end"), (("--score", "stream_error"), "stream_error")])
 def test_the_score_flag(tiny_checkpoint, tiny_calibration_text, tmp_path, flag, score):
     from typer.testing import CliRunner
 

@@ -43,7 +43,8 @@ def test_auto_weighting_runs_pass_2_per_candidate_and_checks_it_on_rows_no_fit_s
     compressed model run on the last 2 rows. Held-out rows leaking into the check, a wrong stream or the loser's
     units would each show. The winner's bypasses are then refitted on all 16 rows (next test)."""
     model = tiny_model("llama")
-    config = SubFitConfig(sparsity=0.3, num_samples=16, seq_len=32, batch_size=4, weighting="auto")  # 12-15 straddle
+    config = SubFitConfig(sparsity=0.3, num_samples=16, seq_len=32, batch_size=4, weighting="auto",  # 12-15 straddle
+                          score="stream_error")  # end_to_end's probe row would be row 13 in the by-hand runs
     auto = calibrate_model(model, TOKENS, config)
     reported = auto.plan.calibration["held_out_distance"]
     assert list(reported) == list(CANDIDATE_WEIGHTINGS)
@@ -103,8 +104,8 @@ def test_auto_weighting_can_leave_the_winner_installed():
 
 def test_the_summary_says_which_weighting_won_and_on_what(tmp_path, tiny_export, tiny_checkpoint,
                                                           tiny_calibration_text):
-    config = SubFitConfig(sparsity=0.3, calibration=str(tiny_calibration_text), num_samples=16, seq_len=32)
-    assert config.weighting == "auto"  # the default
+    config = SubFitConfig(sparsity=0.3, calibration=str(tiny_calibration_text), num_samples=16, seq_len=32,
+                          weighting="auto")
     result = subfit_onnx.optimize(tiny_export("llama"), model=tiny_checkpoint("llama"), config=config,
                                   output=tmp_path / "out", warn_ppl_ratio=None)
     calibration = result.report["plan"]["calibration"]
@@ -118,7 +119,7 @@ def test_the_summary_says_which_weighting_won_and_on_what(tmp_path, tiny_export,
 def test_a_reused_pass_1_checks_again_and_leaves_the_earlier_plan_its_own_record():
     """Benchmarks and --max-ppl-ratio reuse pass 1 across budgets: each plan is chosen on its own distances."""
     model = tiny_model("llama")
-    config = SubFitConfig(sparsity=0.3, num_samples=16, seq_len=32, batch_size=4)
+    config = SubFitConfig(sparsity=0.3, num_samples=16, seq_len=32, batch_size=4, weighting="auto")
     first = calibrate_model(model, TOKENS, config)
     recorded = dict(first.plan.calibration["held_out_distance"])
     second = calibrate_model(model, TOKENS, config.model_copy(update={"sparsity": 0.5}), dense=first.dense)
@@ -127,15 +128,15 @@ def test_a_reused_pass_1_checks_again_and_leaves_the_earlier_plan_its_own_record
     assert theirs != recorded and second.plan.calibration["weighting"] == best_weighting(theirs)
 
 
-@pytest.mark.parametrize("flag, chosen_by_check", [((), True), (("--weighting", "stream"), False),
-                                                   (("--weighting", "uniform"), False)])
+@pytest.mark.parametrize("flag, chosen_by_check", [((), False), (("--weighting", "auto"), True),
+                                                   (("--weighting", "stream"), False)])
 def test_the_weighting_flag(tiny_checkpoint, tiny_calibration_text, tmp_path, flag, chosen_by_check):
     args = ["calibrate", str(tiny_checkpoint("llama")), "-s", "0.3", "-c", str(tiny_calibration_text), "-n", "16",
             "-l", "32", "--json", "-o", str(tmp_path / "plan"), *flag]
     done = CliRunner().invoke(app, args)
     assert done.exit_code == 0, done.output
     plan = load_plan(tmp_path / "plan")[0]
-    assert plan.method.weighting == (flag[1] if flag else "auto")
+    assert plan.method.weighting == (flag[1] if flag else "uniform")
     assert ("held_out_distance" in plan.calibration) is chosen_by_check
     assert plan.calibration["weighting"] == (best_weighting(plan.calibration["held_out_distance"]) if chosen_by_check
-                                             else flag[1])
+                                             else plan.method.weighting)

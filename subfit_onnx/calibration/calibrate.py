@@ -4,6 +4,8 @@ Pass 1 runs the dense model layer by layer and scores every unit. Pass 2 runs la
 *compressed* upstream: each unit is re-scored on what it now sees, decided (``SequentialSelector``), and, when it
 goes, fitted on those same statistics and swapped for its bypass before the next unit is measured. Cost: about
 one forward for pass 1 and 1-2 for pass 2 (twice with ``weighting="auto"``), whatever the number of removals.
+Between them, ``score="end_to_end"`` (the default) probes every unit alone on the last row, which pass 1 does not fit
+on (``probe``): about ``L / 64`` forwards for ``L`` layers.
 Pass 1's scores are only priors for the units pass 2 has not reached yet, so ``prior_samples`` runs it on a
 subset of the sequences (half by default); pass 2 stops fitting at the layer where the budget is met.
 """
