@@ -30,9 +30,7 @@ def test_probe_distance_is_the_whole_model_with_that_unit_alone_replaced(family)
         np.testing.assert_array_equal(embeddings, np.load(runner.store._saved["start"]))  # store left as found
     finally:
         runner.close()
-    assert list(dense.end_to_end) == list(dense.candidates)
-    assert dense.end_to_end["stream"] is dense.end_to_end["uniform"]  # one probe, under uniform's bypasses
-    distances = dense.end_to_end["uniform"]
+    distances = dense.end_to_end  # one probe for both candidates, under uniform's bypasses
     dense_last = last_stream(model, TOKENS[-1:])
     checked = 0
     assert set(distances) == set(dense.candidates["uniform"])
@@ -54,8 +52,7 @@ def test_oneshot_end_to_end_removes_the_smallest_distance_per_parameter():
     config = SubFitConfig(sparsity=0.3, num_samples=16, seq_len=32, batch_size=4, score="end_to_end",
                           schedule="oneshot")
     result = calibrate_model(model, TOKENS, config)
-    w = result.plan.calibration["weighting"]
-    distances = result.dense.end_to_end[w]
+    distances = result.dense.end_to_end
     runner_params = {(u.layer, u.kind): u.params_removed for u in result.plan.removed}
     from subfit_onnx.torch_model import unit_param_table
 

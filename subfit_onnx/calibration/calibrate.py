@@ -77,7 +77,7 @@ class DensePass:
     candidates: dict[TokenWeighting, dict[UnitKey, UnitAssessment]] = field(default_factory=dict)
     held_start: int | None = None
     dense_final: np.ndarray | None = None
-    end_to_end: dict[TokenWeighting, dict[UnitKey, float]] = field(default_factory=dict)  # ``probe`` distances
+    end_to_end: dict[UnitKey, float] = field(default_factory=dict)  # ``probe`` distances, shared by every weighting
 
     def by_weighting(self) -> dict[TokenWeighting, dict[UnitKey, UnitAssessment]]:
         """Pass 1's assessments under every weighting it ran: each candidate's, or the one weighting's."""
@@ -186,10 +186,10 @@ class Calibrator:
         return {k: score(a, self.config.score, self.budget.savings[k]) for k, a in assessments.items()}
 
     def use_end_to_end(self, dense: DensePass) -> None:
-        """Score by the probes' distances (``score="end_to_end"``) for every weighting pass 1 probed."""
-        assessed = dense.by_weighting()
-        for w, distances in dense.end_to_end.items():
-            self.end_to_end[w] = EndToEndPrior(distances, {k: a.damage(LOCAL_SCORE) for k, a in assessed[w].items()})
+        """Score by the probes' distances (``score="end_to_end"``) under every weighting pass 1 ran; each scales
+        them by the growth of its own local damage."""
+        for w, assessed in dense.by_weighting().items():
+            self.end_to_end[w] = EndToEndPrior(dense.end_to_end, {k: a.damage(LOCAL_SCORE) for k, a in assessed.items()})
 
     def _remove(self, i: int, kind: UnitKind, stats: UnitStats, a: UnitAssessment, unit_score: float) -> Bypass:
         bypass = a.bypass if self.config.bypass else _zero_bypass(self.identity.hidden_size)
@@ -410,8 +410,7 @@ def probe_units(cal: Calibrator, dense: DensePass) -> None:
     probed = PROBED_WEIGHTING if PROBED_WEIGHTING in candidates else next(iter(candidates))
     zero = _zero_bypass(cal.identity.hidden_size)
     bypasses = {k: a.bypass if cal.config.bypass else zero for k, a in candidates[probed].items()}
-    distances = EndToEndProbe(cal.runner).damages(bypasses)
-    dense.end_to_end = {w: distances for w in candidates}
+    dense.end_to_end = EndToEndProbe(cal.runner).damages(bypasses)
 
 
 def _block_influence(before: np.ndarray, after: np.ndarray) -> float:
