@@ -27,12 +27,18 @@ class ActivationStore:
         self._saved: dict[str, Path] = {}
         self._mlp_inputs: tuple[np.memmap, np.memmap] | None = None
 
-    def _open(self, name: str) -> np.memmap:
-        return np.lib.format.open_memmap(self._dir / f"{name}.npy", mode="w+", dtype=np.float32, shape=self.shape)
+    def _open(self, name: str, shape: tuple[int, ...] | None = None) -> np.memmap:
+        return np.lib.format.open_memmap(self._dir / f"{name}.npy", mode="w+", dtype=np.float32,
+                                         shape=shape or self.shape)
 
     def extra(self, name: str) -> np.memmap:
         """Another array of the same shape, deleted with the store."""
         return self._open(name)
+
+    def per_layer(self, name: str, layers: int, rows: int) -> np.memmap:
+        """``rows`` sequences' boundary at each of ``layers`` layers, deleted with the store: on disk, since it is
+        ``layers`` times one boundary (1 GB for one 2048-token row of a 32-layer, 4096-wide model)."""
+        return self._open(name, (layers, rows, *self.shape[1:]))
 
     def mlp_inputs(self) -> tuple[np.memmap, np.memmap]:
         """The latest sweep's stream before the FFN and the FFN's input (pre-norm output).

@@ -45,16 +45,17 @@ def _quiet_sweeps(runner: LayerRunner) -> Iterator[None]:
 
 
 class EndToEndProbe:
-    """The probe rows' dense inputs to every layer and their dense last stream, from one dense run of those rows."""
+    """The probe rows' dense inputs to every layer (on disk, with the store) and their dense last stream, from one
+    dense run of those rows."""
 
     def __init__(self, runner: LayerRunner, rows: int = PROBE_ROWS) -> None:
         self.runner = runner
         self.start = max(0, runner.store.shape[0] - rows)
-        self.inputs: list[np.ndarray] = []
+        self.inputs = runner.store.per_layer("probe_inputs", runner.num_layers, runner.store.shape[0] - self.start)
         runner.store.restore()
         with _quiet_sweeps(runner):
             for i in range(runner.num_layers):
-                self.inputs.append(np.array(runner.store.current[self.start:]))
+                self.inputs[i] = runner.store.current[self.start:]
                 self._run_layer(i)
         self.dense_final = np.array(runner.store.current[self.start:])
 
