@@ -113,7 +113,8 @@ def main() -> None:
             if (name, sparsity, setting) in done:
                 continue
             config = SubFitConfig(sparsity=sparsity, num_samples=args.num_samples, **VARIANTS[name])
-            key = (config.weighting, config.attention_rank, config.mlp_rank, config.ridge, config.prior_samples)
+            key = (config.weighting, config.attention_rank, config.mlp_rank, config.ridge, config.prior_samples,
+                   config.bypass)  # probe distances (score="end_to_end") depend on the bypasses too
             t0 = time.perf_counter()
             result = calibrate_model(model, cal, config, keep_compressed=True, dense=dense_cache.get(key))
             seconds = time.perf_counter() - t0
