@@ -255,9 +255,8 @@ class OrtLayerRunner(RowBatches):
         with self.times.timed("build"):
             prelude = _Prelude(self.cutter, self.sessions, self.structure)
         self._prelude_gives = prelude.gives
-        self._shared.clear()  # rebuilt per batch size on next use
-        if self._prelude is not None:
-            self._prelude = prelude
+        self._shared.clear()  # rebuilt per batch size on next use, when the values do not depend on the tokens
+        self._prelude = prelude if prelude.per_batch else None
 
     def _session(self, index: int) -> _LayerSession:
         if self._layer is None or self._layer.index != index:
