@@ -20,7 +20,7 @@ perplexity on Gemma-3-270m, for reasons not yet measured.
 
 Perplexity: 16 x 512-token windows of held-out Wikipedia (second half of wiki.utf8) and of C4's second half,
 BOS-led where the tokenizer adds BOS, PyTorch; ratio to dense. Writes
-``benchmarks/results/kept_unit_compensation_<model>.json``.
+``benchmarks/results/kept_unit_compensation_smollm2.json``.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from subfit_onnx.calibration.text import (
 )
 from subfit_onnx.config import SubFitConfig
 from subfit_onnx.torch_eval import torch_perplexity
-from subfit_onnx.torch_model import decoder_layers, model_family
+from subfit_onnx.torch_model import decoder_layers, model_family, unit_module
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECTION = {"attention": "o_proj", "mlp": "down_proj"}  # Llama, Qwen, Mistral and Gemma name them alike
@@ -69,12 +69,10 @@ class UnitTaps:
         layer = decoder_layers(model, family)[layer_idx]
         self.family, self.layer, self.kind = family, layer, kind
         self.seen: dict[str, torch.Tensor] = {}
-        contribution = {k: getattr(layer, family.unit(k).module) for k in UNIT_KINDS}
-        self.hooks = [layer.register_forward_pre_hook(self._take_input, with_kwargs=True),
-                      contribution["attention"].register_forward_hook(self._take("attention")),
-                      contribution["mlp"].register_forward_hook(self._take("mlp"))]
+        self.hooks = [layer.register_forward_pre_hook(self._take_input, with_kwargs=True)]
+        self.hooks += [unit_module(layer, family, k).register_forward_hook(self._take(k)) for k in UNIT_KINDS]
         if projection:
-            proj = getattr(getattr(layer, family.unit(kind).module), PROJECTION[kind])
+            proj = getattr(unit_module(layer, family, kind), PROJECTION[kind])
             self.hooks.append(proj.register_forward_hook(self._take_projection))
 
     def _take_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -120,9 +118,7 @@ def refit_projection(model: nn.Module, unit: Unit, tokens: torch.Tensor, targets
                      ridge: float) -> float:
     """Refit one kept unit's output projection toward the dense stream; returns the relative weight change."""
     taps = UnitTaps(model, unit, projection=True)
-    kind = unit[1]
-    unit_module = getattr(taps.layer, taps.family.unit(kind).module)
-    proj = getattr(unit_module, PROJECTION[kind])
+    proj = getattr(unit_module(taps.layer, taps.family, unit[1]), PROJECTION[unit[1]])
     gram = cross = None
     try:
         for batch, target in zip(range(0, len(tokens), BATCH), targets):
@@ -148,7 +144,6 @@ def compensated_units(removed: set[Unit], num_layers: int, mode: str) -> list[Un
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=("smollm2",), default="smollm2")
     ap.add_argument("--assets", default=str(REPO / "assets"))
     ap.add_argument("--sparsity", type=float, default=0.25)
     ap.add_argument("--mode", choices=("next", "all"), default="all")
@@ -185,7 +180,7 @@ def main() -> None:
                "max_weight_change": round(max(changes), 4), **ratios()}
         rows.append(row)
         print(row, flush=True)
-    out = Path(args.out) / f"kept_unit_compensation_{args.model}.json"
+    out = Path(args.out) / "kept_unit_compensation_smollm2.json"
     saved = json.loads(out.read_text()) if out.exists() else {}
     saved[f"{args.mode}@{args.sparsity}"] = {
         "removed": result.plan.depth_map(), "compensated": [f"{i}{k[0]}" for i, k in units], "rows": rows,
