@@ -13,7 +13,9 @@ With ``--quantize int4`` every model is written with ``--quantize int4`` (unit c
 decode ratios are to the dense export quantized the same way; perplexity ratios stay to dense fp32, and the
 dense int4 model's own ratio is recorded beside them.
 
-Writes ``benchmarks/results/budget_frontier_<model>[_int4].json`` and prints a table.
+Writes ``benchmarks/results/budget_frontier_<model>[_int4].json`` and prints a table; with ``--merge`` the rows of
+requests not re-run (``--points``, ``--layer-drop``) stay in it, each SubFit row recording the score and weighting
+it ran with.
 
     python benchmarks/budget_frontier.py [--model smollm2|gemma3] [--assets assets] [--export DENSE_EXPORT]
         [--quantize int4]
@@ -83,6 +85,14 @@ def measure(dense: Path, path: Path, windows: Any, dense_ppl: float, quantize: s
             "depth_map": report.get("depth_map"), "budget": report.get("budget"), "quality": report.get("quality")}
 
 
+def merged_rows(old: list[dict[str, Any]], fresh: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``old`` with each re-run request replaced in place by its fresh row; new requests go at the end."""
+    key = lambda row: (row["method"], json.dumps(row["request"], sort_keys=True))
+    by_key = {key(r): r for r in fresh}
+    out = [by_key.pop(key(r), r) for r in old]
+    return out + [r for r in fresh if key(r) in by_key]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=("smollm2", "gemma3"), default="smollm2")
@@ -94,6 +104,8 @@ def main() -> None:
     ap.add_argument("--points", nargs="*", type=int, default=None, help="indices into POINTS (default: all)")
     ap.add_argument("--quantize", choices=("int4", "int8"), default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the existing JSON's rows for requests not re-run (their settings say when they ran)")
     args = ap.parse_args()
     q = args.quantize
 
@@ -122,6 +134,7 @@ def main() -> None:
         result = optimize(export, request.get("sparsity"), model=model_dir, config=config, output=work / name,
                           overwrite=True, warn_ppl_ratio=None, quantize=q, **kwargs)
         row = {"method": "subfit", "objective": objective, "request": request,
+               "settings": {"score": result.plan.method.score, "weighting": result.plan.calibration.get("weighting")},
                "optimize_seconds": time.perf_counter() - t0, **measure(export, result.output, windows, dense_ppl, q)}
         rows.append(row)
         print(f"{objective:8s} {name:22s} ppl x{row['ppl_ratio']:.3f}  decode {row['decode_ratio']:.3f}  "
@@ -134,9 +147,12 @@ def main() -> None:
         print(f"layer drop {s:g}: ppl x{row['ppl_ratio']:.3f}  decode {row['decode_ratio']:.3f}", flush=True)
     suffix = f"_{q}" if q else ""
     out = Path(args.out or f"benchmarks/results/budget_frontier_{args.model}{suffix}.json")
-    out.write_text(json.dumps({"model": args.model, "quantize": q, "dense_quantized_ppl_ratio": dense_q_ratio,
-                               "dense_ppl": dense_ppl, "windows": args.windows,
-                               "window_len": 512, "bos_led": windows.bos is not None, "rows": rows}, indent=1) + "\n")
+    saved = json.loads(out.read_text()) if args.merge and out.is_file() else {}
+    rows = merged_rows(saved.get("rows", []), rows)
+    saved.update({"model": args.model, "quantize": q, "dense_quantized_ppl_ratio": dense_q_ratio,
+                  "dense_ppl": dense_ppl, "windows": args.windows, "window_len": 512,
+                  "bos_led": windows.bos is not None, "rows": rows})
+    out.write_text(json.dumps(saved, indent=1) + "\n")
     print("\n| method | objective | request | ppl ratio | decode ratio | KV ratio | sparsity |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
