@@ -108,6 +108,10 @@ def main() -> None:
                     help="keep the existing JSON's rows for requests not re-run (their settings say when they ran)")
     args = ap.parse_args()
     q = args.quantize
+    out = Path(args.out or f"benchmarks/results/budget_frontier_{args.model}{f'_{q}' if q else ''}.json")
+    saved = json.loads(out.read_text()) if args.merge and out.is_file() else {}
+    if saved.get("windows", args.windows) != args.windows:  # rows on other windows do not compare
+        raise SystemExit(f"--merge: {out} was measured on {saved['windows']} windows, not {args.windows}")
 
     assets = fetch_assets(args.assets, mc=False, gemma=args.model == "gemma3")
     model_dir = assets.model if args.model == "smollm2" else assets.gemma3
@@ -145,9 +149,6 @@ def main() -> None:
                **measure(export, path, windows, dense_ppl, q)}
         rows.append(row)
         print(f"layer drop {s:g}: ppl x{row['ppl_ratio']:.3f}  decode {row['decode_ratio']:.3f}", flush=True)
-    suffix = f"_{q}" if q else ""
-    out = Path(args.out or f"benchmarks/results/budget_frontier_{args.model}{suffix}.json")
-    saved = json.loads(out.read_text()) if args.merge and out.is_file() else {}
     rows = merged_rows(saved.get("rows", []), rows)
     saved.update({"model": args.model, "quantize": q, "dense_quantized_ppl_ratio": dense_q_ratio,
                   "dense_ppl": dense_ppl, "windows": args.windows, "window_len": 512,
