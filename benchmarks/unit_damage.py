@@ -54,6 +54,11 @@ from subfit_onnx.torch_eval import torch_perplexity
 from subfit_onnx.torch_model import unit_param_table
 
 
+def short_name(layer: int, kind: str) -> str:
+    """A unit as the tables and JSON name it (``15m``, ``7a``)."""
+    return f"{layer}{kind[0]}"
+
+
 def pass1_units(dense: DensePass, params: dict[tuple[int, str], int]) -> tuple[list[RemovedUnit], dict]:
     """Every unit as a plan entry with the bypass pass 1 fitted for it on the dense upstream."""
     units, tensors = [], {}
@@ -96,20 +101,20 @@ def every_unit(args: argparse.Namespace, dense_model: torch.nn.Module, dense: De
     """Every unit alone, the best selection those figures allow, and pass 2 ranked by them (an oracle score)."""
     params = unit_param_table(dense_model)
     units, tensors = pass1_units(dense, params)
-    name = lambda layer, kind: f"{layer}{kind[0]}"
     alone = json.loads(Path(args.alone).read_text())["alone"] if args.alone else {}
     for unit in units:
-        if name(unit.layer, unit.kind) not in alone:
-            alone[name(unit.layer, unit.kind)] = ratio([unit], tensors)
-            print(f"{name(unit.layer, unit.kind):5s} alone x{alone[name(unit.layer, unit.kind)]:.4f}", flush=True)
-    by_name = {name(u.layer, u.kind): u.params_removed for u in units}
+        name = short_name(unit.layer, unit.kind)
+        if name not in alone:
+            alone[name] = ratio([unit], tensors)
+            print(f"{name:5s} alone x{alone[name]:.4f}", flush=True)
+    by_name = {short_name(u.layer, u.kind): u.params_removed for u in units}
     target = target_params(sum(params.values()), args.sparsity)
     floor, chosen = best_selection(alone, by_name, target)
     print(f"best selection by alone-ratios: x{floor:.4f} {' '.join(chosen)}")
     keys = sorted(dense.end_to_end)
-    rho = rank_correlation([dense.end_to_end[k] for k in keys], [alone[name(*k)] for k in keys])
+    rho = rank_correlation([dense.end_to_end[k] for k in keys], [alone[short_name(*k)] for k in keys])
     oracle = copy.copy(dense)  # pass 2 as usual, but ranked by the measured alone log-ratios
-    oracle.end_to_end = {k: math.log(alone[name(*k)]) for k in keys}
+    oracle.end_to_end = {k: math.log(alone[short_name(*k)]) for k in keys}
     ranked = calibrate_model(copy.deepcopy(dense_model), cal, SubFitConfig(sparsity=args.sparsity), dense=oracle)
     ranked_ratio = ratio(ranked.plan.removed, ranked.tensors)
     print(f"probe vs alone rank correlation {rho:.3f}; pass 2 ranked by alone-ratios: "
@@ -163,7 +168,7 @@ def main() -> None:
     print(f"plan {plan.depth_map()}: x{plan_ratio:.4f}", flush=True)
     units = {}
     for unit in plan.removed:
-        name = f"{unit.layer}{unit.kind[0]}"
+        name = short_name(unit.layer, unit.kind)
         units[name] = {"only": ratio([unit]), "without": ratio([u for u in plan.removed if u is not unit]),
                        "params_removed": unit.params_removed, "stream_error": unit.stream_error}
         print(f"{name:5s} only x{units[name]['only']:.4f}  without x{units[name]['without']:.4f}", flush=True)
