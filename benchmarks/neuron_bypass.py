@@ -7,9 +7,10 @@ each removed gated FFN (``act(x Wg) * (x Wu) @ Wd``, then its post-norm where th
     y = (x P) Wx + a_K(x) Wk + b,    a_K(x) = act(x Wg[:, K]) * (x Wu[:, K])
 
 with ``K`` k of its neurons, ``P`` the top-r principal directions of its input ``x`` (the identity for
-``full``), and ``Wx``, ``Wk``, ``b`` one ridge least-squares fit (closed form, ridge 1e-2 relative to the mean
-diagonal, as the product's fits) to the FFN's output on the calibration tokens. The FFNs are refitted in depth
-order on the compressed upstream; the selection and the attention bypasses stay as SubFit chose them.
+``full``), and ``Wx``, ``Wk``, ``b`` one ridge least-squares fit to the FFN's output on the calibration tokens:
+the product's ``fit_bypass`` (closed form, ridge 1e-2 relative to the mean diagonal), on those features. The FFNs
+are refitted in depth order on the compressed upstream; the selection and the attention bypasses stay as SubFit
+chose them.
 
 A shape is ``r:k[:choice]``: ``r`` = ``full`` (a d x d map, the product's FFN bypass) or a rank, ``k`` neurons,
 chosen by ``energy`` (``E[a_j^2] |Wd_j|^2``, the default) or ``residual`` (the part of ``a_j`` that ``x P`` does
@@ -36,12 +37,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from subfit_onnx.assets import fetch_assets
 from subfit_onnx.calibration.calibrate import calibrate_model
+from subfit_onnx.calibration.fitting import fit_bypass
+from subfit_onnx.calibration.stats import UnitStats
 from subfit_onnx.calibration.text import (
     calibration_tokens,
     leading_bos,
@@ -136,17 +140,19 @@ def neuron_fit(x: torch.Tensor, dense_mlp: nn.Module, post_norm: nn.Module | Non
                      dtype=torch.float64), cross)).sum(0) if rank != 0 else 0.0
         importance = ((ac ** 2).sum(0) - explained) * weight_out
     kept = torch.argsort(importance, descending=True)[:k]
-    feats = torch.cat([x @ basis, acts[:, kept]], 1)
-    mean_f, mean_y = feats.mean(0), y.mean(0)
-    fc, yc = feats - mean_f, y - mean_y
-    gram = fc.T @ fc
-    shift = RIDGE * gram.diagonal().mean()
-    w = torch.linalg.solve(gram + shift * torch.eye(len(gram), dtype=torch.float64), fc.T @ yc)
-    err = float(((fc @ w - yc) ** 2).sum() / (yc ** 2).sum())
-    f32 = lambda t: t.float().contiguous()
+    feats = torch.cat([x @ basis, acts[:, kept]], 1).numpy()
+    target = y.numpy()
+    # the product's own closed-form fit (uniform tokens, float64), with the features as the bypass input; the
+    # stream (zeros here) only feeds SubFit's scores, not the fit
+    stats = UnitStats(feats.shape[1], target.shape[1], "uniform", np.float64)
+    stats.update(feats[None], target[None], np.zeros_like(target)[None])
+    fitted, _ = fit_bypass(stats, rank=None, ridge=RIDGE)
+    centred = target - target.mean(0)
+    err = float(((fitted.apply(feats) - target) ** 2).sum() / (centred ** 2).sum())
+    f32 = lambda a: torch.as_tensor(a, dtype=torch.float32).contiguous()
     r = basis.shape[1]
-    return NeuronBypass(f32(gate[:, kept]), f32(up[:, kept]), dense_mlp.act_fn, f32(basis @ w[:r]), f32(w[r:]),
-                        f32(mean_y - mean_f @ w)), err
+    return NeuronBypass(f32(gate[:, kept]), f32(up[:, kept]), dense_mlp.act_fn, f32(basis @ fitted.weight[:r]),
+                        f32(fitted.weight[r:]), f32(fitted.bias)), err
 
 
 def main() -> None:
