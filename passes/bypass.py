@@ -18,6 +18,7 @@ import onnx_ir as ir
 from ..architectures import UnitKind
 from ..bypass import Bypass
 from ..errors import PlanMismatchError, SubFitError
+from ..gated_ffn import ACTIVATIONS, GELU_TANH_CUBIC, GELU_TANH_SCALE
 from .graph_tools import value_dtype
 from .structure import BYPASS_SCOPE, DecoderStructure, UnitBoundary, bypass_params
 
@@ -35,6 +36,13 @@ def _check_shapes(bypass: Bypass, hidden: int, where: str) -> None:
             raise PlanMismatchError(f"{where}: a low-rank bypass needs both down and up")
         rank = bypass.down.shape[-1]
         expected.update(down=(hidden, rank), up=(rank, hidden))
+    if bypass.neuron_out is not None or bypass.neuron_gate is not None or bypass.neuron_up is not None:
+        if bypass.neuron_out is None or bypass.neuron_gate is None or bypass.neuron_up is None:
+            raise PlanMismatchError(f"{where}: a bypass with neurons needs their gate, up and out tensors")
+        if bypass.activation not in ACTIVATIONS:
+            raise PlanMismatchError(f"{where}: no ONNX form for the neurons' activation {bypass.activation!r}")
+        k = bypass.neuron_out.shape[0]
+        expected.update(neuron_gate=(hidden, k), neuron_up=(hidden, k), neuron_out=(k, hidden))
     for role, shape in expected.items():
         actual = tuple(np.shape(getattr(bypass, role)))
         if actual != shape:
@@ -70,6 +78,29 @@ class _Builder:
         self.nodes.append(node)
         return node.outputs[0]
 
+    def constant(self, role: str, value: float) -> ir.Value:
+        return self.weight(role, np.asarray(value, dtype=np.float32))
+
+    def activation(self, name: str, h: ir.Value) -> ir.Value:
+        """The activation of ``gated_ffn.ACTIVATIONS`` from standard ops (ONNX has no SiLU, and ``Gelu`` needs
+        opset 20, later than exporters write)."""
+        if name == "silu":
+            return self.op("Mul", [h, self.op("Sigmoid", [h])])
+        # gelu_pytorch_tanh: 0.5 h (1 + tanh(sqrt(2/pi) (h + 0.044715 h^3)))
+        cube = self.op("Mul", [self.op("Mul", [h, h]), h])
+        inner = self.op("Add", [h, self.op("Mul", [cube, self.constant("gelu_cubic", GELU_TANH_CUBIC)])])
+        tanh = self.op("Tanh", [self.op("Mul", [inner, self.constant("gelu_scale", GELU_TANH_SCALE)])])
+        half = self.op("Mul", [h, self.constant("gelu_half", 0.5)])
+        return self.op("Mul", [half, self.op("Add", [tanh, self.constant("gelu_one", 1.0)])])
+
+    def neurons(self, x: ir.Value, bypass: Bypass) -> ir.Value:
+        """``act(x Wg) * (x Wu) @ Wo`` for the bypass's kept FFN neurons."""
+        assert bypass.neuron_gate is not None and bypass.neuron_up is not None and bypass.neuron_out is not None
+        assert bypass.activation is not None
+        gate = self.activation(bypass.activation, self.op("MatMul", [x, self.weight("neuron_gate", bypass.neuron_gate)]))
+        up = self.op("MatMul", [x, self.weight("neuron_up", bypass.neuron_up)])
+        return self.op("MatMul", [self.op("Mul", [gate, up]), self.weight("neuron_out", bypass.neuron_out)])
+
 
 def _insert(graph: ir.Graph, unit: UnitBoundary, bypass: Bypass, fallback: ir.DataType) -> UnitBoundary:
     """Build one bypass before its residual Add and rewire the Add; returns the unit's new boundary.
@@ -86,6 +117,9 @@ def _insert(graph: ir.Graph, unit: UnitBoundary, bypass: Bypass, fallback: ir.Da
         y = b.op("MatMul", [b.op("MatMul", [x, b.weight("down", bypass.down)]), b.weight("up", bypass.up)])
     else:  # constant bypass: the residual Add broadcasts the bias over the stream
         y = None
+    if bypass.neuron_out is not None:
+        neurons = b.neurons(x, bypass)
+        y = neurons if y is None else b.op("Add", [y, neurons])
     bias = b.weight("bias", bypass.bias)
     out = b.op("Add", [y, bias]) if y is not None else b.op("Identity", [bias])  # a node marks the unit bypassed
     target = unit.output_dtype or dtype
@@ -106,7 +140,8 @@ class BypassResult(ir.passes.PassResult):
 
 
 class InsertBypassPass(ir.passes.InPlacePass):
-    """Rewire each listed unit's residual Add to a MatMul(+MatMul)+Add bypass of its pre-norm output.
+    """Rewire each listed unit's residual Add to a MatMul(+MatMul)+Add bypass of its pre-norm output (plus the
+    kept neurons' MatMuls, activation and Mul, for a bypass with neurons).
 
     ``structure`` is the graph's ``find_decoder_structure``, found by the caller and not searched again; it is
     only read. The units' old nodes become dead but stay in the graph; run ``RemoveUnusedNodesPass`` afterwards

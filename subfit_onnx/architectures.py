@@ -42,6 +42,7 @@ class FamilyLayout:
     layers_path: str  # attribute path from that base to the ModuleList of decoder layers
     attention: UnitLayout
     mlp: UnitLayout
+    gated_ffn: bool = True  # down(act(x Wg) * (x Wu)); False: down(act(x Wu)) (GPT-2)
 
     def unit(self, kind: UnitKind) -> UnitLayout:
         return self.attention if kind == "attention" else self.mlp
@@ -74,6 +75,7 @@ FAMILIES: tuple[FamilyLayout, ...] = (
         layers_path="h",
         attention=UnitLayout(module="attn", pre_norm="ln_1"),
         mlp=UnitLayout(module="mlp", pre_norm="ln_2"),
+        gated_ffn=False,
     ),
 )
 

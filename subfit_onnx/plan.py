@@ -14,25 +14,40 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from .architectures import UnitKind
 from .bypass import Bypass
 from .config import MethodSettings, SubFitConfig, upgrade_settings_data
 from .errors import SubFitError
+from .gated_ffn import ACTIVATIONS
 from .identity import ModelIdentity
 from .names import BYPASS_FILE, PLAN_FILE, unit_key
 from .staging import STAGED, staged_output
 
 PLAN_FORMAT = 2  # 1: method was an untyped dict (read by upgrade_plan_data)
+NEURON_ROLES = ("neuron_gate", "neuron_up", "neuron_out")
 TENSORS_FORMAT = 1  # the safetensors file's own layout (one float32 tensor per role, keyed by unit)
 
 
 class BypassSpec(BaseModel):
-    form: Literal["full", "lowrank", "constant"]
+    form: Literal["full", "lowrank", "constant", "neurons"]
     rank: int | None = None
+    neurons: int = 0  # kept FFN neurons (form "neurons")
+    activation: str | None = None  # their activation (``gated_ffn.ACTIVATIONS``)
     params: int
-    tensors: dict[str, str]  # role (weight|down|up|bias) -> safetensors key
+    tensors: dict[str, str]  # role (weight|down|up|bias|neuron_gate|neuron_up|neuron_out) -> safetensors key
+
+    @model_validator(mode="after")
+    def _neurons_complete(self) -> BypassSpec:
+        if self.form == "neurons":
+            if self.activation not in ACTIVATIONS:
+                raise ValueError(f"a bypass with neurons needs an activation of {', '.join(ACTIVATIONS)}, "
+                                 f"not {self.activation!r}")
+            missing = [r for r in NEURON_ROLES if r not in self.tensors]
+            if missing:
+                raise ValueError(f"a bypass with neurons lacks its {', '.join(missing)} tensors")
+        return self
 
 
 class RemovedUnit(BaseModel):
@@ -119,14 +134,16 @@ class Plan(BaseModel):
 
 def bypass_tensors(unit_key: str, bypass: Bypass) -> dict[str, np.ndarray]:
     """safetensors entries for one bypass, float32, keyed ``<unit>.<role>``."""
-    roles = {"weight": bypass.weight, "down": bypass.down, "up": bypass.up, "bias": bypass.bias}
+    roles = {"weight": bypass.weight, "down": bypass.down, "up": bypass.up, "bias": bypass.bias,
+             "neuron_gate": bypass.neuron_gate, "neuron_up": bypass.neuron_up, "neuron_out": bypass.neuron_out}
     return {f"{unit_key}.{role}": np.ascontiguousarray(arr, dtype=np.float32)
             for role, arr in roles.items() if arr is not None}
 
 
 def bypass_spec(unit_key: str, bypass: Bypass) -> BypassSpec:
     tensors = {k.rsplit(".", 1)[1]: k for k in bypass_tensors(unit_key, bypass)}
-    return BypassSpec(form=bypass.form, rank=bypass.rank, params=bypass.num_params, tensors=tensors)
+    return BypassSpec(form=bypass.form, rank=bypass.rank, neurons=bypass.neurons, activation=bypass.activation,
+                      params=bypass.num_params, tensors=tensors)
 
 
 def save_plan(plan: Plan, bypasses: dict[str, np.ndarray], folder: str | os.PathLike) -> Path:
@@ -185,7 +202,9 @@ def load_plan(path: str | os.PathLike) -> tuple[Plan, dict[str, np.ndarray]]:
 
 def bypass_from_tensors(unit: RemovedUnit, tensors: dict[str, np.ndarray]) -> Bypass:
     roles = {role: tensors[key] for role, key in unit.bypass.tensors.items()}
-    return Bypass(bias=roles["bias"], weight=roles.get("weight"), down=roles.get("down"), up=roles.get("up"))
+    return Bypass(bias=roles["bias"], weight=roles.get("weight"), down=roles.get("down"), up=roles.get("up"),
+                  neuron_gate=roles.get("neuron_gate"), neuron_up=roles.get("neuron_up"),
+                  neuron_out=roles.get("neuron_out"), activation=unit.bypass.activation)
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """The compressed PyTorch reference: what the rewritten ONNX graph computes, in transformers.
 
 A removed unit's module is swapped for ``BypassModule`` (``y = x W + b`` on the pre-norm output it already
-receives) and its post-norm, where the family has one, for ``nn.Identity``: exactly the ``MatMul`` + ``Add`` the
-ONNX pass inserts. A removed attention keeps a one-wide entry in the KV cache (head_dim 1), so the cache still
+receives, plus ``act(x Wg) * (x Wu) @ Wo`` for an FFN bypass that keeps neurons) and its post-norm, where the
+family has one, for ``nn.Identity``: exactly the nodes the ONNX pass inserts. A removed attention keeps a one-wide entry in the KV cache (head_dim 1), so the cache still
 counts positions for masks and ``generate`` while holding almost no bytes, as in the rewritten graph (head_dim 0
 would hold none, but transformers' ``DynamicLayer.get_seq_length`` reports 0 for an empty tensor, which restarts
 positions at 0 on every decode step when layer 0's attention is removed).
@@ -10,6 +10,7 @@ positions at 0 on every decode step when layer 0's attention is removed).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,11 @@ from .bypass import Bypass
 from .identity import check_matches, identity_facts
 from .plan import Plan, bypass_from_tensors
 from .torch_model import decoder_layers, first_param, model_family, model_identity
+
+TORCH_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": nn.functional.silu,
+    "gelu_pytorch_tanh": lambda x: nn.functional.gelu(x, approximate="tanh"),
+}  # the keys of gated_ffn.ACTIVATIONS
 
 
 class BypassModule(nn.Module):
@@ -38,6 +44,13 @@ class BypassModule(nn.Module):
         self.weight = as_param(bypass.weight) if bypass.weight is not None else None
         self.down = as_param(bypass.down) if bypass.down is not None else None
         self.up = as_param(bypass.up) if bypass.up is not None else None
+        self.neurons: tuple[nn.Parameter, nn.Parameter, nn.Parameter] | None = None
+        if bypass.neuron_out is not None:
+            assert bypass.neuron_gate is not None and bypass.neuron_up is not None and bypass.activation is not None
+            self.neuron_gate, self.neuron_up = as_param(bypass.neuron_gate), as_param(bypass.neuron_up)
+            self.neuron_out = as_param(bypass.neuron_out)
+            self.neurons = (self.neuron_gate, self.neuron_up, self.neuron_out)
+            self.activation = TORCH_ACTIVATIONS[bypass.activation]
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is not None:
@@ -46,6 +59,9 @@ class BypassModule(nn.Module):
             out = (x @ self.down) @ self.up
         else:
             out = torch.zeros(*x.shape[:-1], self.bias.shape[0], dtype=x.dtype, device=x.device)
+        if self.neurons is not None:
+            gate, up, down = self.neurons
+            out = out + (self.activation(x @ gate) * (x @ up)) @ down
         return out + self.bias
 
     def forward(self, hidden_states: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from .architectures import UNIT_KINDS, FamilyLayout, UnitKind, family_for
+from .gated_ffn import GatedFFN, config_activation
 from .identity import ModelIdentity, build_identity
 from .model_config import config_value
 
@@ -61,3 +63,27 @@ def unit_param_table(model: nn.Module) -> dict[tuple[int, UnitKind], int]:
 
 def first_param(module: nn.Module) -> torch.Tensor:
     return next(module.parameters())
+
+
+def gated_ffn(model: nn.Module, layer_idx: int) -> GatedFFN | None:
+    """Layer ``layer_idx``'s FFN as a ``GatedFFN``; None when it is not gated (GPT-2), has biases, or uses an
+    activation SubFit cannot build in ONNX: such an FFN keeps the linear bypass."""
+    family = model_family(model)
+    mlp = unit_module(decoder_layers(model, family)[layer_idx], family, "mlp")
+    activation = config_activation(model.config)
+    if not family.gated_ffn:
+        return None
+    down = getattr(mlp, "down_proj", None)
+    if hasattr(mlp, "gate_up_proj"):  # Phi-3: one projection, the gate's half first
+        gate_w, up_w = mlp.gate_up_proj.weight.chunk(2, dim=0)
+        projections = [mlp.gate_up_proj, down]
+    else:
+        gate_w = getattr(getattr(mlp, "gate_proj", None), "weight", None)
+        up_w = getattr(getattr(mlp, "up_proj", None), "weight", None)
+        projections = [getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None), down]
+    if activation is None or gate_w is None or up_w is None or down is None \
+            or any(getattr(p, "bias", None) is not None for p in projections):
+        return None
+    as_numpy = lambda t: t.detach().float().cpu().numpy()
+    return GatedFFN(gate=as_numpy(gate_w).T.copy(), up=as_numpy(up_w).T.copy(),
+                    out_weight=(as_numpy(down.weight).astype(np.float64) ** 2).sum(0), activation=activation)

@@ -16,13 +16,20 @@ import torch
 from subfit_onnx.bypass import Bypass
 from subfit_onnx.names import unit_key
 from subfit_onnx.plan import Plan, RemovedUnit, SparsityReport, bypass_spec, bypass_tensors
-from subfit_onnx.torch_model import model_identity, unit_param_table
+from subfit_onnx.torch_model import gated_ffn, model_identity, unit_param_table
 
-UnitSpec = tuple[int, str, str]  # (layer, kind, form) with form "full" | "lowrank" | "constant"
+UnitSpec = tuple[int, str, str]  # (layer, kind, form) with form "full" | "lowrank" | "constant" | "neurons"
 
 
-def random_bypass(hidden: int, form: str, rng: np.random.Generator, rank: int = 8) -> Bypass:
+def random_bypass(hidden: int, form: str, rng: np.random.Generator, rank: int = 8, activation: str | None = None,
+                  neurons: int = 16) -> Bypass:
     bias = 0.1 * rng.standard_normal(hidden)
+    if form == "neurons":  # a low-rank map plus ``neurons`` kept FFN neurons
+        linear = random_bypass(hidden, "lowrank", rng, rank)
+        return Bypass(bias=bias, down=linear.down, up=linear.up, activation=activation,
+                      neuron_gate=rng.standard_normal((hidden, neurons)) / np.sqrt(hidden),
+                      neuron_up=rng.standard_normal((hidden, neurons)) / np.sqrt(hidden),
+                      neuron_out=0.5 * rng.standard_normal((neurons, hidden)) / np.sqrt(neurons))
     if form == "full":
         return Bypass(bias=bias, weight=0.5 * rng.standard_normal((hidden, hidden)) / np.sqrt(hidden))
     if form == "lowrank":
@@ -39,7 +46,8 @@ def hand_plan(model: torch.nn.Module, units: Sequence[UnitSpec], seed: int = 0) 
     removed, tensors = [], {}
     for layer, kind, form in units:
         key = unit_key(layer, kind)
-        bypass = random_bypass(identity.hidden_size, form, rng)
+        ffn = gated_ffn(model, layer) if form == "neurons" else None
+        bypass = random_bypass(identity.hidden_size, form, rng, activation=ffn.activation if ffn else None)
         tensors.update(bypass_tensors(key, bypass))
         removed.append(RemovedUnit(layer=layer, kind=kind, score=0.0, fit_error=0.1, stream_error=0.01,
                                    params_removed=params[(layer, kind)], bypass=bypass_spec(key, bypass)))

@@ -150,3 +150,22 @@ def test_same_plan_same_logits_as_optimum_export(family, builder_optimum_export,
     tolerance = 2e-2 if family == "gemma2" else 2e-5
     for a, b in zip(got, want):
         assert rel_diff(a, b) < tolerance
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_bypasses_with_neurons_give_the_same_logits_on_both_layouts(family, builder_optimum_export, tmp_path):
+    """FFN bypasses that keep neurons read the same norm output and feed the same residual in a model-builder graph
+    as in an Optimum export (the last FFN feeds the final norm)."""
+    rng = np.random.default_rng(2)
+    units = [(1, "mlp"), (3, "mlp"), (2, "attention")]
+    bypasses = {(layer, kind): random_bypass(HIDDEN, "neurons" if kind == "mlp" else "lowrank", rng,
+                                             activation="gelu_pytorch_tanh") for layer, kind in units}
+    optimum = ir.load(builder_optimum_export(family))
+    rewrite_model(optimum, bypasses)
+    builder = load(family, "fp32")
+    rewrite_model(builder, bypasses)
+    ids, nxt = tokens(2)
+    want = run(save(optimum, tmp_path / "optimum.onnx"), ids, nxt)
+    got = run(save(builder, tmp_path / "builder.onnx"), ids, nxt, 4096 if family in SLIDING else 0)
+    for a, b in zip(got, want):
+        assert rel_diff(a, b) < 2e-5

@@ -17,7 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = {"subfit_onnx": REPO / "subfit_onnx", "subfit_onnx.passes": REPO / "passes",
             "subfit_onnx.exporters": REPO / "exporters"}
 # what every layer may use: names, types and tables with no behaviour of their own
-VOCABULARY = {"subfit_onnx.architectures", "subfit_onnx.bypass", "subfit_onnx.errors", "subfit_onnx.names"}
+# gated_ffn: the activations a bypass with kept FFN neurons computes, which the bypass and the ONNX pass both need
+VOCABULARY = {"subfit_onnx.architectures", "subfit_onnx.bypass", "subfit_onnx.errors", "subfit_onnx.gated_ffn",
+              "subfit_onnx.names"}
 
 
 def modules(package: str) -> dict[str, Path]:

@@ -219,3 +219,22 @@ def test_optimize_quantizes_and_measures_quality_on_the_quantized_model(tiny_exp
     assert fp32["quality"]["measured"] and int4["quality"]["measured"]
     assert int4["quality"]["dense_ppl"] == fp32["quality"]["dense_ppl"]
     assert int4["quality"]["heldout_ppl_ratio"] > fp32["quality"]["heldout_ppl_ratio"] + 0.01
+
+
+def test_bypasses_with_neurons_are_quantized_and_stay_close(tiny_export, tmp_path):
+    """Every MatMul of an FFN bypass that keeps neurons is quantized at the bypass precision, and the int8 model
+    stays as close to the fp32 one as linear bypasses do."""
+    plan, tensors = hand_plan(tiny_model("llama"), [(1, "mlp", "neurons"), (2, "attention", "lowrank")], seed=3)
+    plan_folder = CalibratedPlan(plan, tensors).save(tmp_path / "plan")
+    out = {q or "fp32": subfit_onnx.rewrite(tiny_export("llama"), plan_folder, tmp_path / (q or "fp32"), quantize=q)
+           for q in (None, "int8", "int4")}
+    for q in ("int8", "int4"):
+        model = onnx.load(str(out[q].model_path))
+        neuron_nodes = {n.name: n.op_type for n in model.graph.node if "layers.1/mlp/subfit/" in n.name}
+        assert list(neuron_nodes.values()).count("MatMulNBits") == 5 and "MatMul" not in neuron_nodes.values()
+        assert {b for name, b in bits_by_node(model).items() if "/subfit/" in name} == {8}
+    ids = np.random.default_rng(5).integers(3, 256, size=(2, 16))
+    want = ort_prefill_decode(out["fp32"].model_path, ids, ids[:, :1])
+    got = ort_prefill_decode(out["int8"].model_path, ids, ids[:, :1])
+    for a, b in zip(got[:2], want[:2]):
+        assert rel_diff(a, b) < 0.08

@@ -121,6 +121,36 @@ def test_fp16_rewrite_matches_reference(family_exports, tmp_path, family):
     assert prefill > 0 and decode > 0
 
 
+# FFN bypasses that keep some of the FFN's neurons (silu or tanh-GELU, per family), beside a linear attention one
+NEURONS = [(1, "mlp", "neurons"), (2, "attention", "lowrank"), (3, "mlp", "neurons")]
+GATED = tuple(f for f in FAMILIES if f != "gpt2")
+
+
+@pytest.mark.parametrize("family", GATED)
+def test_neuron_bypass_rewrite_matches_reference(family_exports, tmp_path, family):
+    plan, tensors = hand_plan(tiny_model(family), NEURONS, seed=11)
+    assert {u.bypass.form for u in plan.removed_units("mlp")} == {"neurons"}
+    out = tmp_path / "out"
+    rewrite_export(family_exports(family), plan, tensors, out)
+    onnx.checker.check_model(out / "model.onnx", full_check=True)
+    model = onnx.load(out / "model.onnx")
+    ops = {n.op_type for n in model.graph.node if "/mlp/subfit/" in n.name and "layers.1/" in n.name}
+    activation = {"silu": {"Sigmoid"}, "gelu_pytorch_tanh": {"Tanh"}}[plan.removed[0].bypass.activation]
+    assert activation <= ops and {"MatMul", "Mul", "Add"} <= ops
+    ref = reference(family, plan, tensors)
+    check_parity(out, ref, TOL)
+    check_generate(out, ref, use_cache=True)
+
+
+@pytest.mark.parametrize("family", FP16_FAMILIES)
+def test_fp16_neuron_bypass_rewrite_matches_reference(family_exports, tmp_path, family):
+    plan, tensors = hand_plan(tiny_model(family), NEURONS, seed=12)
+    out = tmp_path / "out"
+    rewrite_export(family_exports(family, "fp16"), plan, tensors, out)
+    onnx.checker.check_model(out / "model.onnx", full_check=True)
+    check_parity(out, reference(family, plan, tensors), 5e-3)
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_calibrated_plan_matches_reference(family_exports, tmp_path, family):
     """A plan from calibrate_model (fitted bypasses, real selection), not a hand-made one."""
