@@ -66,6 +66,12 @@ class UnitScore(str, Enum):
     end_to_end = "end_to_end"
 
 
+class FfnBypassShape(str, Enum):
+    linear = "linear"
+    neurons = "neurons"
+    auto = "auto"
+
+
 class TokenWeighting(str, Enum):
     auto = "auto"
     stream = "stream"
@@ -102,6 +108,10 @@ Score = Annotated[UnitScore | None, typer.Option(
     "--score", help="how units are ranked for removal. end_to_end: each unit alone replaced, measured at the last "
     "layer on a calibration row no fit saw; stream_error: each bypass's error where it lands",
     show_default="end_to_end")]
+FfnBypass = Annotated[FfnBypassShape | None, typer.Option(
+    "--ffn-bypass", help="how a removed gated FFN is bypassed. linear: a d x d map; neurons: a rank d/8 map plus "
+    "d/4 of the FFN's own neurons, the same parameter count; auto: per FFN, the one with less calibration fit "
+    "error (PyTorch calibration only)", show_default="linear")]
 Output = Annotated[Path | None, typer.Option(
     "--output", "-o", help="output folder", show_default="<source folder>-subfit<percent>")]
 PlanOut = Annotated[Path | None, typer.Option(
@@ -122,6 +132,7 @@ class CalibrationInputs:
     backend: CalibrationBackend
     weighting: TokenWeighting | None = None
     score: UnitScore | None = None
+    ffn_bypass: FfnBypassShape | None = None
 
     def config(self, with_sparsity: bool = True) -> Any:
         from .config import make_config
@@ -129,15 +140,18 @@ class CalibrationInputs:
         return make_config(None, self.sparsity if with_sparsity else None, calibration=self.calibration,
                            num_samples=self.num_samples, seq_len=self.seq_len,
                            weighting=self.weighting.value if self.weighting else None,
-                           score=self.score.value if self.score else None)
+                           score=self.score.value if self.score else None,
+                           ffn_bypass=self.ffn_bypass.value if self.ffn_bypass else None)
 
 
 def _calibration_inputs(source: Source, sparsity: Sparsity = None, model: Model = None,
                         calibration: Calibration = None, num_samples: NumSamples = None, seq_len: SeqLen = None,
                         backend: Backend = CalibrationBackend.auto,
-                        weighting: Weighting = None, score: Score = None) -> CalibrationInputs:
+                        weighting: Weighting = None, score: Score = None,
+                        ffn_bypass: FfnBypass = None) -> CalibrationInputs:
     """The shared options, declared once: typer reads this signature for every command that takes them."""
-    return CalibrationInputs(source, sparsity, model, calibration, num_samples, seq_len, backend, weighting, score)
+    return CalibrationInputs(source, sparsity, model, calibration, num_samples, seq_len, backend, weighting, score,
+                             ffn_bypass)
 
 
 @dataclass

@@ -39,6 +39,7 @@ import numpy as np
 from .architectures import UNIT_KINDS, UnitKind
 from .bypass import Bypass
 from .config import MethodSettings
+from .gated_ffn import config_activation, equal_cost_shape
 from .names import unit_key
 from .progress import ProgressFactory, progress_bar, silent
 
@@ -89,13 +90,33 @@ def _parse_key(key: str) -> tuple[int, UnitKind]:
 
 
 # ---- the ablation graphs ------------------------------------------------------------------------------------------
-def _zero_bypass(hidden: int, rank: int | None) -> Bypass:
-    """A bypass of calibration's shape with zero weights: it costs what a fitted one costs and adds nothing."""
+def _zero_bypass(hidden: int, rank: int | None, activation: str | None = None) -> Bypass:
+    """A bypass of calibration's shape with zero weights: it costs what a fitted one costs and adds nothing.
+
+    With ``activation``, the shape of an FFN bypass that keeps neurons (``ffn_bypass``): the same parameters as a
+    d x d map, in three more MatMuls, the activation and a Mul.
+    """
     zeros = np.zeros(hidden, dtype=np.float32)
+    if activation is not None:
+        r, k = equal_cost_shape(hidden)
+        z = lambda *shape: np.zeros(shape, dtype=np.float32)
+        return Bypass(bias=zeros, down=z(hidden, r), up=z(r, hidden), neuron_gate=z(hidden, k),
+                      neuron_up=z(hidden, k), neuron_out=z(k, hidden), activation=activation)
     if rank is None:
         return Bypass(bias=zeros, weight=np.zeros((hidden, hidden), dtype=np.float32))
     return Bypass(bias=zeros, down=np.zeros((hidden, rank), dtype=np.float32),
                   up=np.zeros((rank, hidden), dtype=np.float32))
+
+
+def _neuron_activation(config: dict[str, Any], method: MethodSettings) -> str | None:
+    """The kept neurons' activation when FFN bypasses may keep neurons (timed with them: under ``auto`` that is
+    the costlier of the two shapes), else None."""
+    from .architectures import family_for
+    from .model_config import model_type, text_config
+
+    if method.ffn_bypass == "linear" or not family_for(model_type(config) or "unknown").gated_ffn:
+        return None
+    return config_activation(text_config(config))
 
 
 def _ablated_layers(kind: UnitKind, num_layers: int) -> list[int]:
@@ -120,10 +141,11 @@ def _ablated_export(onnx_file: Path, kind: UnitKind | None, method: MethodSettin
     _, config, structure = load_decoder_structure(onnx_file)
     identity, params = export_identity(config, structure_facts(structure), onnx_file.parent)
     rank = method.rank_for(kind, structure.hidden_size)
+    activation = _neuron_activation(config, method) if kind == "mlp" else None
     removed, tensors = [], {}
     for layer in _ablated_layers(kind, structure.num_layers) if kind is not None else []:
         key = unit_key(layer, kind)
-        bypass = _zero_bypass(structure.hidden_size, rank)
+        bypass = _zero_bypass(structure.hidden_size, rank, activation)
         tensors.update(bypass_tensors(key, bypass))
         removed.append(RemovedUnit(layer=layer, kind=kind, score=0.0, fit_error=1.0, stream_error=0.0,
                                    params_removed=params[(layer, kind)], bypass=bypass_spec(key, bypass)))
@@ -237,6 +259,8 @@ def _cache_path(onnx_file: Path, provider: str, context: int, method: MethodSett
     import onnxruntime
 
     shape = f"{method.attention_rank.model_dump_json()}|{method.mlp_rank.model_dump_json()}"
+    if method.ffn_bypass != "linear":
+        shape += f"|{method.ffn_bypass}"
     digest.update(f"|{provider}|{context}|{shape}|{quantize}|{onnxruntime.__version__}|{CACHE_FORMAT}".encode())
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "subfit-onnx" / "unit-costs"
     return root / f"{digest.hexdigest()[:24]}.json"

@@ -82,3 +82,32 @@ def test_the_dense_reference_at_a_precision_bypasses_nothing(tiny_export, tmp_pa
     assert len([n for n in graph.node if n.op_type == "MatMulNBits"]) == len(
         [n for n in onnx.load(onnx_file).graph.node if n.op_type == "MatMul" and "lm_head" not in n.name
          and "proj" in n.name]) + 1  # the seven projections per layer, and lm_head
+
+
+@pytest.mark.parametrize("family, activation_op", [("llama", "Sigmoid"), ("gemma3", "Tanh"), ("gpt2", None)])
+def test_ffn_ablations_are_timed_in_the_shape_ffn_bypass_fits(tiny_export, tmp_path, family, activation_op):
+    """With ``ffn_bypass`` neurons or auto, the FFN ablation holds bypasses with neurons (the family's activation);
+    GPT-2's FFN is not gated and keeps the linear shape."""
+    onnx_file = tiny_export(family) / "model.onnx"
+    ops = {}
+    for mode in ("linear", "neurons"):
+        out = _ablated_export(onnx_file, "mlp", MethodSettings(ffn_bypass=mode), tmp_path / mode)
+        graph = onnx.load(out / "model.onnx").graph
+        ops[mode] = [n.op_type for n in graph.node if "/mlp/subfit/" in n.name]
+        params = sum(onnx.numpy_helper.to_array(t).size for t in graph.initializer if t.name.startswith("subfit."))
+        ops[mode, "params"] = params
+    assert activation_op not in ops["linear"] and ops["linear"].count("MatMul") == ops["linear"].count("Add")
+    if activation_op is None:
+        assert ops["neurons"] == ops["linear"]
+    else:
+        assert activation_op in ops["neurons"] and ops["neurons"].count("MatMul") == 5 * ops["linear"].count("MatMul")
+    assert ops["neurons", "params"] - ops["linear", "params"] < 0.01 * ops["linear", "params"]  # same parameters
+
+
+def test_costs_with_neurons_are_cached_apart(costs, tmp_path):
+    from subfit_onnx.unit_costs import _cache_path
+
+    onnx_file, _ = costs
+    paths = {mode: _cache_path(onnx_file, "cpu", 64, MethodSettings(ffn_bypass=mode), None)
+             for mode in ("linear", "neurons", "auto")}
+    assert len(set(paths.values())) == 3

@@ -36,6 +36,7 @@ def numpy_solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 class LinearAlgebra:
     tn: TransposedProduct = numpy_tn  # one batch's X^T X and X^T Y
     solve: Callable[[np.ndarray, np.ndarray], np.ndarray] = numpy_solve  # symmetric positive (semi)definite a
+    matmul: Callable[[np.ndarray, np.ndarray], np.ndarray] = np.matmul  # one batch's inputs times weights
 
 
 NUMPY_LINALG = LinearAlgebra()

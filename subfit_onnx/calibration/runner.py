@@ -15,6 +15,7 @@ import numpy as np
 
 from ..architectures import UnitKind
 from ..bypass import Bypass
+from ..gated_ffn import GatedFFN
 from ..identity import ModelIdentity
 from ..progress import ProgressFactory
 from .activations import ActivationStore
@@ -46,6 +47,11 @@ class RowBatches:
     keep_mlp_inputs: bool = True
     keep_held_out_stats: bool = False
     linalg: LinearAlgebra = NUMPY_LINALG
+    reads_ffn_neurons = False  # whether ``gated_ffn`` gives FFN weights (bypasses with neurons, ``neuron_fit``)
+
+    def gated_ffn(self, index: int) -> GatedFFN | None:
+        """Layer ``index``'s FFN weights for a bypass that keeps some of its neurons; None: it keeps a linear one."""
+        return None
 
     @contextmanager
     def scoring_only(self, rows: int) -> Iterator[None]:
@@ -139,6 +145,10 @@ class LayerRunner(Protocol):
     def dense_targets(self) -> Any: ...
 
     def install_bypass(self, index: int, kind: UnitKind, bypass: Bypass) -> Undoable: ...
+
+    reads_ffn_neurons: bool
+
+    def gated_ffn(self, index: int) -> GatedFFN | None: ...
 
     def scoring_only(self, rows: int) -> AbstractContextManager[None]: ...
 

@@ -90,7 +90,7 @@ class UnitStats:
         so long calibrations don't lose precision.
         """
         dt = self.product_dtype
-        w_flat = self._token_weights(batch.out_sq).reshape(-1)
+        w_flat = self.token_weights(batch.out_sq).reshape(-1)
         weighted = w_flat > 0
         # a mask that keeps every token (every weighting but skip_first) would only copy the batch
         keep: slice | np.ndarray = slice(None) if weighted.all() else weighted
@@ -114,7 +114,7 @@ class UnitStats:
         self.turn_sum += float((wk * (1.0 - dot / np.maximum(np.sqrt(in_k * out_k), 1e-30))).sum())
         self.growth_sum += float((wk * np.sqrt(batch.y_sq[keep] / np.maximum(in_k, 1e-30))).sum())
 
-    def _token_weights(self, out_sq: np.ndarray) -> np.ndarray:
+    def token_weights(self, out_sq: np.ndarray) -> np.ndarray:
         if self.weighting == "uniform":
             return np.ones_like(out_sq)
         if self.weighting == "skip_first":

@@ -19,12 +19,14 @@ from torch import nn
 
 from ..architectures import UNIT_KINDS, FamilyLayout, UnitKind
 from ..bypass import Bypass
+from ..gated_ffn import GatedFFN
 from ..progress import ProgressFactory, progress_bar, silent
 from ..reference import UnitSwap, install_bypass
 from ..torch_model import (
     decoder_base,
     decoder_layers,
     first_param,
+    gated_ffn,
     model_family,
     model_identity,
     unit_param_table,
@@ -58,7 +60,11 @@ def torch_solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return numpy_solve(a, b)
 
 
-TORCH_LINALG = LinearAlgebra(tn=torch_tn, solve=torch_solve)
+def torch_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (torch.from_numpy(np.ascontiguousarray(a)) @ torch.from_numpy(np.ascontiguousarray(b))).numpy()
+
+
+TORCH_LINALG = LinearAlgebra(tn=torch_tn, solve=torch_solve, matmul=torch_matmul)
 
 
 def _as_numpy(t: torch.Tensor) -> np.ndarray:
@@ -107,6 +113,11 @@ class TorchLayerRunner(RowBatches):
 
     def install_bypass(self, index: int, kind: UnitKind, bypass: Bypass) -> UnitSwap:
         return install_bypass(self.model, self.family, index, kind, bypass)
+
+    reads_ffn_neurons = True
+
+    def gated_ffn(self, index: int) -> GatedFFN | None:
+        return gated_ffn(self.model, index)
 
     def dense_targets(self) -> DenseTargets:
         return DenseTargets(self.store)

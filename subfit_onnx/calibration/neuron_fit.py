@@ -1,0 +1,140 @@
+"""FFN bypasses that keep a few of the removed gated FFN's own neurons (``MethodSettings.ffn_bypass``).
+
+A linear map cannot follow a gated FFN's nonlinearity: on SmolLM2 at 25% the linear fits of the removed FFNs leave
+27-49% of their output unexplained. The bypass with neurons is
+
+    y = (x P) Wx + a_K(x) Wk + b,    a_K(x) = act(x Wg[:, K]) * (x Wu[:, K])
+
+with ``P`` the top-r principal directions of the FFN's input, ``K`` the k neurons with the most output energy
+(``E[a_j^2] |Wd_j|^2``), and ``Wx``, ``Wk``, ``b`` one ridge fit on the features ``[x P, a_K]``: the same
+closed-form ``fit_bypass``, on the same token weights, as every linear bypass. Rank d/8 with d/4 neurons costs
+``2 d r + 3 d k = d^2`` parameters, exactly a d x d bypass, so the sparsity does not move (wiki perplexity ratio at
+that cost, ``benchmarks/neuron_bypass.py``: SmolLM2 1.938 -> 1.810 at 25%, Gemma-3-270m 2.241 -> 2.249; the
+per-FFN choice by fit error 1.832 and 2.129).
+
+Statistics come from a sweep of the FFN's layer: the FFN inputs the store keeps (``ActivationStore.mlp_inputs``)
+and the layer's outputs, whose difference is the FFN's contribution. One pass over those stored rows gives the
+neurons' energies, a second the features' sums.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..bypass import Bypass
+from ..gated_ffn import GatedFFN, Matmul, equal_cost_shape, neuron_activations
+from .fitting import fit_bypass
+from .linalg import LinearAlgebra
+from .stats import UnitStats
+
+__all__ = ["NeuronFeatures", "StoredRows", "choose_features", "equal_cost_shape", "feature_stats", "fit_neurons"]
+
+
+@dataclass(frozen=True)
+class NeuronFeatures:
+    """What a bypass with neurons reads: principal directions of x and kept neurons, fixed once chosen, so that
+    a refit on more rows (the weighting check's held-out ones) reuses them."""
+
+    basis: np.ndarray  # d x r, orthonormal
+    kept: np.ndarray  # neuron indices, most output energy first
+    ffn: GatedFFN
+
+    @property
+    def gate(self) -> np.ndarray:
+        return self.ffn.gate[:, self.kept]
+
+    @property
+    def up(self) -> np.ndarray:
+        return self.ffn.up[:, self.kept]
+
+    def of(self, x: np.ndarray, matmul: Matmul = np.matmul) -> np.ndarray:
+        """``[x P, a_K(x)]`` for [tokens, d] inputs, in float32."""
+        x = np.asarray(x, dtype=np.float32)
+        return np.concatenate([matmul(x, self.basis.astype(np.float32)),
+                               neuron_activations(x, self.gate, self.up, self.ffn.activation, matmul)], axis=-1)
+
+    def bypass(self, fitted: Bypass) -> Bypass:
+        """The bypass from a full-rank fit on the features: its first r rows act on ``x P``, the rest on the neurons."""
+        assert fitted.weight is not None
+        r = self.basis.shape[1]
+        return Bypass(bias=fitted.bias, down=self.basis.copy(), up=fitted.weight[:r], neuron_gate=self.gate,
+                      neuron_up=self.up, neuron_out=fitted.weight[r:], activation=self.ffn.activation)
+
+
+def principal_directions(stats: UnitStats, rank: int) -> np.ndarray:
+    """The top-``rank`` eigenvectors of x's weighted, centred second moment (from a unit's linear statistics)."""
+    d = stats.dim_in
+    wsum = max(float(stats.gram[d, d]), 1e-30)
+    mean = stats.gram[d, :d] / wsum
+    cov = stats.gram[:d, :d] - wsum * np.outer(mean, mean)
+    eigvals, eigvecs = np.linalg.eigh((cov + cov.T) / 2)
+    return eigvecs[:, np.argsort(eigvals)[::-1][:rank]]
+
+
+@dataclass
+class StoredRows:
+    """One FFN's tokens as pass 2 left them: its inputs ``x``, the stream before it ``mid`` and the layer's
+    outputs ``out`` (``out - mid`` is what the FFN adds), read in the sweep's batches; rows from ``stat_rows``
+    on are held out of the fit (``RowBatches``), and summed apart when ``keep_held_out``."""
+
+    x: np.ndarray
+    mid: np.ndarray
+    out: np.ndarray
+    batches: Iterable[slice]
+    stat_rows: int | None = None
+    keep_held_out: bool = False
+
+    def parts(self) -> Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, bool]]:
+        """(x, mid, y, held out) per batch part, float32 [rows, seq, d]."""
+        for rows in self.batches:
+            n = rows.stop - rows.start
+            fitted = n if self.stat_rows is None else max(0, min(rows.stop, self.stat_rows) - rows.start)
+            x, mid = np.asarray(self.x[rows]), np.asarray(self.mid[rows])
+            y = np.asarray(self.out[rows]) - mid
+            if fitted:
+                yield x[:fitted], mid[:fitted], y[:fitted], False
+            if fitted < n and self.keep_held_out:
+                yield x[fitted:], mid[fitted:], y[fitted:], True
+
+
+def neuron_energy(rows: StoredRows, ffn: GatedFFN, weighting_stats: UnitStats,
+                  matmul: Matmul = np.matmul) -> np.ndarray:
+    """Each neuron's output energy ``sum_t w_t a_tj^2 |Wd_j|^2`` over the fitted rows, under the fit's weights."""
+    total = np.zeros(ffn.gate.shape[1], dtype=np.float64)
+    for x, mid, y, held in rows.parts():
+        if held:
+            continue
+        out = mid + y
+        w = weighting_stats.token_weights(np.einsum("bsd,bsd->bs", out, out).astype(np.float64)).reshape(-1)
+        a = ffn.activations(x.reshape(-1, x.shape[-1]), matmul)
+        total += matmul(w.astype(np.float32)[None], a * a)[0]
+    return total * ffn.out_weight
+
+
+def choose_features(linear: UnitStats, rows: StoredRows, ffn: GatedFFN, rank: int, neurons: int,
+                    matmul: Matmul = np.matmul) -> NeuronFeatures:
+    """The principal directions of x (from the unit's linear statistics) and the neurons with the most energy."""
+    energy = neuron_energy(rows, ffn, linear, matmul)
+    kept = np.argsort(energy, kind="stable")[::-1][:neurons]
+    return NeuronFeatures(basis=principal_directions(linear, rank), kept=kept, ffn=ffn)
+
+
+def feature_stats(features: NeuronFeatures, rows: StoredRows, linear: UnitStats, linalg: LinearAlgebra) -> UnitStats:
+    """Sufficient statistics of the features and the FFN's contribution, weighted as ``linear`` is; held-out rows
+    summed apart, as the linear statistics are."""
+    dim = features.basis.shape[1] + len(features.kept)
+    stats = UnitStats(dim, linear.dim_out, linear.weighting, products=linalg.tn)
+    for x, mid, y, held in rows.parts():
+        feats = features.of(x.reshape(-1, x.shape[-1]), linalg.matmul).reshape(*x.shape[:-1], dim)
+        (stats.held_out_part() if held else stats).update(feats, y, mid)
+    return stats
+
+
+def fit_neurons(features: NeuronFeatures, stats: UnitStats, ridge: float,
+                linalg: LinearAlgebra) -> tuple[Bypass, float]:
+    """The bypass with neurons and its weighted error (as ``fit_bypass`` reports it)."""
+    fitted, err = fit_bypass(stats, rank=None, ridge=ridge, linalg=linalg)
+    return features.bypass(fitted), err
