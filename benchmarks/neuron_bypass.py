@@ -1,4 +1,5 @@
-"""An experiment, not a setting: FFN bypasses that keep a few of the removed FFN's own neurons.
+"""FFN bypasses that keep a few of the removed FFN's own neurons: the product's ``--ffn-bypass`` modes (``--product``)
+beside this script's own refit of the default plan, which explores shapes the product does not offer.
 
 A linear bypass cannot follow a gated FFN's nonlinearity: on SmolLM2 at 25% the pass-2 fits of the removed FFNs
 leave 27-49% of their output energy unexplained on the calibration tokens. Here, after SubFit at the defaults,
@@ -25,7 +26,11 @@ tokenizer adds BOS, PyTorch; ratio to dense. Calibration: 64 x 256 tokens of C4'
 ``benchmarks/results/neuron_bypass_<model>.json``, one entry per sparsity; a run on the same plan keeps the rows
 it did not measure again.
 
+``--product MODE ...`` calibrates with the product's ``ffn_bypass=MODE`` at ``--sparsity`` (rows ``product
+--ffn-bypass MODE``, with their calibration seconds; time them apart on a quiet machine to compare).
+
     python benchmarks/neuron_bypass.py [--model smollm2|gemma3] [--shapes full:0 72:144 'full:0|72:144' ...]
+                                       [--product linear neurons auto]
 """
 
 from __future__ import annotations
@@ -162,6 +167,8 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.25)
     ap.add_argument("--shapes", nargs="+", help="default: full:0, d/8:d/4, full:0|d/8:d/4 and full:128")
     ap.add_argument("--default-sparsity", type=float, nargs="*", default=[])
+    ap.add_argument("--product", nargs="*", default=[], choices=("linear", "neurons", "auto"),
+                    help="also calibrate with the product's --ffn-bypass MODE (timed side by side)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
     for name in args.shapes or []:  # refused before any work
@@ -192,6 +199,18 @@ def main() -> None:
         plan = calibrate_model(other, cal, SubFitConfig(sparsity=sparsity), keep_compressed=True).plan
         rows.append({"shape": f"SubFit defaults at {sparsity}", "removed": plan.depth_map(),
                      "net_sparsity": round(plan.sparsity.net, 4), "wiki": ratio(other)})
+        print(rows[-1], flush=True)
+        del other
+
+    for mode in args.product:
+        other = copy.deepcopy(dense)
+        t0 = time.perf_counter()
+        made = calibrate_model(other, cal, SubFitConfig(sparsity=args.sparsity, ffn_bypass=mode), keep_compressed=True)
+        seconds = time.perf_counter() - t0
+        forms = {u.layer: u.bypass.form for u in made.plan.removed_units("mlp")}
+        rows.append({"shape": f"product --ffn-bypass {mode}", "removed": made.plan.depth_map(),
+                     "chosen": [forms[i] for i in sorted(forms)], "net_sparsity": round(made.plan.sparsity.net, 4),
+                     "calibrate_seconds": round(seconds, 1), "wiki": ratio(other)})
         print(rows[-1], flush=True)
         del other
 
