@@ -61,16 +61,15 @@ class Bypass:
 
     def apply(self, x: np.ndarray, dtype: type = np.float64) -> np.ndarray:
         """The bypass on ``x``, computed in ``dtype`` (float32: what the deployed graph computes, and faster)."""
-        out = np.asarray(x, dtype=dtype)
+        x = np.asarray(x, dtype=dtype)
         cast = lambda a: np.asarray(a, dtype=dtype)
         if self.weight is not None:
-            out = out @ cast(self.weight)
+            out = x @ cast(self.weight)
         elif self.down is not None and self.up is not None:
-            out = (out @ cast(self.down)) @ cast(self.up)
+            out = (x @ cast(self.down)) @ cast(self.up)
         else:
-            out = np.zeros(out.shape[:-1] + (self.bias.shape[0],), dtype=dtype)
+            out = np.zeros(x.shape[:-1] + (self.bias.shape[0],), dtype=dtype)
         if self.neuron_out is not None:
             assert self.neuron_gate is not None and self.neuron_up is not None and self.activation is not None
-            x_in = np.asarray(x, dtype=dtype)
-            out = out + neuron_activations(x_in, self.neuron_gate, self.neuron_up, self.activation) @ cast(self.neuron_out)
+            out = out + neuron_activations(x, self.neuron_gate, self.neuron_up, self.activation) @ cast(self.neuron_out)
         return out + cast(self.bias)

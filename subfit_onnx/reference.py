@@ -44,13 +44,10 @@ class BypassModule(nn.Module):
         self.weight = as_param(bypass.weight) if bypass.weight is not None else None
         self.down = as_param(bypass.down) if bypass.down is not None else None
         self.up = as_param(bypass.up) if bypass.up is not None else None
-        self.neurons: tuple[nn.Parameter, nn.Parameter, nn.Parameter] | None = None
-        if bypass.neuron_out is not None:
-            assert bypass.neuron_gate is not None and bypass.neuron_up is not None and bypass.activation is not None
-            self.neuron_gate, self.neuron_up = as_param(bypass.neuron_gate), as_param(bypass.neuron_up)
-            self.neuron_out = as_param(bypass.neuron_out)
-            self.neurons = (self.neuron_gate, self.neuron_up, self.neuron_out)
-            self.activation = TORCH_ACTIVATIONS[bypass.activation]
+        self.neuron_gate = as_param(bypass.neuron_gate) if bypass.neuron_gate is not None else None
+        self.neuron_up = as_param(bypass.neuron_up) if bypass.neuron_up is not None else None
+        self.neuron_out = as_param(bypass.neuron_out) if bypass.neuron_out is not None else None
+        self.activation = TORCH_ACTIVATIONS[bypass.activation] if bypass.activation is not None else None
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is not None:
@@ -59,9 +56,9 @@ class BypassModule(nn.Module):
             out = (x @ self.down) @ self.up
         else:
             out = torch.zeros(*x.shape[:-1], self.bias.shape[0], dtype=x.dtype, device=x.device)
-        if self.neurons is not None:
-            gate, up, down = self.neurons
-            out = out + (self.activation(x @ gate) * (x @ up)) @ down
+        if self.neuron_out is not None:
+            assert self.neuron_gate is not None and self.neuron_up is not None and self.activation is not None
+            out = out + (self.activation(x @ self.neuron_gate) * (x @ self.neuron_up)) @ self.neuron_out
         return out + self.bias
 
     def forward(self, hidden_states: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:

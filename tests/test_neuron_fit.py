@@ -13,17 +13,12 @@ from typer.testing import CliRunner
 from subfit_onnx.calibration.calibrate import calibrate_model
 from subfit_onnx.calibration.fitting import fit_bypass
 from subfit_onnx.calibration.linalg import NUMPY_LINALG as NUMPY
-from subfit_onnx.calibration.neuron_fit import (
-    StoredRows,
-    choose_features,
-    equal_cost_shape,
-    feature_stats,
-    fit_neurons,
-)
+from subfit_onnx.calibration.neuron_fit import StoredRows, choose_features, feature_stats, fit_neurons
 from subfit_onnx.calibration.stats import UnitStats
 from subfit_onnx.cli import app
 from subfit_onnx.config import SubFitConfig, make_config
 from subfit_onnx.errors import SubFitError
+from subfit_onnx.gated_ffn import equal_cost_shape
 from subfit_onnx.plan import CalibratedPlan, load_plan
 from subfit_onnx.reference import apply_plan
 from subfit_onnx.torch_model import decoder_layers, gated_ffn, model_family, unit_module

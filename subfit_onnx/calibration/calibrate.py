@@ -26,18 +26,13 @@ from ..architectures import UNIT_KINDS, UnitKind
 from ..bypass import Bypass
 from ..config import SubFitConfig, TokenWeighting
 from ..errors import SubFitError
+from ..gated_ffn import equal_cost_shape
 from ..identity import ModelIdentity
 from ..names import unit_key
 from ..plan import Plan, RemovedUnit, bypass_spec, bypass_tensors, sparsity_report
 from ..progress import ProgressFactory, silent
 from .budget import UNITS, Budget, params_budget
-from .neuron_fit import (
-    StoredRows,
-    choose_features,
-    equal_cost_shape,
-    feature_stats,
-    fit_neurons,
-)
+from .neuron_fit import StoredRows, choose_features, feature_stats, fit_neurons
 from .probe import EndToEndProbe
 from .runner import LayerRunner
 from .scoring import UnitAssessment, assess, per_saving, score
@@ -233,9 +228,9 @@ class Calibrator:
         Gemma-3-270m at 37.5% (``benchmarks/neuron_bypass.py``). Cost: the layers from the first removed FFN to
         the last once more, from the store's copy of the first one's inputs.
         """
-        ffns = {u.layer for u in self.removed if u.kind == "mlp"}
         if self.config.ffn_bypass == "linear" or self.first_ffn is None:
             return
+        ffns = {u.layer for u in self.removed if u.kind == "mlp"}
         runner, n = self.runner, self.runner.num_layers
         runner.store.restore(self._neuron_snapshot)
         for i in range(self.first_ffn, max(ffns) + 1):

@@ -18,7 +18,7 @@ from .linalg import NUMPY_LINALG, LinearAlgebra
 from .stats import UnitStats
 
 
-def _centered(stats: UnitStats) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+def centered(stats: UnitStats) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
     """Weighted means of x and y, the centred second moments (the bias then falls out unshrunk), and the centred
     target energy."""
     d = stats.dim_in
@@ -50,7 +50,7 @@ def fit_bypass(stats: UnitStats, rank: int | None = None, ridge: float = 1e-4,
     ``<WP, G WP> = tr(V^T M V)`` (the top-r eigenvalues) and ``<WP, C> = tr(V^T M V) + s |W V|^2``, so
     ``err = E - sum(top eigenvalues) - 2 s |W V|^2``.
     """
-    mean_x, mean_y, gram_c, cross_c, energy = _centered(stats)
+    mean_x, mean_y, gram_c, cross_c, energy = centered(stats)
     weight, shift = _ridge_solve(gram_c, cross_c, ridge, linalg)
     if rank is None or rank >= min(stats.dim_in, stats.dim_out):
         bias = mean_y - mean_x @ weight

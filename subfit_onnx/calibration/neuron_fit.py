@@ -25,18 +25,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..bypass import Bypass
-from ..gated_ffn import GatedFFN, Matmul, equal_cost_shape, neuron_activations
-from .fitting import fit_bypass
+from ..gated_ffn import GatedFFN, Matmul, neuron_activations
+from .fitting import centered, fit_bypass
 from .linalg import LinearAlgebra
 from .stats import UnitStats
-
-__all__ = ["NeuronFeatures", "StoredRows", "choose_features", "equal_cost_shape", "feature_stats", "fit_neurons"]
 
 
 @dataclass(frozen=True)
 class NeuronFeatures:
-    """What a bypass with neurons reads: principal directions of x and kept neurons, fixed once chosen, so that
-    a refit on more rows (the weighting check's held-out ones) reuses them."""
+    """What a bypass with neurons reads: principal directions of x and kept neurons."""
 
     basis: np.ndarray  # d x r, orthonormal
     kept: np.ndarray  # neuron indices, most output energy first
@@ -66,47 +63,33 @@ class NeuronFeatures:
 
 def principal_directions(stats: UnitStats, rank: int) -> np.ndarray:
     """The top-``rank`` eigenvectors of x's weighted, centred second moment (from a unit's linear statistics)."""
-    d = stats.dim_in
-    wsum = max(float(stats.gram[d, d]), 1e-30)
-    mean = stats.gram[d, :d] / wsum
-    cov = stats.gram[:d, :d] - wsum * np.outer(mean, mean)
+    cov = centered(stats)[2]
     eigvals, eigvecs = np.linalg.eigh((cov + cov.T) / 2)
     return eigvecs[:, np.argsort(eigvals)[::-1][:rank]]
 
 
 @dataclass
 class StoredRows:
-    """One FFN's tokens as pass 2 left them: its inputs ``x``, the stream before it ``mid`` and the layer's
-    outputs ``out`` (``out - mid`` is what the FFN adds), read in the sweep's batches; rows from ``stat_rows``
-    on are held out of the fit (``RowBatches``), and summed apart when ``keep_held_out``."""
+    """One FFN's tokens as its layer's sweep left them: its inputs ``x``, the stream before it ``mid`` and the
+    layer's outputs ``out`` (``out - mid`` is what the FFN adds), read in the sweep's batches."""
 
     x: np.ndarray
     mid: np.ndarray
     out: np.ndarray
     batches: Iterable[slice]
-    stat_rows: int | None = None
-    keep_held_out: bool = False
 
-    def parts(self) -> Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, bool]]:
-        """(x, mid, y, held out) per batch part, float32 [rows, seq, d]."""
+    def parts(self) -> Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(x, mid, y) per batch, float32 [rows, seq, d]."""
         for rows in self.batches:
-            n = rows.stop - rows.start
-            fitted = n if self.stat_rows is None else max(0, min(rows.stop, self.stat_rows) - rows.start)
             x, mid = np.asarray(self.x[rows]), np.asarray(self.mid[rows])
-            y = np.asarray(self.out[rows]) - mid
-            if fitted:
-                yield x[:fitted], mid[:fitted], y[:fitted], False
-            if fitted < n and self.keep_held_out:
-                yield x[fitted:], mid[fitted:], y[fitted:], True
+            yield x, mid, np.asarray(self.out[rows]) - mid
 
 
 def neuron_energy(rows: StoredRows, ffn: GatedFFN, weighting_stats: UnitStats,
                   matmul: Matmul = np.matmul) -> np.ndarray:
-    """Each neuron's output energy ``sum_t w_t a_tj^2 |Wd_j|^2`` over the fitted rows, under the fit's weights."""
+    """Each neuron's output energy ``sum_t w_t a_tj^2 |Wd_j|^2``, under the fit's token weights."""
     total = np.zeros(ffn.gate.shape[1], dtype=np.float64)
-    for x, mid, y, held in rows.parts():
-        if held:
-            continue
+    for x, mid, y in rows.parts():
         out = mid + y
         w = weighting_stats.token_weights(np.einsum("bsd,bsd->bs", out, out).astype(np.float64)).reshape(-1)
         a = ffn.activations(x.reshape(-1, x.shape[-1]), matmul)
@@ -123,13 +106,11 @@ def choose_features(linear: UnitStats, rows: StoredRows, ffn: GatedFFN, rank: in
 
 
 def feature_stats(features: NeuronFeatures, rows: StoredRows, linear: UnitStats, linalg: LinearAlgebra) -> UnitStats:
-    """Sufficient statistics of the features and the FFN's contribution, weighted as ``linear`` is; held-out rows
-    summed apart, as the linear statistics are."""
+    """Sufficient statistics of the features and the FFN's contribution, weighted as ``linear`` is."""
     dim = features.basis.shape[1] + len(features.kept)
     stats = UnitStats(dim, linear.dim_out, linear.weighting, products=linalg.tn)
-    for x, mid, y, held in rows.parts():
-        feats = features.of(x.reshape(-1, x.shape[-1]), linalg.matmul).reshape(*x.shape[:-1], dim)
-        (stats.held_out_part() if held else stats).update(feats, y, mid)
+    for x, mid, y in rows.parts():
+        stats.update(features.of(x.reshape(-1, x.shape[-1]), linalg.matmul).reshape(*x.shape[:-1], dim), y, mid)
     return stats
 
 
