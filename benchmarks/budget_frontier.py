@@ -113,7 +113,7 @@ def main() -> None:
     if saved.get("windows", args.windows) != args.windows:  # rows on other windows do not compare
         raise SystemExit(f"--merge: {out} was measured on {saved['windows']} windows, not {args.windows}")
 
-    assets = fetch_assets(args.assets, mc=False, gemma=args.model == "gemma3")
+    assets = fetch_assets(args.assets, gemma=args.model == "gemma3")
     model_dir = assets.model if args.model == "smollm2" else assets.gemma3
     work = args.work / (args.model + (f"-{q}" if q else ""))
     work.mkdir(parents=True, exist_ok=True)

@@ -78,7 +78,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="default: benchmarks/results/method_variants[_gemma3].json")
     args = ap.parse_args()
 
-    assets = fetch_assets(args.assets, mc=False, gemma=args.model == "gemma3")
+    assets = fetch_assets(args.assets, gemma=args.model == "gemma3")
     model_dir = assets.model if args.model == "smollm2" else assets.gemma3
     out_default = "method_variants.json" if args.model == "smollm2" else f"method_variants_{args.model}.json"
     args.out = args.out or f"benchmarks/results/{out_default}"

@@ -174,7 +174,7 @@ def main() -> None:
     for name in args.shapes or []:  # refused before any work
         [parse_shape(part) for part in name.split("|")]
     torch.set_grad_enabled(False)
-    assets = fetch_assets(args.assets, mc=False, gemma=args.model == "gemma3")
+    assets = fetch_assets(args.assets, gemma=args.model == "gemma3")
     model_dir = assets.gemma3 if args.model == "gemma3" else assets.model
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

@@ -143,7 +143,7 @@ def main() -> None:
     if args.plan and args.every_unit:
         raise SystemExit("--every-unit needs pass 1's bypasses: calibrate here, without --plan")
 
-    assets = fetch_assets(args.assets, mc=False, gemma=args.model == "gemma3")
+    assets = fetch_assets(args.assets, gemma=args.model == "gemma3")
     model_dir = assets.model if args.model == "smollm2" else assets.gemma3
     tok = AutoTokenizer.from_pretrained(model_dir)
     dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

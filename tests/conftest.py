@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 def smollm2_assets():
     from subfit_onnx.assets import fetch_assets
 
-    return fetch_assets(os.environ.get("SUBFIT_ASSETS", REPO / "assets"), mc=False)  # MC sets: ../shared
+    return fetch_assets(os.environ.get("SUBFIT_ASSETS", REPO / "assets"))
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +24,7 @@ def gemma3_assets():
     """The same assets plus Gemma-3-270m (``gemma3``): fetched and converted on first use, about a minute."""
     from subfit_onnx.assets import fetch_assets
 
-    return fetch_assets(os.environ.get("SUBFIT_ASSETS", REPO / "assets"), mc=False, gemma=True)
+    return fetch_assets(os.environ.get("SUBFIT_ASSETS", REPO / "assets"), gemma=True)
 
 
 # ---- tiny checkpoints and exports for the CLI, API and Optimum tests (built once per session) -------------------
