@@ -19,6 +19,7 @@ check holds the last eighth out of every fit, so no bypass the probe measures ha
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
@@ -46,44 +47,64 @@ def _quiet_sweeps(runner: LayerRunner) -> Iterator[None]:
 
 class EndToEndProbe:
     """The probe rows' dense inputs to every layer (on disk, with the store) and their dense last stream, from one
-    dense run of those rows."""
+    dense run of those rows.
+
+    All units are probed together, layer by layer: each unit gets its own rows of the store (a copy of the probe
+    rows), which start at its layer with the unit replaced, and the layers after it run on every started unit's
+    rows in one batched sweep. One sweep of many rows costs far less than many one-row sweeps (SmolLM2's 60 probes:
+    about 930 one-row layer runs before). The store is free meanwhile: every pass starts again from its snapshots.
+    """
 
     def __init__(self, runner: LayerRunner, rows: int = PROBE_ROWS) -> None:
         self.runner = runner
-        self.start = max(0, runner.store.shape[0] - rows)
-        self.inputs = runner.store.per_layer("probe_inputs", runner.num_layers, runner.store.shape[0] - self.start)
+        self.rows = min(rows, runner.store.shape[0])
+        self.start = runner.store.shape[0] - self.rows
+        self.inputs = runner.store.per_layer("probe_inputs", runner.num_layers, self.rows)
         runner.store.restore()
         with _quiet_sweeps(runner):
             for i in range(runner.num_layers):
                 self.inputs[i] = runner.store.current[self.start:]
-                self._run_layer(i)
+                self._run_layer(i, self.start, self.start + self.rows)
+                runner.store.advance()
         self.dense_final = np.array(runner.store.current[self.start:])
 
-    def _run_layer(self, i: int) -> None:
-        with self.runner.only_rows(self.start):
+    def _run_layer(self, i: int, start: int, stop: int) -> None:
+        with self.runner.only_rows(start, stop):
             self.runner.sweep(i, (), "uniform", "")
-        self.runner.store.advance()
-
-    def damage(self, index: int, kind: UnitKind, bypass: Bypass) -> float:
-        """How far the probe rows' last stream moves when this unit alone is replaced by ``bypass``."""
-        self.runner.store.current[self.start:] = self.inputs[index]
-        swap = self.runner.install_bypass(index, kind, bypass)
-        try:
-            with _quiet_sweeps(self.runner):
-                for i in range(index, self.runner.num_layers):
-                    self._run_layer(i)
-        finally:
-            swap.undo()
-        return stream_distance(np.array(self.runner.store.current[self.start:]), self.dense_final)
 
     def damages(self, bypasses: Mapping[tuple[int, UnitKind], Bypass]) -> dict[tuple[int, UnitKind], float]:
-        """Every unit's damage; the store holds the embeddings again afterwards."""
+        """Every unit's damage (how far the probe rows' last stream moves when that unit alone is replaced by its
+        bypass); the store holds the embeddings again afterwards."""
+        units = sorted(bypasses, key=lambda k: (k[0], k[1] != "attention"))
+        per_wave = max(1, self.runner.store.shape[0] // self.rows)
         out: dict[tuple[int, UnitKind], float] = {}
         try:
-            with progress_bar(self.runner.progress, "end-to-end probes", len(bypasses)) as bar:
-                for (i, kind), bypass in bypasses.items():
-                    out[(i, kind)] = self.damage(i, kind, bypass)
-                    bar.update()
+            with progress_bar(self.runner.progress, "end-to-end probes", len(units)) as bar, \
+                    _quiet_sweeps(self.runner):
+                for w in range(0, len(units), per_wave):
+                    wave = units[w:w + per_wave]
+                    out.update(self._wave(wave, bypasses))
+                    bar.update(len(wave))
         finally:
             self.runner.store.restore()
         return out
+
+    def _wave(self, units: list[tuple[int, UnitKind]],
+              bypasses: Mapping[tuple[int, UnitKind], Bypass]) -> dict[tuple[int, UnitKind], float]:
+        """Units sorted by layer, unit ``u`` on rows ``u * rows`` onwards."""
+        store, r = self.runner.store, self.rows
+        layers = [i for i, _ in units]
+        for i in range(layers[0], self.runner.num_layers):
+            lo, hi = bisect_left(layers, i), bisect_right(layers, i)
+            if lo:  # the units of earlier layers: layer i as it is, on all their rows at once
+                self._run_layer(i, 0, lo * r)
+            for u in range(lo, hi):  # this layer's units start here, each replaced on its own rows
+                store.current[u * r:(u + 1) * r] = self.inputs[i]
+                swap = self.runner.install_bypass(i, units[u][1], bypasses[units[u]])
+                try:
+                    self._run_layer(i, u * r, (u + 1) * r)
+                finally:
+                    swap.undo()
+            store.advance()
+        return {key: stream_distance(np.array(store.current[u * r:(u + 1) * r]), self.dense_final)
+                for u, key in enumerate(units)}

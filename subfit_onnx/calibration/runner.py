@@ -62,13 +62,14 @@ class RowBatches:
             self.row_limit, self.keep_mlp_inputs = None, True
 
     @contextmanager
-    def only_rows(self, start: int) -> Iterator[None]:
-        """Sweeps run rows ``start`` to the end only."""
-        self.row_start = start
+    def only_rows(self, start: int, stop: int | None = None) -> Iterator[None]:
+        """Sweeps run rows ``start`` to ``stop`` (the end by default) only."""
+        limit = self.row_limit
+        self.row_start, self.row_limit = start, stop if stop is not None else limit
         try:
             yield
         finally:
-            self.row_start = 0
+            self.row_start, self.row_limit = 0, limit
 
     @property
     def _row_stop(self) -> int:
