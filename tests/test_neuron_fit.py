@@ -13,8 +13,15 @@ from typer.testing import CliRunner
 from subfit_onnx.calibration.calibrate import calibrate_model
 from subfit_onnx.calibration.fitting import fit_bypass
 from subfit_onnx.calibration.linalg import NUMPY_LINALG as NUMPY
-from subfit_onnx.calibration.neuron_fit import StoredRows, choose_features, feature_stats, fit_neurons
+from subfit_onnx.calibration.neuron_fit import (
+    NeuronEnergy,
+    StoredRows,
+    choose_features,
+    feature_stats,
+    fit_neurons,
+)
 from subfit_onnx.calibration.stats import UnitStats
+from subfit_onnx.calibration.torch_backend import TorchLayerRunner
 from subfit_onnx.cli import app
 from subfit_onnx.config import SubFitConfig, make_config
 from subfit_onnx.errors import SubFitError
@@ -64,13 +71,41 @@ def stored_rows(model, layer: int, rows: int = 6, seq: int = 16, seed: int = 0) 
     return StoredRows(x, mid, mid + y, [slice(0, 3), slice(3, rows)]), linear
 
 
+def energy_of(rows: StoredRows, ffn, weighting: str = "uniform") -> np.ndarray:
+    """The neurons' energies recomputed from stored rows, batch by batch as the sweep sees them."""
+    energy = NeuronEnergy(weighting)
+    for x, mid, y in rows.parts():
+        out = (mid + y).astype(np.float64)
+        energy.add(ffn.activations(x.reshape(-1, x.shape[-1]).astype(np.float64)), (out * out).sum(-1))
+    return energy.of(ffn)
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "gemma3"])
+def test_the_sweep_taps_the_neurons_energies_from_the_ffn_as_it_runs(family):
+    """What the FFN's down projection receives, weighted by the stream after the layer, equals the energies
+    recomputed from the stored inputs (Phi-3: fused gate and up; stream weighting: weights differ per token)."""
+    model = tiny_model(family)
+    runner = TorchLayerRunner(model, CALIBRATION, batch_size=4)
+    try:
+        tapped = NeuronEnergy("stream")
+        runner.sweep(1, ("mlp",), "stream", "", neurons=tapped)
+        mid, x = (np.array(a) for a in runner.store.mlp_inputs())
+        rows = StoredRows(x, mid, np.array(runner.store.next), list(runner.batches()))
+    finally:
+        runner.close()
+    ffn = gated_ffn(model, 1)
+    want = energy_of(rows, ffn, "stream")
+    np.testing.assert_allclose(tapped.of(ffn), want, rtol=1e-4, atol=1e-6 * want.max())
+    assert want.max() > 10 * want.min()  # the energies differ: the ranking means something
+
+
 def test_every_neuron_and_every_direction_refit_the_ffn_exactly():
     """With all d_ff neurons and a full basis the FFN is in the bypass's span: the fit must leave ~nothing."""
     model = tiny_model("llama")
     rows, linear = stored_rows(model, 2)
     ffn = gated_ffn(model, 2)
     d, d_ff = ffn.gate.shape
-    features = choose_features(linear, rows, ffn, d, d_ff)
+    features = choose_features(linear, energy_of(rows, ffn), ffn, d, d_ff)
     bypass, err = fit_neurons(features, feature_stats(features, rows, linear, NUMPY), 1e-9, NUMPY)
     assert err / linear.y_energy < 1e-5
     got = bypass.apply(rows.x.reshape(-1, d))
@@ -84,7 +119,7 @@ def test_kept_neurons_are_those_with_the_most_output_energy():
     ffn = gated_ffn(model, 1)
     a = ffn.activations(rows.x.reshape(-1, rows.x.shape[-1]).astype(np.float64))
     energy = (a ** 2).sum(0) * ffn.out_weight
-    features = choose_features(linear, rows, ffn, 4, 10)
+    features = choose_features(linear, energy_of(rows, ffn), ffn, 4, 10)
     assert list(features.kept) == list(np.argsort(energy)[::-1][:10])
     basis = features.basis
     np.testing.assert_allclose(basis.T @ basis, np.eye(4), atol=1e-10)
@@ -105,7 +140,7 @@ def test_kept_neurons_explain_what_the_linear_part_cannot():
     rank, k = equal_cost_shape(ffn.gate.shape[0])
     errors = {}
     for n in (0, k):
-        features = choose_features(linear, rows, ffn, rank, n)
+        features = choose_features(linear, energy_of(rows, ffn), ffn, rank, n)
         bypass, errors[n] = fit_neurons(features, feature_stats(features, rows, linear, NUMPY), 0.01, NUMPY)
     assert bypass.num_params == fit_bypass(linear, ridge=0.01)[0].num_params
     assert errors[k] < 0.85 * errors[0], errors

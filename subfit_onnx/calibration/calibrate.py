@@ -26,13 +26,13 @@ from ..architectures import UNIT_KINDS, UnitKind
 from ..bypass import Bypass
 from ..config import SubFitConfig, TokenWeighting
 from ..errors import SubFitError
-from ..gated_ffn import equal_cost_shape
+from ..gated_ffn import GatedFFN, equal_cost_shape
 from ..identity import ModelIdentity
 from ..names import unit_key
 from ..plan import Plan, RemovedUnit, bypass_spec, bypass_tensors, sparsity_report
 from ..progress import ProgressFactory, silent
 from .budget import UNITS, Budget, params_budget
-from .neuron_fit import StoredRows, choose_features, feature_stats, fit_neurons
+from .neuron_fit import NeuronEnergy, StoredRows, choose_features, feature_stats, fit_neurons
 from .probe import EndToEndProbe
 from .runner import LayerRunner
 from .scoring import UnitAssessment, assess, per_saving, score
@@ -239,8 +239,11 @@ class Calibrator:
             else:
                 j = next(j for j, (layer, kind, _) in enumerate(self.installed) if (layer, kind) == (i, "mlp"))
                 self.swaps[j].undo()  # the FFN itself again, for its inputs and outputs
-                stats = runner.sweep(i, ("mlp",), weighting, f"refitting FFNs with neurons, layer {i + 1}/{n}")["mlp"]
-                a = self._with_neurons(i, stats, self._assess("mlp", stats))
+                ffn = runner.gated_ffn(i)
+                energy = NeuronEnergy(weighting) if ffn is not None else None
+                stats = runner.sweep(i, ("mlp",), weighting, f"refitting FFNs with neurons, layer {i + 1}/{n}",
+                                     neurons=energy)["mlp"]
+                a = self._with_neurons(ffn, energy, stats, self._assess("mlp", stats))
                 self.swaps[j] = runner.install_bypass(i, "mlp", a.bypass)
                 self.installed[j] = (i, "mlp", a.bypass)
                 k = next(k for k, u in enumerate(self.removed) if (u.layer, u.kind) == (i, "mlp"))
@@ -250,16 +253,17 @@ class Calibrator:
                 self._outputs_with_mlp_bypass(a.bypass)
             runner.store.advance()
 
-    def _with_neurons(self, i: int, stats: UnitStats, linear: UnitAssessment) -> UnitAssessment:
-        """The FFN's assessment with a bypass that keeps some of its neurons, or ``linear`` when the FFN is not
-        gated or, under ``auto``, when the linear bypass leaves less fit error."""
-        ffn = self.runner.gated_ffn(i)
-        if ffn is None:
+    def _with_neurons(self, ffn: GatedFFN | None, energy: NeuronEnergy | None, stats: UnitStats,
+                      linear: UnitAssessment) -> UnitAssessment:
+        """The FFN's assessment with a bypass that keeps some of its neurons (``energy``: theirs, tapped as the
+        FFN ran), or ``linear`` when the FFN is not gated or, under ``auto``, when the linear bypass leaves less
+        fit error."""
+        if ffn is None or energy is None:
             return linear
         runner = self.runner
         mid, x = runner.store.mlp_inputs()
         rows = StoredRows(x, mid, runner.store.next, list(runner.batches()))
-        features = choose_features(stats, rows, ffn, *equal_cost_shape(self.identity.hidden_size), runner.linalg.matmul)
+        features = choose_features(stats, energy.of(ffn), ffn, *equal_cost_shape(self.identity.hidden_size))
         fstats = feature_stats(features, rows, stats, runner.linalg)
         bypass, err = fit_neurons(features, fstats, self.config.ridge, runner.linalg)
         fit_relative = err / max(fstats.y_energy, 1e-30)

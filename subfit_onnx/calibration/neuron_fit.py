@@ -12,9 +12,9 @@ closed-form ``fit_bypass``, on the same token weights, as every linear bypass. R
 that cost, ``benchmarks/neuron_bypass.py``: SmolLM2 1.938 -> 1.810 at 25%, Gemma-3-270m 2.241 -> 2.249; the
 per-FFN choice by fit error 1.832 and 2.129).
 
-Statistics come from a sweep of the FFN's layer: the FFN inputs the store keeps (``ActivationStore.mlp_inputs``)
-and the layer's outputs, whose difference is the FFN's contribution. One pass over those stored rows gives the
-neurons' energies, a second the features' sums.
+Statistics come from a sweep of the FFN's layer: the neurons' energies from the FFN's own activations as it runs
+(``NeuronEnergy``), then the FFN inputs the store keeps (``ActivationStore.mlp_inputs``) and the layer's outputs,
+whose difference is the FFN's contribution, in one pass over those stored rows for the features' sums.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..bypass import Bypass
+from ..config import TokenWeighting
 from ..gated_ffn import GatedFFN, Matmul, neuron_activations
 from .fitting import centered, fit_bypass
 from .linalg import LinearAlgebra
-from .stats import UnitStats
+from .stats import UnitStats, token_weights
 
 
 @dataclass(frozen=True)
@@ -85,22 +86,29 @@ class StoredRows:
             yield x, mid, np.asarray(self.out[rows]) - mid
 
 
-def neuron_energy(rows: StoredRows, ffn: GatedFFN, weighting_stats: UnitStats,
-                  matmul: Matmul = np.matmul) -> np.ndarray:
-    """Each neuron's output energy ``sum_t w_t a_tj^2 |Wd_j|^2``, under the fit's token weights."""
-    total = np.zeros(ffn.gate.shape[1], dtype=np.float64)
-    for x, mid, y in rows.parts():
-        out = mid + y
-        w = weighting_stats.token_weights(np.einsum("bsd,bsd->bs", out, out).astype(np.float64)).reshape(-1)
-        a = ffn.activations(x.reshape(-1, x.shape[-1]), matmul)
-        total += matmul(w.astype(np.float32)[None], a * a)[0]
-    return total * ffn.out_weight
+@dataclass
+class NeuronEnergy:
+    """Each neuron's output energy ``sum_t w_t a_tj^2 |Wd_j|^2``, summed from the FFN's own activations while its
+    layer runs (``TorchLayerRunner.sweep``): the FFN computes them anyway, and computing ``x Wg`` and ``x Wu``
+    again for every token took 3 of the refit's 11 s on SmolLM2 at 25%."""
+
+    weighting: TokenWeighting
+    total: np.ndarray | None = None  # sum_t w_t a_tj^2, float64
+
+    def add(self, a: np.ndarray, out_sq: np.ndarray, matmul: Matmul = np.matmul) -> None:
+        """One batch: activations ``a`` [tokens, d_ff] and the squared norms [batch, seq] of the layer's outputs."""
+        w = token_weights(self.weighting, out_sq.astype(np.float64)).reshape(-1)
+        part = matmul(w.astype(np.float32)[None], a * a)[0].astype(np.float64)
+        self.total = part if self.total is None else self.total + part
+
+    def of(self, ffn: GatedFFN) -> np.ndarray:
+        assert self.total is not None, "no batch was added"
+        return self.total * ffn.out_weight
 
 
-def choose_features(linear: UnitStats, rows: StoredRows, ffn: GatedFFN, rank: int, neurons: int,
-                    matmul: Matmul = np.matmul) -> NeuronFeatures:
-    """The principal directions of x (from the unit's linear statistics) and the neurons with the most energy."""
-    energy = neuron_energy(rows, ffn, linear, matmul)
+def choose_features(linear: UnitStats, energy: np.ndarray, ffn: GatedFFN, rank: int, neurons: int) -> NeuronFeatures:
+    """The principal directions of x (from the unit's linear statistics) and the ``neurons`` with the most
+    ``energy``."""
     kept = np.argsort(energy, kind="stable")[::-1][:neurons]
     return NeuronFeatures(basis=principal_directions(linear, rank), kept=kept, ffn=ffn)
 

@@ -192,12 +192,14 @@ class OrtLayerRunner(RowBatches):
         self._refresh(unit.layer)
 
     def sweep(self, index: int, collect: tuple[UnitKind, ...], weighting: Weightings, desc: str,
-              dense: DenseTargets | None = None) -> dict[UnitKind, AnyStats]:
+              dense: DenseTargets | None = None, neurons: None = None) -> dict[UnitKind, AnyStats]:
         """Run layer ``index`` on every calibration batch, writing its outputs and collecting unit stats.
 
         With ``dense``, each unit's fit target restores the dense stream (``h_dense_after - h_in``), as in
-        ``TorchLayerRunner.sweep``.
+        ``TorchLayerRunner.sweep``. This runner does not read FFN neurons (``reads_ffn_neurons``): ``neurons`` must
+        be None.
         """
+        assert neurons is None, "the ONNX Runtime runner does not read FFN neurons"
         layer = self._session(index)
         hidden = self.store.shape[2]
         stats = {kind: self.new_stats(hidden, weighting) for kind in collect}

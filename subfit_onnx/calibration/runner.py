@@ -132,12 +132,13 @@ class LayerRunner(Protocol):
     def num_layers(self) -> int: ...
 
     def sweep(self, index: int, collect: tuple[UnitKind, ...], weighting: Weightings, desc: str,
-              dense: Any = None) -> dict[UnitKind, AnyStats]:
+              dense: Any = None, neurons: Any = None) -> dict[UnitKind, AnyStats]:
         """Run layer ``index`` over all tokens from ``store.current`` into ``store.next``; stats for ``collect``.
 
         ``weighting`` is one token weighting, or a tuple of them (each unit's stats are then a ``StatsByWeighting``).
 
         With ``dense`` (from ``dense_targets``), fit targets restore the dense stream (see ``TorchLayerRunner``).
+        ``neurons`` (a ``neuron_fit.NeuronEnergy``, only where ``reads_ffn_neurons``) sums the FFN's neuron energies.
         """
         ...
 
@@ -153,7 +154,7 @@ class LayerRunner(Protocol):
 
     def scoring_only(self, rows: int) -> AbstractContextManager[None]: ...
 
-    def only_rows(self, start: int) -> AbstractContextManager[None]: ...
+    def only_rows(self, start: int, stop: int | None = None) -> AbstractContextManager[None]: ...
 
     def batches(self) -> Iterator[slice]: ...
 

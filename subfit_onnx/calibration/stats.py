@@ -19,6 +19,19 @@ from ..config import TokenWeighting
 from .linalg import TransposedProduct, numpy_tn
 
 
+def token_weights(weighting: TokenWeighting, out_sq: np.ndarray) -> np.ndarray:
+    """Each token's weight in one [batch, seq] batch, from the squared norm of the stream after the unit."""
+    if weighting == "uniform":
+        return np.ones_like(out_sq)
+    if weighting == "skip_first":
+        w = np.ones_like(out_sq)
+        w[:, 0] = 0.0
+        return w
+    # "stream": relative to the stream each token lands in; the batch mean keeps the scale near 1
+    inv = 1.0 / np.maximum(out_sq, 1e-30)
+    return inv / inv.mean()
+
+
 @dataclass(frozen=True)
 class TokenBatch:
     """One batch's per-token arrays, computed once for every weighting that sums them (``StatsByWeighting``)."""
@@ -115,15 +128,7 @@ class UnitStats:
         self.growth_sum += float((wk * np.sqrt(batch.y_sq[keep] / np.maximum(in_k, 1e-30))).sum())
 
     def token_weights(self, out_sq: np.ndarray) -> np.ndarray:
-        if self.weighting == "uniform":
-            return np.ones_like(out_sq)
-        if self.weighting == "skip_first":
-            w = np.ones_like(out_sq)
-            w[:, 0] = 0.0
-            return w
-        # "stream": relative to the stream each token lands in; the batch mean keeps the scale near 1
-        inv = 1.0 / np.maximum(out_sq, 1e-30)
-        return inv / inv.mean()
+        return token_weights(self.weighting, out_sq)
 
     def held_out_part(self) -> UnitStats:
         if self.held_out is None:

@@ -34,6 +34,7 @@ from ..torch_model import (
 from .activations import ActivationStore
 from .dense_targets import DenseTargets
 from .linalg import LinearAlgebra, numpy_solve
+from .neuron_fit import NeuronEnergy
 from .runner import RowBatches
 from .stats import AnyStats, Weightings
 
@@ -189,24 +190,48 @@ class TorchLayerRunner(RowBatches):
             for h in handles:
                 h.remove()
 
+    @contextmanager
+    def _neuron_tap(self, layer: nn.Module, neurons: NeuronEnergy | None) -> Iterator[dict[str, torch.Tensor]]:
+        """A hook that leaves the FFN's neuron activations (its down projection's input) in a dict."""
+        seen: dict[str, torch.Tensor] = {}
+        if neurons is None:
+            yield seen
+            return
+        down = getattr(layer, self.family.unit("mlp").module).down_proj
+
+        def take(m: nn.Module, args: tuple) -> None:
+            seen["a"] = args[0]
+
+        handle = down.register_forward_pre_hook(take)
+        try:
+            yield seen
+        finally:
+            handle.remove()
+
     @torch.no_grad()
     def sweep(self, index: int, collect: tuple[UnitKind, ...], weighting: Weightings,
-              desc: str, dense: DenseTargets | None = None) -> dict[UnitKind, AnyStats]:
+              desc: str, dense: DenseTargets | None = None,
+              neurons: NeuronEnergy | None = None) -> dict[UnitKind, AnyStats]:
         """Run layer ``index`` on every calibration batch, writing its outputs and collecting unit stats.
 
         With ``dense``, each unit's fit target is what restores the dense model's stream after that unit
-        (``h_dense_after - h_in``) instead of the unit's own output.
+        (``h_dense_after - h_in``) instead of the unit's own output. ``neurons`` sums the energies of the layer's
+        gated FFN's neurons (it must run as itself, not as a bypass).
         """
         layer = self.layers[index]
         args, kwargs = self.layer_args[index]
         hidden = self.store.shape[2]
         stats = {kind: self.new_stats(hidden, weighting) for kind in collect}
         with progress_bar(self.progress, desc, self.active_rows) as bar, \
-                self._unit_taps(layer, tuple(UNIT_KINDS)) as seen:
+                self._unit_taps(layer, tuple(UNIT_KINDS)) as seen, self._neuron_tap(layer, neurons) as tapped:
             for rows in self.batches():
                 h = torch.from_numpy(np.asarray(self.store.current[rows])).to(self.device, self.dtype)
                 out = _output_tensor(layer(h, *args, **kwargs))
                 self.store.next[rows] = out.float().cpu().numpy()
+                if neurons is not None:
+                    a = tapped["a"]
+                    neurons.add(_as_numpy(a.reshape(-1, a.shape[-1])), _as_numpy(out.float().square().sum(-1)),
+                                self.linalg.matmul)
                 if collect:
                     taps = {name: _as_numpy(t) for name, t in seen.items()}
                     self.collect_batch(stats, rows, _as_numpy(h), taps,
