@@ -112,7 +112,8 @@ class MethodSettings(BaseModel):
     ffn_bypass: FfnBypass = Field(
         "linear", description="how a removed gated FFN is bypassed: linear (a d x d map), neurons (a rank d/8 map "
         "plus d/4 of the FFN's own neurons, the same parameter count; calibration.neuron_fit) or auto (per FFN, "
-        "the one that leaves less calibration fit error); refitted after pass 2, which units go does not change. "
+        "the one that leaves less calibration fit error; linear where neurons cannot be read or fitted: the ONNX "
+        "Runtime backend, target dense_stream, no bypass); refitted after pass 2, which units go does not change. "
         "Non-gated FFNs (GPT-2) stay linear. Wiki perplexity ratio, linear / neurons / auto: SmolLM2 1.938 / "
         "1.810 / 1.832 at 25%, 3.847 / 3.154 / 3.474 at 37.5%; Gemma-3-270m 2.241 / 2.249 / 2.129 at 25%, "
         "4.518 / 4.450 / 4.331 at 37.5%")
@@ -126,10 +127,18 @@ class MethodSettings(BaseModel):
 
     @model_validator(mode="after")
     def _neurons_fit_unit_outputs(self) -> MethodSettings:
-        if self.ffn_bypass != "linear" and (self.target != "unit_output" or not self.bypass):
-            raise ValueError(f"ffn_bypass {self.ffn_bypass!r} needs bypasses fitted to each unit's own output "
+        if self.ffn_bypass == "neurons" and (self.target != "unit_output" or not self.bypass):
+            raise ValueError("ffn_bypass 'neurons' needs bypasses fitted to each unit's own output "
                              "(target unit_output, bypass on)")
         return self
+
+    def refits_ffn_neurons(self, backend_reads_neurons: bool) -> bool:
+        """Whether removed gated FFNs are refitted with some of their own neurons: always under ``neurons`` (a
+        backend that cannot read them refuses it), under ``auto`` wherever the backend can and bypasses fit each
+        unit's own output; elsewhere ``auto`` keeps linear bypasses, the only shape available there."""
+        if self.ffn_bypass == "auto":
+            return backend_reads_neurons and self.target == "unit_output" and self.bypass
+        return self.ffn_bypass == "neurons"
 
     def prior_rows(self, rows: int) -> int:
         """How many of ``rows`` calibration sequences pass 1 runs on."""

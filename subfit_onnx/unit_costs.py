@@ -114,7 +114,8 @@ def _neuron_activation(config: dict[str, Any], method: MethodSettings) -> str | 
     from .architectures import family_for
     from .model_config import model_type, text_config
 
-    if method.ffn_bypass == "linear" or not family_for(model_type(config) or "unknown").gated_ffn:
+    if not method.refits_ffn_neurons(backend_reads_neurons=True) \
+            or not family_for(model_type(config) or "unknown").gated_ffn:
         return None
     return config_activation(text_config(config))
 

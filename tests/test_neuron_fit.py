@@ -212,6 +212,30 @@ def test_neurons_need_unit_output_targets_and_bypasses():
             make_config(None, 0.25, ffn_bypass="neurons", **bad)
 
 
+def test_auto_keeps_linear_bypasses_where_neurons_cannot_be_fitted():
+    """auto takes neurons only where the backend reads them and bypasses fit unit outputs; linear is the default."""
+    assert SubFitConfig().ffn_bypass == "linear" and not SubFitConfig().refits_ffn_neurons(True)
+    auto = SubFitConfig(ffn_bypass="auto")
+    assert auto.refits_ffn_neurons(backend_reads_neurons=True)
+    assert not auto.refits_ffn_neurons(backend_reads_neurons=False)
+    for other in ({"target": "dense_stream"}, {"bypass": False}):
+        config = make_config(None, 0.25, ffn_bypass="auto", **other)
+        assert config.ffn_bypass == "auto" and not config.refits_ffn_neurons(backend_reads_neurons=True)
+    config = SubFitConfig(sparsity=0.35, num_samples=16, seq_len=32, target="dense_stream", ffn_bypass="auto")
+    removed = calibrate_model(tiny_model("llama"), CALIBRATION, config).plan.removed_units("mlp")
+    assert removed and {u.bypass.form for u in removed} == {"full"}
+
+
+def test_the_onnx_backend_fits_linear_ffn_bypasses_under_auto(tmp_path, tiny_export, tiny_calibration_text):
+    result = CliRunner().invoke(app, ["calibrate", str(tiny_export("llama")), "--calibration-backend", "onnx",
+                                      "--ffn-bypass", "auto", "-s", "0.5", "-c", str(tiny_calibration_text),
+                                      "-n", "8", "-l", "32", "-o", str(tmp_path / "plan")])
+    assert result.exit_code == 0, result.output
+    plan, _ = load_plan(tmp_path / "plan")
+    assert plan.method.ffn_bypass == "auto"
+    assert plan.removed_units("mlp") and {u.bypass.form for u in plan.removed_units("mlp")} == {"full"}
+
+
 def test_the_onnx_backend_refuses_neurons_in_one_line(tmp_path, tiny_export, tiny_calibration_text):
     result = CliRunner().invoke(app, ["calibrate", str(tiny_export("llama")), "--calibration-backend", "onnx",
                                       "--ffn-bypass", "neurons", "-c", str(tiny_calibration_text), "-n", "8",

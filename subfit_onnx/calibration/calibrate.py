@@ -144,9 +144,10 @@ class Calibrator:
         self.end_to_end: dict[TokenWeighting, EndToEndPrior] = {}
         # the first layer whose FFN pass 2 removed, whose inputs the store keeps for the neuron refit
         self.first_ffn: int | None = None
-        if config.ffn_bypass != "linear" and not runner.reads_ffn_neurons:
-            raise SubFitError(f"ffn_bypass {config.ffn_bypass!r} needs the PyTorch calibration backend for now; "
-                              f"the {runner.backend} backend fits linear FFN bypasses only")
+        if config.ffn_bypass == "neurons" and not runner.reads_ffn_neurons:
+            raise SubFitError(f"ffn_bypass 'neurons' needs the PyTorch calibration backend for now; the "
+                              f"{runner.backend} backend fits linear FFN bypasses only (auto falls back to them)")
+        self.refits_neurons = config.refits_ffn_neurons(runner.reads_ffn_neurons)
 
     def _assess(self, kind: UnitKind, stats: UnitStats) -> UnitAssessment:
         return assess(stats, self.config.rank_for(kind, self.identity.hidden_size), self.config.ridge, self.runner.linalg)
@@ -202,7 +203,7 @@ class Calibrator:
             self.end_to_end[w] = EndToEndPrior(dense.end_to_end, {k: a.damage(LOCAL_SCORE) for k, a in assessed.items()})
 
     def _remove(self, i: int, kind: UnitKind, stats: UnitStats, a: UnitAssessment, unit_score: float) -> Bypass:
-        if kind == "mlp" and self.config.ffn_bypass != "linear" and self.first_ffn is None \
+        if kind == "mlp" and self.refits_neurons and self.first_ffn is None \
                 and self.runner.gated_ffn(i) is not None:  # not gated (GPT-2): no neurons to refit with
             self.first_ffn = i
             self.runner.store.snapshot(self._neuron_snapshot)
@@ -228,7 +229,7 @@ class Calibrator:
         Gemma-3-270m at 37.5% (``benchmarks/neuron_bypass.py``). Cost: the layers from the first removed FFN to
         the last once more, from the store's copy of the first one's inputs.
         """
-        if self.config.ffn_bypass == "linear" or self.first_ffn is None:
+        if not self.refits_neurons or self.first_ffn is None:
             return
         ffns = {u.layer for u in self.removed if u.kind == "mlp"}
         runner, n = self.runner, self.runner.num_layers
@@ -526,7 +527,7 @@ def run_calibration(runner: LayerRunner, config: SubFitConfig, calibration_info:
                 cal.use_end_to_end(dense)
             if dense.candidates:
                 cal = compress_checked(cal, dense)
-                if keep_compressed or config.ffn_bypass != "linear":  # the neuron refit runs the compressed model
+                if keep_compressed or cal.refits_neurons:  # the neuron refit runs the compressed model
                     cal.reinstall()
             else:
                 cal.compress_pass(cal.selector(cal.scores(dense.assessments, dense.weighting)), dense.weighting)
