@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from optimize_vs_forward import timed_forward as forward_seconds
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from subfit_onnx.calibration.calibrate import calibrate_model
@@ -27,14 +28,6 @@ from subfit_onnx.calibration.text import calibration_tokens
 from subfit_onnx.config import SubFitConfig
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def forward_seconds(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int) -> float:
-    with torch.no_grad():
-        start = time.perf_counter()
-        for i in range(0, tokens.shape[0], batch_size):
-            model(tokens[i : i + batch_size], use_cache=False)
-        return time.perf_counter() - start
 
 
 def main() -> None:

@@ -23,16 +23,22 @@ from subfit_onnx.config import read_settings
 from subfit_onnx.names import REPORT_FILE, SETTINGS_FILE
 
 
+def timed_forward(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int) -> float:
+    """Seconds of one no-grad forward over ``tokens`` in batches (call once before, to warm up)."""
+    with torch.no_grad():
+        start = time.perf_counter()
+        for i in range(0, tokens.shape[0], batch_size):
+            model(tokens[i : i + batch_size], use_cache=False)
+        return time.perf_counter() - start
+
+
 def forward_seconds(model_dir: str, source: str, num_samples: int, seq_len: int, batch_size: int) -> float:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokens = torch.as_tensor(calibration_tokens(tokenizer, source, num_samples, seq_len))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         model(tokens[:1, :8])  # warm-up: first-call allocations are not the forward's cost
-        start = time.perf_counter()
-        for i in range(0, tokens.shape[0], batch_size):
-            model(tokens[i : i + batch_size], use_cache=False)
-        return time.perf_counter() - start
+    return timed_forward(model, tokens, batch_size)
 
 
 def main() -> None:
