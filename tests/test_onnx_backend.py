@@ -279,7 +279,8 @@ def test_end_to_end_probes_alike_in_both_backends(tiny_export):
     progress = Recorder()
     onnx_result = calibrate_export(tiny_export("llama"), tokens, config, progress=progress)
     torch_result = calibrate_model(tiny_model("llama"), tokens, config)
-    assert progress.bars["end-to-end probes"] == [8, 8] and "" not in progress.bars  # 8 units, once
+    # 8 units, probed together through the 4 layers once: one bar, one step per layer
+    assert progress.bars["end-to-end probes (layers)"] == [4, 4] and "" not in progress.bars
     distances = torch_result.dense.end_to_end
     assert len(distances) == 8
     for key, d in distances.items():

@@ -20,7 +20,7 @@ check holds the last eighth out of every fit, so no bypass the probe measures ha
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import numpy as np
@@ -77,20 +77,20 @@ class EndToEndProbe:
         bypass); the store holds the embeddings again afterwards."""
         units = sorted(bypasses, key=lambda k: (k[0], k[1] != "attention"))
         per_wave = max(1, self.runner.store.shape[0] // self.rows)
+        waves = [units[w:w + per_wave] for w in range(0, len(units), per_wave)]
+        steps = sum(self.runner.num_layers - wave[0][0] for wave in waves)  # one per layer each wave runs
         out: dict[tuple[int, UnitKind], float] = {}
         try:
-            with progress_bar(self.runner.progress, "end-to-end probes", len(units)) as bar, \
+            with progress_bar(self.runner.progress, "end-to-end probes (layers)", steps) as bar, \
                     _quiet_sweeps(self.runner):
-                for w in range(0, len(units), per_wave):
-                    wave = units[w:w + per_wave]
-                    out.update(self._wave(wave, bypasses))
-                    bar.update(len(wave))
+                for wave in waves:
+                    out.update(self._wave(wave, bypasses, bar.update))
         finally:
             self.runner.store.restore()
         return out
 
-    def _wave(self, units: list[tuple[int, UnitKind]],
-              bypasses: Mapping[tuple[int, UnitKind], Bypass]) -> dict[tuple[int, UnitKind], float]:
+    def _wave(self, units: list[tuple[int, UnitKind]], bypasses: Mapping[tuple[int, UnitKind], Bypass],
+              layer_done: Callable[[], object]) -> dict[tuple[int, UnitKind], float]:
         """Units sorted by layer, unit ``u`` on rows ``u * rows`` onwards."""
         store, r = self.runner.store, self.rows
         layers = [i for i, _ in units]
@@ -106,5 +106,6 @@ class EndToEndProbe:
                 finally:
                     swap.undo()
             store.advance()
+            layer_done()
         return {key: stream_distance(np.array(store.current[u * r:(u + 1) * r]), self.dense_final)
                 for u, key in enumerate(units)}
