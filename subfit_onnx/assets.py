@@ -156,8 +156,8 @@ def _fetch_gemma3(out: Path, scratch: Path) -> None:
 def fetch_assets(root: str | Path, force: bool = False, gemma: bool = False) -> AssetPaths:
     """Download and convert what is missing (everything with ``force``); later calls return at once.
 
-    ``gemma=True`` adds Gemma-3-270m. Each folder is staged (``staging.staged_output``): an interrupted fetch leaves no half-written
-    folder.
+    ``gemma=True`` adds Gemma-3-270m. Each folder is staged (``staging.staged_output``): an interrupted fetch
+    leaves no half-written folder.
     """
     paths = AssetPaths(Path(root).expanduser().resolve())
     parts = [(paths.text, _fetch_text, paths.c4_heldout.is_file() and paths.wiki.is_file()),

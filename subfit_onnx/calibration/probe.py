@@ -25,7 +25,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from ..architectures import UnitKind
+from ..architectures import UNIT_KINDS, UnitKind
 from ..bypass import Bypass
 from ..progress import progress_bar, silent
 from .end_to_end import stream_distance
@@ -75,7 +75,7 @@ class EndToEndProbe:
     def damages(self, bypasses: Mapping[tuple[int, UnitKind], Bypass]) -> dict[tuple[int, UnitKind], float]:
         """Every unit's damage (how far the probe rows' last stream moves when that unit alone is replaced by its
         bypass); the store holds the embeddings again afterwards."""
-        units = sorted(bypasses, key=lambda k: (k[0], k[1] != "attention"))
+        units = sorted(bypasses, key=lambda k: (k[0], UNIT_KINDS.index(k[1])))  # depth order, as plans list units
         per_wave = max(1, self.runner.store.shape[0] // self.rows)
         waves = [units[w:w + per_wave] for w in range(0, len(units), per_wave)]
         steps = sum(self.runner.num_layers - wave[0][0] for wave in waves)  # one per layer each wave runs
