@@ -26,6 +26,7 @@ from subfit_onnx.cli import app
 from subfit_onnx.config import SubFitConfig, make_config
 from subfit_onnx.errors import SubFitError
 from subfit_onnx.gated_ffn import equal_cost_shape
+from subfit_onnx.names import unit_key
 from subfit_onnx.plan import CalibratedPlan, load_plan
 from subfit_onnx.reference import apply_plan
 from subfit_onnx.torch_model import decoder_layers, gated_ffn, model_family, unit_module
@@ -275,7 +276,9 @@ def test_optimize_with_neurons_matches_the_reference(tmp_path, tiny_checkpoint, 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_neurons_change_the_ffn_bypasses_and_nothing_else(family):
-    """The neurons are refitted after pass 2: the same units go, with the same attention bypasses, as linear."""
+    """Pass 2 decides with linear FFN bypasses: the same units go, with the same attention bypasses, as linear.
+    Under auto an FFN before the first one that took neurons has linear's bypass exactly; one after it that keeps
+    a linear bypass was refitted on the upstream with neurons, so its bypass differs from linear's."""
     config = {"sparsity": 0.75, "num_samples": 16, "seq_len": 32}
     plans = {mode: calibrate_model(tiny_model(family), CALIBRATION, SubFitConfig(ffn_bypass=mode, **config))
              for mode in ("linear", "neurons", "auto")}
@@ -288,3 +291,14 @@ def test_neurons_change_the_ffn_bypasses_and_nothing_else(family):
         attention = [k for k in linear.tensors if ".attention." in k]
         assert attention and all(np.array_equal(result.tensors[k], linear.tensors[k]) for k in attention)
     assert {u.bypass.form for u in plans["neurons"].plan.removed_units("mlp")} == {"neurons"}
+    auto_ffns = plans["auto"].plan.removed_units("mlp")
+    first = min((u.layer for u in auto_ffns if u.bypass.form == "neurons"), default=len(auto_ffns) + 99)
+    checked = {"before": 0, "after": 0}
+    for unit in auto_ffns:
+        names = [k for k in linear.tensors if k.startswith(f"{unit_key(unit.layer, 'mlp')}.")]
+        if unit.bypass.form == "full" and unit.layer != first:
+            same = all(np.array_equal(plans["auto"].tensors[k], linear.tensors[k]) for k in names)
+            assert names and same == (unit.layer < first)
+            checked["before" if unit.layer < first else "after"] += 1
+    # llama: neurons at the first FFN and a linear one after them; gemma3: every FFN keeps its linear bypass
+    assert checked == ({"before": 0, "after": 1} if family == "llama" else {"before": 4, "after": 0}), checked

@@ -8,8 +8,9 @@ Between them, ``score="end_to_end"`` (the default) probes every unit alone on th
 on (``probe``): about ``L / 64`` forwards for ``L`` layers.
 Pass 1's scores are only priors for the units pass 2 has not reached yet, so ``prior_samples`` runs it on a
 subset of the sequences (half by default); pass 2 stops fitting at the layer where the budget is met.
-With ``ffn_bypass`` neurons or auto, the layers from the first removed FFN to the last run once more, to refit
-those FFNs with their kept neurons (``Calibrator.refit_ffns_with_neurons``).
+With ``ffn_bypass`` neurons or auto, pass 2 also fits each removed gated FFN with some of its own neurons until
+one takes them; the layers from there to the last removed FFN run once more, to refit the FFNs after it on an
+upstream with neurons (``Calibrator.refit_ffns_with_neurons``).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from .weighting_choice import (
 if TYPE_CHECKING:  # torch stays out of run_calibration's imports: the ONNX Runtime backend has no torch
     from torch import nn
 
+NeuronTap = tuple[GatedFFN, NeuronEnergy]  # a gated FFN and its neurons' energies, summed as its layer runs
 PROBED_WEIGHTING: TokenWeighting = "uniform"  # whose bypasses the end-to-end probes try (``probe_units``)
 LOCAL_SCORE = "stream_error"  # what pass 2 measures again to update an end-to-end score (``EndToEndPrior``)
 VERSION_PACKAGES = ("subfit-onnx", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnx-ir", "onnxruntime")
@@ -142,8 +144,8 @@ class Calibrator:
         # float64 twice per unit)
         self.all_rows: dict[UnitKey, UnitStats] = {}
         self.end_to_end: dict[TokenWeighting, EndToEndPrior] = {}
-        # the first layer whose FFN pass 2 removed, whose inputs the store keeps for the neuron refit
-        self.first_ffn: int | None = None
+        # the first FFN that took neurons in pass 2 (its fit, for after pass 2); the refit starts after it
+        self.first_neurons: tuple[int, UnitStats, UnitAssessment] | None = None
         if config.ffn_bypass == "neurons" and not runner.reads_ffn_neurons:
             raise SubFitError(f"ffn_bypass 'neurons' needs the PyTorch calibration backend for now; the "
                               f"{runner.backend} backend fits linear FFN bypasses only (auto falls back to them)")
@@ -202,11 +204,13 @@ class Calibrator:
         for w, assessed in dense.by_weighting().items():
             self.end_to_end[w] = EndToEndPrior(dense.end_to_end, {k: a.damage(LOCAL_SCORE) for k, a in assessed.items()})
 
-    def _remove(self, i: int, kind: UnitKind, stats: UnitStats, a: UnitAssessment, unit_score: float) -> Bypass:
-        if kind == "mlp" and self.refits_neurons and self.first_ffn is None \
-                and self.runner.gated_ffn(i) is not None:  # not gated (GPT-2): no neurons to refit with
-            self.first_ffn = i
-            self.runner.store.snapshot(self._neuron_snapshot)
+    def _remove(self, i: int, kind: UnitKind, stats: UnitStats, a: UnitAssessment, unit_score: float,
+                tap: NeuronTap | None = None) -> Bypass:
+        if tap is not None:  # before the linear bypass overwrites the layer's stored outputs
+            fit = self._with_neurons(*tap, stats, a)
+            if fit is not a:
+                self.first_neurons = (i, stats, fit)
+                self._snapshot_outputs_with(fit.bypass)
         bypass = a.bypass if self.config.bypass else _zero_bypass(self.identity.hidden_size)
         self.swaps.append(self.runner.install_bypass(i, kind, bypass))
         self.installed.append((i, kind, bypass))
@@ -217,50 +221,81 @@ class Calibrator:
 
     @property
     def _neuron_snapshot(self) -> str:
-        return f"first-ffn-{id(self)}"  # one per calibrator: the weighting check runs several on one store
+        return f"first-neurons-{id(self)}"  # one per calibrator: the weighting check runs several on one store
+
+    def _neuron_tap(self, i: int, weighting: TokenWeighting) -> NeuronTap | None:
+        """Layer ``i``'s gated FFN and an energy sum for its sweep to fill, while pass 2 fits FFNs with neurons."""
+        if not self.refits_neurons or self.first_neurons is not None:
+            return None
+        ffn = self.runner.gated_ffn(i)  # None when not gated (GPT-2): no neurons to fit with
+        return None if ffn is None else (ffn, NeuronEnergy(weighting))
+
+    def _snapshot_outputs_with(self, bypass: Bypass) -> None:
+        """Keep the layer's outputs with ``bypass`` as its FFN, for the refit to start from; the store is as before."""
+        store = self.runner.store
+        self._outputs_with_mlp_bypass(bypass)
+        store.advance()
+        store.snapshot(self._neuron_snapshot)
+        store.advance()
+
+    def _ffn_index(self, i: int) -> int:
+        return next(j for j, (layer, kind, _) in enumerate(self.installed) if (layer, kind) == (i, "mlp"))
+
+    def _replace_ffn_bypass(self, i: int, stats: UnitStats, a: UnitAssessment) -> None:
+        """Record ``a`` as removed FFN ``i``'s bypass (its statistics: ``stats``), in place of the linear one."""
+        self.installed[self._ffn_index(i)] = (i, "mlp", a.bypass)
+        k = next(k for k, u in enumerate(self.removed) if (u.layer, u.kind) == (i, "mlp"))
+        key = unit_key(i, "mlp")
+        self.tensors = {name: t for name, t in self.tensors.items() if not name.startswith(f"{key}.")}
+        self.removed[k] = self._removed_unit(i, "mlp", stats, a, self.removed[k].score, a.bypass)
 
     def refit_ffns_with_neurons(self, weighting: TokenWeighting) -> None:
-        """Refit every removed gated FFN, in depth order on the compressed upstream, with a bypass that keeps some
-        of its neurons (``ffn_bypass``; ``neuron_fit``); under ``auto`` an FFN keeps whichever of that and its
-        linear refit leaves less fit error.
+        """Swap in the first FFN that took neurons in pass 2, then refit every removed gated FFN after it, in depth
+        order on an upstream with neurons (``ffn_bypass``; ``neuron_fit``); under ``auto`` an FFN keeps whichever
+        of that and its linear refit leaves less fit error.
 
-        The selection stays pass 2's with linear bypasses. Fitting the neurons inside pass 2 instead let them change
-        which units pass 2 removed after them, and that lost more than the neurons gained: 6.82x against 4.52x on
-        Gemma-3-270m at 37.5% (``benchmarks/neuron_bypass.py``). Cost: the layers from the first removed FFN to
-        the last once more, from the store's copy of the first one's inputs.
+        The selection stays pass 2's with linear bypasses. Fitting the neurons inside pass 2 and letting later
+        units see them changed which units pass 2 removed after them, and that lost more than the neurons gained:
+        6.82x against 4.52x on Gemma-3-270m at 37.5% (``benchmarks/neuron_bypass.py``). Leaving every FFN's
+        pass-2 fit, each on an upstream of linear bypasses, lost too: 1.941 against 1.810 on SmolLM2 at 25% with
+        ``neurons``. Up to the first FFN that takes neurons the upstream is the same either way, so those fits are
+        pass 2's; only the layers after it run again, from the store's copy of its outputs.
         """
-        if not self.refits_neurons or self.first_ffn is None:
+        if self.first_neurons is None:
             return
-        ffns = {u.layer for u in self.removed if u.kind == "mlp"}
+        first, first_stats, first_fit = self.first_neurons
+        if self.swaps:  # the model is compressed: it computes what the plan says
+            j = self._ffn_index(first)
+            self.swaps[j].undo()
+            self.swaps[j] = self.runner.install_bypass(first, "mlp", first_fit.bypass)
+        self._replace_ffn_bypass(first, first_stats, first_fit)
+        later = [u.layer for u in self.removed if u.kind == "mlp" and u.layer > first]
+        if not later:
+            return
         runner, n = self.runner, self.runner.num_layers
         runner.store.restore(self._neuron_snapshot)
-        for i in range(self.first_ffn, max(ffns) + 1):
-            if i not in ffns:
+        for i in range(first + 1, max(later) + 1):
+            if i not in later:
                 runner.sweep(i, (), weighting, f"refitting FFNs with neurons, layer {i + 1}/{n}")
             else:
-                j = next(j for j, (layer, kind, _) in enumerate(self.installed) if (layer, kind) == (i, "mlp"))
+                j = self._ffn_index(i)
                 self.swaps[j].undo()  # the FFN itself again, for its inputs and outputs
                 ffn = runner.gated_ffn(i)
-                energy = NeuronEnergy(weighting) if ffn is not None else None
+                energy = NeuronEnergy(weighting)
                 stats = runner.sweep(i, ("mlp",), weighting, f"refitting FFNs with neurons, layer {i + 1}/{n}",
-                                     neurons=energy)["mlp"]
-                a = self._with_neurons(ffn, energy, stats, self._assess("mlp", stats))
+                                     neurons=energy if ffn is not None else None)["mlp"]
+                a = self._assess("mlp", stats)
+                if ffn is not None:
+                    a = self._with_neurons(ffn, energy, stats, a)
                 self.swaps[j] = runner.install_bypass(i, "mlp", a.bypass)
-                self.installed[j] = (i, "mlp", a.bypass)
-                k = next(k for k, u in enumerate(self.removed) if (u.layer, u.kind) == (i, "mlp"))
-                key = unit_key(i, "mlp")
-                self.tensors = {name: t for name, t in self.tensors.items() if not name.startswith(f"{key}.")}
-                self.removed[k] = self._removed_unit(i, "mlp", stats, a, self.removed[k].score, a.bypass)
+                self._replace_ffn_bypass(i, stats, a)
                 self._outputs_with_mlp_bypass(a.bypass)
             runner.store.advance()
 
-    def _with_neurons(self, ffn: GatedFFN | None, energy: NeuronEnergy | None, stats: UnitStats,
+    def _with_neurons(self, ffn: GatedFFN, energy: NeuronEnergy, stats: UnitStats,
                       linear: UnitAssessment) -> UnitAssessment:
         """The FFN's assessment with a bypass that keeps some of its neurons (``energy``: theirs, tapped as the
-        FFN ran), or ``linear`` when the FFN is not gated or, under ``auto``, when the linear bypass leaves less
-        fit error."""
-        if ffn is None or energy is None:
-            return linear
+        FFN ran), or, under ``auto``, ``linear`` when the linear bypass leaves less fit error."""
         runner = self.runner
         mid, x = runner.store.mlp_inputs()
         rows = StoredRows(x, mid, runner.store.next, list(runner.batches()))
@@ -343,15 +378,19 @@ class Calibrator:
                 return
             if dense is not None:
                 self.runner.dense_sweep(i, dense, f"dense layer {i + 1}/{n}")
-            stats = self.runner.sweep(i, UNIT_KINDS, w, f"fitting layer {i + 1}/{n}{label}", dense)
+            tap = self._neuron_tap(i, w)
+            stats = self.runner.sweep(i, UNIT_KINDS, w, f"fitting layer {i + 1}/{n}{label}", dense,
+                                      neurons=tap[1] if tap else None)
             changed = False
             for kind in UNIT_KINDS:
                 if kind == "mlp" and changed:  # the FFN now sees the attention's bypass: measure again
-                    stats = self.runner.sweep(i, ("mlp",), w, f"fitting layer {i + 1}/{n} (FFN){label}", dense)
+                    tap = self._neuron_tap(i, w)
+                    stats = self.runner.sweep(i, ("mlp",), w, f"fitting layer {i + 1}/{n} (FFN){label}", dense,
+                                              neurons=tap[1] if tap else None)
                     changed = False
                 assessment, fresh = self.fresh(i, kind, stats[kind])
                 if selector.decide((i, kind), fresh):
-                    bypass = self._remove(i, kind, stats[kind], assessment, fresh)
+                    bypass = self._remove(i, kind, stats[kind], assessment, fresh, tap if kind == "mlp" else None)
                     changed = True
             if changed:  # only when the FFN just went: its bypass, not the FFN, makes the layer's outputs
                 self._outputs_with_mlp_bypass(bypass)

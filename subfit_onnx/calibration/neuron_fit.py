@@ -97,8 +97,15 @@ class NeuronEnergy:
 
     def add(self, a: np.ndarray, out_sq: np.ndarray, matmul: Matmul = np.matmul) -> None:
         """One batch: activations ``a`` [tokens, d_ff] and the squared norms [batch, seq] of the layer's outputs."""
-        w = token_weights(self.weighting, out_sq.astype(np.float64)).reshape(-1)
-        part = matmul(w.astype(np.float32)[None], a * a)[0].astype(np.float64)
+        self.add_sums(matmul(self.weights(out_sq)[None], a * a)[0])
+
+    def weights(self, out_sq: np.ndarray) -> np.ndarray:
+        """The batch's token weights, flat, in float32 (``out_sq``: as for ``add``)."""
+        return token_weights(self.weighting, out_sq.astype(np.float64)).reshape(-1).astype(np.float32)
+
+    def add_sums(self, part: np.ndarray) -> None:
+        """One batch's ``sum_t w_t a_tj^2``, computed where the activations are (the backend's own tensors)."""
+        part = np.asarray(part, dtype=np.float64)
         self.total = part if self.total is None else self.total + part
 
     def of(self, ffn: GatedFFN) -> np.ndarray:

@@ -228,10 +228,10 @@ class TorchLayerRunner(RowBatches):
                 h = torch.from_numpy(np.asarray(self.store.current[rows])).to(self.device, self.dtype)
                 out = _output_tensor(layer(h, *args, **kwargs))
                 self.store.next[rows] = out.float().cpu().numpy()
-                if neurons is not None:
-                    a = tapped["a"]
-                    neurons.add(_as_numpy(a.reshape(-1, a.shape[-1])), _as_numpy(out.float().square().sum(-1)),
-                                self.linalg.matmul)
+                if neurons is not None:  # summed in torch: every layer pass 2 runs is tapped, so it must be cheap
+                    a = tapped["a"].reshape(-1, tapped["a"].shape[-1]).float()
+                    w = torch.from_numpy(neurons.weights(_as_numpy(out.float().square().sum(-1)))).to(a.device)
+                    neurons.add_sums(_as_numpy(w @ a.square()))
                 if collect:
                     taps = {name: _as_numpy(t) for name, t in seen.items()}
                     self.collect_batch(stats, rows, _as_numpy(h), taps,
