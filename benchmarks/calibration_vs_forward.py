@@ -6,7 +6,12 @@ on 2026-12-07 the same ``--ffn-bypass linear`` run measured 3.05x and 4.31x one 
 a forward, for several rounds. Each calibration is divided by the mean of the forwards on both sides of it, so a
 machine that slows down or speeds up between runs moves numerator and denominator together. The settings compared
 share every other phase of ``optimize`` (export, checks, rewrite, quality), so their difference here is their
-difference in ``optimize``.
+difference in ``optimize``. Rounds alternate which setting runs first.
+
+Even so, a calibration's own phases drift by 10-20% between back-to-back runs on this machine, more than the
+neurons cost. So each run also times the work only neurons do, directly: the fits with neurons pass 2 makes, the
+store snapshot they start from, and the refit sweep after the first FFN that takes neurons (``neuron_work_s``;
+the energy tap in pass 2's sweeps, about 15 ms a layer, is not in it).
 
     python benchmarks/calibration_vs_forward.py [--model assets/smollm2-135m-instruct] [--settings linear auto]
 """
@@ -23,11 +28,35 @@ import torch
 from optimize_vs_forward import timed_forward as forward_seconds
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from subfit_onnx.calibration.calibrate import calibrate_model
+from subfit_onnx.calibration.calibrate import Calibrator, calibrate_model
 from subfit_onnx.calibration.text import calibration_tokens
 from subfit_onnx.config import SubFitConfig
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+class NeuronWork:
+    """Seconds spent in the ``Calibrator`` methods that only neuron bypasses call, outermost calls only."""
+
+    METHODS = ("_with_neurons", "_snapshot_outputs_with", "refit_ffns_with_neurons")
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._depth = 0
+        for name in self.METHODS:
+            setattr(Calibrator, name, self._timed(getattr(Calibrator, name)))
+
+    def _timed(self, method):
+        def timed(cal, *args, **kwargs):
+            self._depth += 1
+            start = time.perf_counter()
+            try:
+                return method(cal, *args, **kwargs)
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    self.seconds += time.perf_counter() - start
+        return timed
 
 
 def main() -> None:
@@ -48,9 +77,11 @@ def main() -> None:
     with torch.no_grad():
         model(batch[:1, :8])  # warm-up
     runs: list[dict] = []
+    work = NeuronWork()
     before = forward_seconds(model, batch, base.batch_size)
     for r in range(args.rounds):
-        for setting in args.settings:
+        for setting in args.settings if r % 2 == 0 else args.settings[::-1]:
+            work.seconds = 0.0
             start = time.perf_counter()
             result = calibrate_model(model, tokens, base.model_copy(update={"ffn_bypass": setting}))
             seconds = time.perf_counter() - start
@@ -58,13 +89,16 @@ def main() -> None:
             forward = (before + after) / 2
             runs.append({"round": r, "setting": setting, "calibration_s": round(seconds, 2),
                          "forward_s": round(forward, 2), "ratio": round(seconds / forward, 3),
+                         "neuron_work_s": round(work.seconds, 2), "neuron_work_forwards": round(work.seconds / forward, 3),
                          "removed": result.plan.depth_map(),
                          "ffns_with_neurons": sum(u.bypass.form == "neurons" for u in result.plan.removed)})
             print(json.dumps(runs[-1]), flush=True)
             before = after
     summary = {s: {"median_ratio": round(statistics.median(x["ratio"] for x in runs if x["setting"] == s), 3),
                    "median_calibration_s": round(statistics.median(x["calibration_s"] for x in runs
-                                                                   if x["setting"] == s), 2)}
+                                                                   if x["setting"] == s), 2),
+                   "median_neuron_work_forwards": round(statistics.median(x["neuron_work_forwards"] for x in runs
+                                                                          if x["setting"] == s), 3)}
                for s in args.settings}
     rows = {r: {x["setting"]: x["ratio"] for x in runs if x["round"] == r} for r in range(args.rounds)}
     if "linear" in args.settings:
