@@ -125,6 +125,12 @@ def _budget_lines(budget: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def _neuron_note(report: dict[str, Any]) -> str:
+    """Which removed FFNs kept some of their neurons (``--ffn-bypass``): they decode a little slower."""
+    layers = [u["layer"] for u in report.get("removed", []) if u.get("bypass") == "neurons"]
+    return f"; the FFN bypasses of layers {', '.join(map(str, layers))} keep some neurons" if layers else ""
+
+
 def format_summary(report: dict[str, Any]) -> str:
     """Human summary of a report, one fact per line."""
     sp = report["sparsity"]
@@ -132,7 +138,7 @@ def format_summary(report: dict[str, Any]) -> str:
         f"SubFit: {report['source']} -> {report['output']}",
         f"  removed      {report['depth_map']}   (A attention, M FFN, X both, . kept)",
         (f"               {report['removed_attention']} attention + {report['removed_mlp']} FFN of "
-         f"{report['num_layers']} layers"),
+         f"{report['num_layers']} layers{_neuron_note(report)}"),
         (f"  sparsity     target {sp['target']:.1%}  achieved {sp['achieved']:.1%}  net {sp['net']:.1%} "
          "(after bypass parameters)"),
         (f"  bypass       {report['params']['bypass']:,} parameters "
