@@ -1,9 +1,10 @@
 """FFN bypasses that keep a few of the removed FFN's own neurons: the product's ``--ffn-bypass`` modes (``--product``)
-beside this script's own refit of the default plan, which explores shapes the product does not offer.
+beside this script's own refit of the plan with linear FFN bypasses, which explores shapes the product does not
+offer.
 
 A linear bypass cannot follow a gated FFN's nonlinearity: on SmolLM2 at 25% the pass-2 fits of the removed FFNs
-leave 27-49% of their output energy unexplained on the calibration tokens. Here, after SubFit at the defaults,
-each removed gated FFN (``act(x Wg) * (x Wu) @ Wd``, then its post-norm where the family has one) becomes
+leave 27-49% of their output energy unexplained on the calibration tokens. Here, after SubFit with linear FFN
+bypasses, each removed gated FFN (``act(x Wg) * (x Wu) @ Wd``, then its post-norm where the family has one) becomes
 
     y = (x P) Wx + a_K(x) Wk + b,    a_K(x) = act(x Wg[:, K]) * (x Wu[:, K])
 
@@ -18,8 +19,8 @@ chosen by ``energy`` (``E[a_j^2] |Wd_j|^2``, the default) or ``residual`` (the p
 not predict linearly, times ``|Wd_j|^2``). It costs ``d^2`` or ``2 d r`` parameters, plus ``3 d k``: rank d/8 with
 d/4 neurons (``72:144`` on SmolLM2, ``80:160`` on Gemma-3-270m) costs what the product's d x d bypass costs.
 Shapes joined by ``|`` (``full:0|72:144``) give each FFN the one whose fit leaves the least error on the
-calibration tokens. ``--default-sparsity S`` adds SubFit's own plan at sparsity S, for a comparison at equal net
-parameters with shapes that cost more than the d x d bypass.
+calibration tokens. ``--default-sparsity S`` adds SubFit's own plan with linear FFN bypasses at sparsity S, for a
+comparison at equal net parameters with shapes that cost more than the d x d bypass.
 
 Perplexity: 16 x 512-token windows of held-out Wikipedia (second half of wiki.utf8, token-wise), BOS-led where the
 tokenizer adds BOS, PyTorch; ratio to dense. Calibration: 64 x 256 tokens of C4's first half. Writes
@@ -196,8 +197,9 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for sparsity in args.default_sparsity:
         other = copy.deepcopy(dense)
-        plan = calibrate_model(other, cal, SubFitConfig(sparsity=sparsity), keep_compressed=True).plan
-        rows.append({"shape": f"SubFit defaults at {sparsity}", "removed": plan.depth_map(),
+        plan = calibrate_model(other, cal, SubFitConfig(sparsity=sparsity, ffn_bypass="linear"),
+                               keep_compressed=True).plan
+        rows.append({"shape": f"SubFit, linear FFN bypasses, at {sparsity}", "removed": plan.depth_map(),
                      "net_sparsity": round(plan.sparsity.net, 4), "wiki": ratio(other)})
         print(rows[-1], flush=True)
         del other
@@ -214,7 +216,10 @@ def main() -> None:
         print(rows[-1], flush=True)
         del other
 
-    plan = calibrate_model(model, cal, SubFitConfig(sparsity=args.sparsity), keep_compressed=True).plan
+    # the shapes refit the FFNs of the plan with d x d bypasses (the default before 2026-12-07: ``auto``'s plan
+    # removes the same units)
+    plan = calibrate_model(model, cal, SubFitConfig(sparsity=args.sparsity, ffn_bypass="linear"),
+                           keep_compressed=True).plan
     layers, dense_layers = decoder_layers(model, family), decoder_layers(dense, family)
     ffns = sorted(u.layer for u in plan.removed if u.kind == "mlp")
     fitted = {i: unit_module(layers[i], family, "mlp") for i in ffns}

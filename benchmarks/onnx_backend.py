@@ -82,7 +82,9 @@ def stage_calibrate(args: argparse.Namespace) -> dict:
     from subfit_onnx.plan import save_plan
 
     tokens = _tokens(args)
-    config = SubFitConfig(sparsity=args.sparsity, num_samples=args.num_samples, seq_len=args.seq_len)
+    # linear FFN bypasses: what the ONNX backend fits (``auto``, the default, falls back to them there)
+    config = SubFitConfig(sparsity=args.sparsity, num_samples=args.num_samples, seq_len=args.seq_len,
+                          ffn_bypass="linear")
     before = _usage()
     start = time.perf_counter()
     extra: dict = {}

@@ -213,24 +213,23 @@ def test_neurons_need_unit_output_targets_and_bypasses():
             make_config(None, 0.25, ffn_bypass="neurons", **bad)
 
 
-def test_auto_keeps_linear_bypasses_where_neurons_cannot_be_fitted():
-    """auto takes neurons only where the backend reads them and bypasses fit unit outputs; linear is the default."""
-    assert SubFitConfig().ffn_bypass == "linear" and not SubFitConfig().refits_ffn_neurons(True)
-    auto = SubFitConfig(ffn_bypass="auto")
-    assert auto.refits_ffn_neurons(backend_reads_neurons=True)
-    assert not auto.refits_ffn_neurons(backend_reads_neurons=False)
+def test_auto_is_the_default_and_keeps_linear_bypasses_where_neurons_cannot_be_fitted():
+    """auto, the default, takes neurons only where the backend reads them and bypasses fit unit outputs."""
+    assert SubFitConfig().ffn_bypass == "auto"
+    assert SubFitConfig().refits_ffn_neurons(backend_reads_neurons=True)
+    assert not SubFitConfig().refits_ffn_neurons(backend_reads_neurons=False)
     for other in ({"target": "dense_stream"}, {"bypass": False}):
-        config = make_config(None, 0.25, ffn_bypass="auto", **other)
+        config = make_config(None, 0.25, **other)
         assert config.ffn_bypass == "auto" and not config.refits_ffn_neurons(backend_reads_neurons=True)
-    config = SubFitConfig(sparsity=0.35, num_samples=16, seq_len=32, target="dense_stream", ffn_bypass="auto")
+    config = SubFitConfig(sparsity=0.35, num_samples=16, seq_len=32, target="dense_stream")
     removed = calibrate_model(tiny_model("llama"), CALIBRATION, config).plan.removed_units("mlp")
     assert removed and {u.bypass.form for u in removed} == {"full"}
 
 
-def test_the_onnx_backend_fits_linear_ffn_bypasses_under_auto(tmp_path, tiny_export, tiny_calibration_text):
+def test_the_onnx_backend_fits_linear_ffn_bypasses_under_the_default(tmp_path, tiny_export, tiny_calibration_text):
     result = CliRunner().invoke(app, ["calibrate", str(tiny_export("llama")), "--calibration-backend", "onnx",
-                                      "--ffn-bypass", "auto", "-s", "0.5", "-c", str(tiny_calibration_text),
-                                      "-n", "8", "-l", "32", "-o", str(tmp_path / "plan")])
+                                      "-s", "0.5", "-c", str(tiny_calibration_text), "-n", "8", "-l", "32",
+                                      "-o", str(tmp_path / "plan")])
     assert result.exit_code == 0, result.output
     plan, _ = load_plan(tmp_path / "plan")
     assert plan.method.ffn_bypass == "auto"
@@ -257,7 +256,8 @@ def test_optimize_with_neurons_matches_the_reference(tmp_path, tiny_checkpoint, 
                                       "-o", str(out)])
     assert result.exit_code == 0, result.output
     plan, tensors = load_plan(out)
-    assert "neurons" in {u.bypass.form for u in plan.removed_units("mlp")}
+    layers = [str(u.layer) for u in plan.removed_units("mlp") if u.bypass.form == "neurons"]
+    assert layers and f"the FFN bypasses of layers {', '.join(layers)} keep some neurons" in result.stdout
     reference = apply_plan(tiny_model("llama"), plan, tensors)
     ids = np.random.default_rng(1).integers(3, 99, size=(1, 12))
     with torch.no_grad():

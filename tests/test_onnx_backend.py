@@ -43,7 +43,9 @@ from tiny_models import FAMILY_CONFIGS, tiny_model
 
 TOKENS = np.random.default_rng(0).integers(3, 256, size=(8, 32))
 FP32_TOL = 1e-3
-CONFIG = SubFitConfig(sparsity=0.7, num_samples=8, seq_len=32, batch_size=4, attention_rank=Portion(count=8))
+# linear FFN bypasses on both backends: the ONNX backend cannot read the FFN's neurons (``auto`` falls back there)
+CONFIG = SubFitConfig(sparsity=0.7, num_samples=8, seq_len=32, batch_size=4, attention_rank=Portion(count=8),
+                      ffn_bypass="linear")
 
 
 def torch_reference(family: str):
@@ -139,7 +141,7 @@ def test_fp16_export_selects_like_fp32(tiny_export, score):
     """end_to_end probes layer 0 with a bypass of the norm the fp16 export applies before widening the stream,
     a value only the prelude computes: the prelude is renewed to compute it."""
     config = SubFitConfig(sparsity=0.3, num_samples=8, seq_len=32, batch_size=4, attention_rank=Portion(count=8),
-                          score=score)
+                          score=score, ffn_bypass="linear")
     half = calibrate_export(tiny_export("llama", "fp16"), TOKENS, config)
     full = calibrate_model(tiny_model("llama"), TOKENS, config)
     assert removed(half) == removed(full)
@@ -408,7 +410,9 @@ MAX_RATIO_GAP = 0.02  # |ratio_onnx / ratio_torch - 1|; measured 0.0000 at 64 x 
 
 
 def _real_config(assets) -> SubFitConfig:
-    return SubFitConfig(sparsity=0.25, num_samples=REAL_SAMPLES, seq_len=REAL_SEQ, calibration=str(assets.c4_calibration))
+    """Linear FFN bypasses, what the ONNX backend fits under the default ``auto``, so both backends run one method."""
+    return SubFitConfig(sparsity=0.25, num_samples=REAL_SAMPLES, seq_len=REAL_SEQ, calibration=str(assets.c4_calibration),
+                        ffn_bypass="linear")
 
 
 @pytest.fixture(scope="module")
@@ -437,34 +441,30 @@ def onnx_fp32_run(smollm2_assets, smollm2_onnx, wiki_windows, tmp_path_factory):
     return result, _ppl(out, wiki_windows) / _ppl(smollm2_onnx, wiki_windows)
 
 
-def _torch_plan(request, assets):
-    """The PyTorch plan at the same settings; shares the session's ``smollm2_subfit25`` calibration when defined."""
-    try:
-        _, plan, tensors = request.getfixturevalue("smollm2_subfit25")
-        return plan, tensors
-    except pytest.FixtureLookupError:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+def _torch_plan(assets):
+    """The PyTorch plan at the same settings (not the session's ``smollm2_subfit25``: that one keeps neurons)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from subfit_onnx.calibration.text import calibration_tokens
+    from subfit_onnx.calibration.text import calibration_tokens
 
-        config = _real_config(assets)
-        tokens = calibration_tokens(AutoTokenizer.from_pretrained(assets.model), assets.c4_calibration,
-                                    REAL_SAMPLES, REAL_SEQ)
-        model = AutoModelForCausalLM.from_pretrained(assets.model, dtype=torch.float32, attn_implementation="sdpa")
-        result = calibrate_model(model.eval(), tokens, config)
-        return result.plan, result.tensors
+    config = _real_config(assets)
+    tokens = calibration_tokens(AutoTokenizer.from_pretrained(assets.model), assets.c4_calibration,
+                                REAL_SAMPLES, REAL_SEQ)
+    model = AutoModelForCausalLM.from_pretrained(assets.model, dtype=torch.float32, attn_implementation="sdpa")
+    result = calibrate_model(model.eval(), tokens, config)
+    return result.plan, result.tensors
 
 
 @pytest.mark.real
 @pytest.mark.slow
-def test_smollm2_onnx_backend_perplexity_matches_torch(request, smollm2_assets, smollm2_onnx, wiki_windows,
-                                                       onnx_fp32_run, tmp_path):
+def test_smollm2_onnx_backend_perplexity_matches_torch(smollm2_assets, smollm2_onnx, wiki_windows, onnx_fp32_run,
+                                                       tmp_path):
     import subfit_onnx
 
     result, onnx_ratio = onnx_fp32_run
     assert result.report["plan"]["calibration"]["backend"] == "onnx"
-    plan, tensors = _torch_plan(request, smollm2_assets)
+    plan, tensors = _torch_plan(smollm2_assets)
     assert plan.calibration["backend"] == "torch"
     subfit_onnx.rewrite(smollm2_onnx, (plan, tensors), tmp_path / "torch")
     torch_ratio = _ppl(tmp_path / "torch", wiki_windows) / _ppl(smollm2_onnx, wiki_windows)

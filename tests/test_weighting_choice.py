@@ -44,7 +44,8 @@ def test_auto_weighting_runs_pass_2_per_candidate_and_checks_it_on_rows_no_fit_s
     units would each show. The winner's bypasses are then refitted on all 16 rows (next test)."""
     model = tiny_model("llama")
     config = SubFitConfig(sparsity=0.3, num_samples=16, seq_len=32, batch_size=4, weighting="auto",  # 12-15 straddle
-                          score="stream_error")  # end_to_end's probe row would be row 13 in the by-hand runs
+                          score="stream_error",  # end_to_end's probe row would be row 13 in the by-hand runs
+                          ffn_bypass="linear")  # the by-hand fits are linear ones
     auto = calibrate_model(model, TOKENS, config)
     reported = auto.plan.calibration["held_out_distance"]
     assert list(reported) == list(CANDIDATE_WEIGHTINGS)
@@ -79,7 +80,8 @@ def test_the_winner_is_refitted_on_every_row(weighting, monkeypatch):
     monkeypatch.setattr("subfit_onnx.calibration.calibrate.best_weighting", lambda distances: weighting)
     model = tiny_model("llama")
     config = SubFitConfig(sparsity=0.3, num_samples=16, seq_len=32, batch_size=2, weighting="auto",
-                          prior_samples=Portion())  # pass 1 on every row: its fits are the expected ones
+                          prior_samples=Portion(),  # pass 1 on every row: its fits are the expected ones
+                          ffn_bypass="linear")  # which pass 1 fits linear
     auto = calibrate_model(model, TOKENS, config)
     assert auto.plan.calibration["weighting"] == weighting
     first = auto.plan.removed[0]
