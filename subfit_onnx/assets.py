@@ -44,6 +44,7 @@ LAYOUT = {
     "c4_calibration": "text/c4_first_half.txt",  # first half of c4.utf8: calibration text
     "c4_heldout": "text/c4_second_half.txt",  # second half: held-out evaluation text
     "wiki": "text/wiki.utf8",
+    "wiki_heldout": "text/wiki_second_half.txt",  # from the article holding wiki.utf8's middle on (``_cut_wiki``)
     "mc": "mc",  # the multiple-choice sets, one <task>.jsonl each (mc_sets.TASKS)
     "gemma3": "gemma-3-270m",  # only with fetch_assets(gemma=True)
 }
@@ -59,6 +60,7 @@ class AssetPaths:
     c4_calibration: Path = field(init=False)
     c4_heldout: Path = field(init=False)
     wiki: Path = field(init=False)
+    wiki_heldout: Path = field(init=False)
     mc: Path = field(init=False)
     gemma3: Path = field(init=False)
 
@@ -119,6 +121,22 @@ def _fetch_text(out: Path, scratch: Path) -> None:
     cut = c4.rfind("\n", 0, len(c4) // 2) + 1 or len(c4) // 2
     (out / "c4_first_half.txt").write_text(c4[:cut], encoding="utf-8")
     (out / "c4_second_half.txt").write_text(c4[cut:], encoding="utf-8")
+    _cut_wiki(out)
+
+
+def _cut_wiki(text_dir: Path) -> None:
+    """Write the second half of wiki.utf8, from the article that holds its middle to the end.
+
+    The figures held-out Wikipedia is quoted on (README, issue 14) need one cut that anyone can pass to
+    ``subfit-onnx evaluate --text``; cutting at an article keeps every window's text whole. Written beside and
+    renamed into place, so an interrupted cut leaves no partial file.
+    """
+    wiki = (text_dir / "wiki.utf8").read_text(encoding="utf-8")
+    start = max(wiki.rfind("<doc", 0, len(wiki) // 2), 0)
+    final = text_dir / Path(LAYOUT["wiki_heldout"]).name
+    partial = final.with_name(f".{final.name}.partial")
+    partial.write_text(wiki[start:], encoding="utf-8")
+    partial.replace(final)
 
 
 def _fetch_model(out: Path, scratch: Path) -> None:
@@ -170,4 +188,6 @@ def fetch_assets(root: str | Path, force: bool = False, gemma: bool = False) -> 
         if force or not present:
             with staged_output(final, overwrite=True) as work:
                 fetch(work / STAGED, work)
+    if not paths.wiki_heldout.is_file():  # text fetched before the cut existed: no download needed
+        _cut_wiki(paths.text)
     return paths

@@ -361,6 +361,7 @@ def fetch_assets_command(
         paths = fetch_assets(folder, force=force, gemma=gemma)
         info = {"root": str(paths.root), "model": str(paths.model), "calibration_text": str(paths.c4_calibration),
                 "heldout_text": str(paths.c4_heldout), "wiki_text": str(paths.wiki),
+                "wiki_heldout_text": str(paths.wiki_heldout),
                 "mc_tasks": [str(p) for p in paths.mc_tasks()], **({"gemma3": str(paths.gemma3)} if gemma else {})}
         human = "\n".join([
             f"assets in {paths.root}",
@@ -369,6 +370,7 @@ def fetch_assets_command(
             f"  calibration text  {paths.c4_calibration}",
             f"  held-out text     {paths.c4_heldout}",
             f"  wikipedia text    {paths.wiki}",
+            f"  held-out wiki     {paths.wiki_heldout}",
             f"  multiple choice   {', '.join(str(p) for p in paths.mc_tasks())}",
             f"next: subfit-onnx optimize {paths.model} --sparsity 0.25 --calibration {paths.c4_calibration}",
         ])

@@ -176,6 +176,7 @@ def test_fetch_assets_prints_where_things_are(tmp_path, monkeypatch):
     info = json.loads(result.stdout)
     assert info["model"].endswith("smollm2-135m-instruct")
     assert info["calibration_text"].endswith("c4_first_half.txt")
+    assert info["wiki_heldout_text"].endswith("text/wiki_second_half.txt")
     assert [p.rsplit("/", 2)[1:] for p in info["mc_tasks"]] == [["mc", "social_iqa.jsonl"],
                                                                 ["mc", "goal_inference.jsonl"]]
     assert "subfit-onnx optimize" in cli("fetch-assets", tmp_path / "a").stdout
