@@ -5,6 +5,9 @@ One command reproduces it (about an hour on 2 CPU cores; steps already done in -
 
     python benchmarks/main_table.py [--model smollm2|gemma3] [--assets assets] [--work assets/bench]
 
+After a SubFit default changes, ``--methods subfit`` rebuilds and re-measures the SubFit rows alone (delete
+<work>/subfit-* first): a row whose export is built in a run is measured afresh, every other row stays as saved.
+
 - Calibration: the first half of exllamav2's c4.utf8, 64 x 256 tokens, shared by every method.
 - Perplexity: held-out windows of wiki.utf8 and of the second half of c4.utf8 (48 windows x 256 tokens each,
   spread evenly over the text), ONNX Runtime CPU EP. Windows are cut as deployed (``subfit-onnx evaluate``):
@@ -45,6 +48,7 @@ from subfit_onnx.plan import save_plan
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("subfit", "layer_drop", "replaceme", "submodule_drop", "truncated")
+PLANNED = ("subfit", "submodule_drop", "layer_drop", "replaceme")  # the rows a plan describes, in the order built
 
 
 def _load(model_dir: Path) -> torch.nn.Module:
@@ -66,7 +70,22 @@ def truncated_export(model_dir: Path, keep_layers: int, out: Path, work: Path) -
     return export_decoder(hf_dir, out)
 
 
-def build_models(args: argparse.Namespace, assets: Any, work: Path, log: dict) -> dict[str, Path]:
+def _method_plan(method: str, result: Any, model: torch.nn.Module, model_dir: Path, tokens: Any,
+                 sparsity: float) -> tuple[Any, Any]:
+    if method == "subfit":
+        return result.plan, result.tensors
+    if method == "submodule_drop":
+        return drop_bypasses(result.plan, result.tensors)
+    if method == "layer_drop":
+        return layer_drop_plan(model, result.dense, sparsity)
+    return replaceme_plan(_load(model_dir), tokens, sparsity)
+
+
+def build_models(args: argparse.Namespace, assets: Any, work: Path, log: dict) -> tuple[dict[str, Path], set[str]]:
+    """The exports to measure (``args.methods`` at each sparsity, and dense) and the names of those built now.
+
+    A row whose export is built now was measured on another model, if at all, so its cached figures are stale.
+    """
     model_dir = args.model_dir
     dense_dir = work / "dense"
     if not (dense_dir / "model.onnx").exists():
@@ -75,9 +94,10 @@ def build_models(args: argparse.Namespace, assets: Any, work: Path, log: dict) -
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokens = calibration_tokens(tokenizer, assets.c4_calibration, args.num_samples, 256)
     dense_pass = None
+    built: set[str] = set()
     for s in args.sparsities:
         pct = f"{round(s * 1000) / 10:g}"
-        targets = {m: work / f"{m}-{pct}" for m in METHODS}
+        targets = {m: work / f"{m}-{pct}" for m in args.methods}
         if all((p / "model.onnx").exists() for p in targets.values()):
             models.update({f"{m}@{s}": p for m, p in targets.items()})
             continue
@@ -87,23 +107,21 @@ def build_models(args: argparse.Namespace, assets: Any, work: Path, log: dict) -
                                  dense=dense_pass)
         log.setdefault("calibration_seconds", {})[str(s)] = time.perf_counter() - t0
         dense_pass = result.dense
-        plans = {
-            "subfit": (result.plan, result.tensors),
-            "submodule_drop": drop_bypasses(result.plan, result.tensors),
-            "layer_drop": layer_drop_plan(model, result.dense, s),
-            "replaceme": replaceme_plan(_load(model_dir), tokens, s),
-        }
-        for method, (plan, tensors) in plans.items():
+        for method in (m for m in PLANNED if m in targets):
+            plan, tensors = _method_plan(method, result, model, model_dir, tokens, s)
             save_plan(plan, tensors, work / "plans" / f"{method}-{pct}")
             if not (targets[method] / "model.onnx").exists():
                 rewrite_export(dense_dir, plan, tensors, targets[method], overwrite=True)
+                built.add(f"{method}@{s}")
             log.setdefault("plans", {})[f"{method}@{s}"] = {
                 "depth_map": plan.depth_map(), "achieved": plan.sparsity.achieved, "net": plan.sparsity.net}
-        keep = round(result.plan.model.num_layers * (1 - result.plan.sparsity.achieved))
-        truncated_export(model_dir, keep, targets["truncated"], work)
-        log.setdefault("plans", {})[f"truncated@{s}"] = {"keep_layers": keep}
+        if "truncated" in targets and not (targets["truncated"] / "model.onnx").exists():
+            keep = round(result.plan.model.num_layers * (1 - result.plan.sparsity.achieved))
+            truncated_export(model_dir, keep, targets["truncated"], work)
+            built.add(f"truncated@{s}")
+            log.setdefault("plans", {})[f"truncated@{s}"] = {"keep_layers": keep}
         models.update({f"{m}@{s}": p for m, p in targets.items()})
-    return models
+    return models, built
 
 
 def measure(models: dict[str, Path], assets: Any, args: argparse.Namespace, cache: dict) -> dict[str, dict]:
@@ -201,6 +219,8 @@ def main() -> None:
     ap.add_argument("--model", choices=("smollm2", "gemma3"), default="smollm2")
     ap.add_argument("--work", default=None, help="where exports go (default: <assets>/bench[-gemma3])")
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.125, 0.25, 0.375])
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                    help="rows to build and measure (the other rows stay as saved), e.g. subfit after a default changed")
     ap.add_argument("--num-samples", type=int, default=64)
     ap.add_argument("--windows", type=int, default=48)
     ap.add_argument("--mc-limit", type=int, default=200)
@@ -209,6 +229,7 @@ def main() -> None:
     ap.add_argument("--remeasure-speed", action="store_true",
                     help="drop cached speed ratios so every row is timed again in this run (same conditions)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--note", default="", help="what this run measured afresh, kept in the JSON's settings")
     args = ap.parse_args()
 
     assets = fetch_assets(args.assets, gemma=args.model == "gemma3")
@@ -220,8 +241,10 @@ def main() -> None:
     json_path = out_dir / f"main_table{suffix}.json"
     saved = json.loads(json_path.read_text()) if json_path.exists() else {}
     log = saved.get("log", {})
-    models = build_models(args, assets, work, log)
+    models, built = build_models(args, assets, work, log)
     rows = saved.get("rows", {})
+    for name in built:
+        rows.pop(name, None)
     if args.remeasure_speed:
         for row in rows.values():
             row.pop("speed", None)
