@@ -102,9 +102,9 @@ def main() -> None:
     dense_ppl = {name: torch_perplexity(model, w) for name, w in evals.items()}
     out_path = Path(args.out)
     rows = json.loads(out_path.read_text())["rows"] if out_path.exists() else []
-    setting = (args.eval_windows, args.eval_len, args.wiki_part, draw)
+    setting = (args.eval_windows, args.eval_len, args.wiki_part, draw, args.num_samples)
     done = {(r["variant"], r["sparsity"], (r.get("eval_windows", 48), r.get("eval_len", 256), r.get("wiki_part", "all"),
-                                           r.get("calibration_draw", "0/1")))
+                                           r.get("calibration_draw", "0/1"), r.get("num_samples", 64)))
             for r in rows}
     dense_cache: dict[tuple, object] = {}
     print(f"dense perplexity: {dense_ppl}")
@@ -128,6 +128,7 @@ def main() -> None:
                 "c4_ppl_ratio": ppl["c4_heldout"] / dense_ppl["c4_heldout"] if "c4_heldout" in ppl else None,
                 "calibration_seconds": seconds, "eval_windows": args.eval_windows, "eval_len": args.eval_len,
                 "wiki_part": args.wiki_part, "dense_ppl": dense_ppl, "calibration_draw": draw,
+                "num_samples": args.num_samples,
                 "weighting": result.plan.calibration.get("weighting"),
                 "held_out_distance": result.plan.calibration.get("held_out_distance"),
             }
