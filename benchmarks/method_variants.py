@@ -1,7 +1,7 @@
 """Which score, schedule, token weighting and bypass shape SubFit uses by default: measured, not guessed.
 
 SmolLM2-135M-Instruct (or ``--model gemma3``: Gemma-3-270m, fetched on first use as ``fetch-assets --gemma`` does) in
-PyTorch, calibrated on the first half of exllamav2's c4.utf8 (64 x 256 tokens), perplexity on held-out windows of
+PyTorch, calibrated on the first half of exllamav2's c4.utf8 (`--num-samples` x `--seq-len`, 64 x 256 tokens by default), perplexity on held-out windows of
 wiki.utf8 and of the second half of c4.utf8 (48 windows x 256 tokens each). Windows are cut as deployed: BOS-led
 when the tokenizer adds BOS (Gemma), plain text otherwise (SmolLM2). Writes
 benchmarks/results/method_variants[_gemma3].json and prints a table.
@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.25])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
     ap.add_argument("--num-samples", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence")
     ap.add_argument("--eval-windows", type=int, default=48)
     ap.add_argument("--eval-len", type=int, default=256, help="tokens per evaluation window")
     ap.add_argument("--wiki-part", choices=("all", "second_half"), default="all")
@@ -91,7 +92,7 @@ def main() -> None:
         cal_text.parent.mkdir(parents=True, exist_ok=True)
         lines = [ln for ln in Path(assets.c4_calibration).read_text(encoding="utf-8").splitlines() if ln.strip()]
         cal_text.write_text("\n\n".join(lines[first::every]), encoding="utf-8")  # one C4 document per line
-    cal = calibration_tokens(tok, cal_text, args.num_samples, 256)
+    cal = calibration_tokens(tok, cal_text, args.num_samples, args.seq_len)
     bos = leading_bos(tok)
     streams = {"wiki": tokenize_documents(tok, load_documents(assets.wiki))}
     if args.wiki_part == "second_half":  # the held-out half the issue-14 targets are stated on
@@ -102,9 +103,9 @@ def main() -> None:
     dense_ppl = {name: torch_perplexity(model, w) for name, w in evals.items()}
     out_path = Path(args.out)
     rows = json.loads(out_path.read_text())["rows"] if out_path.exists() else []
-    setting = (args.eval_windows, args.eval_len, args.wiki_part, draw, args.num_samples)
+    setting = (args.eval_windows, args.eval_len, args.wiki_part, draw, args.num_samples, args.seq_len)
     done = {(r["variant"], r["sparsity"], (r.get("eval_windows", 48), r.get("eval_len", 256), r.get("wiki_part", "all"),
-                                           r.get("calibration_draw", "0/1"), r.get("num_samples", 64)))
+                                           r.get("calibration_draw", "0/1"), r.get("num_samples", 64), r.get("seq_len", 256)))
             for r in rows}
     dense_cache: dict[tuple, object] = {}
     print(f"dense perplexity: {dense_ppl}")
@@ -128,7 +129,7 @@ def main() -> None:
                 "c4_ppl_ratio": ppl["c4_heldout"] / dense_ppl["c4_heldout"] if "c4_heldout" in ppl else None,
                 "calibration_seconds": seconds, "eval_windows": args.eval_windows, "eval_len": args.eval_len,
                 "wiki_part": args.wiki_part, "dense_ppl": dense_ppl, "calibration_draw": draw,
-                "num_samples": args.num_samples,
+                "num_samples": args.num_samples, "seq_len": args.seq_len,
                 "weighting": result.plan.calibration.get("weighting"),
                 "held_out_distance": result.plan.calibration.get("held_out_distance"),
             }
@@ -139,7 +140,7 @@ def main() -> None:
             out_path.parent.mkdir(parents=True, exist_ok=True)
             out_path.write_text(json.dumps({"model": str(model_dir), "bos_led": bos is not None,
                                 "dense_ppl": dense_ppl, "calibration": {"source": "c4 first half",
-                                "num_samples": args.num_samples, "seq_len": 256},
+                                "num_samples": args.num_samples, "seq_len": args.seq_len},
                                 "rows": rows}, indent=2))
 
 
