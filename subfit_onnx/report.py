@@ -128,6 +128,8 @@ def _budget_lines(budget: dict[str, Any] | None) -> list[str]:
 def _neuron_note(report: dict[str, Any]) -> str:
     """Which removed FFNs kept some of their neurons (``--ffn-bypass``): they decode a little slower."""
     layers = [u["layer"] for u in report.get("removed", []) if u.get("bypass") == "neurons"]
+    if len(layers) == 1:
+        return f"; the FFN bypass of layer {layers[0]} keeps some neurons"
     return f"; the FFN bypasses of layers {', '.join(map(str, layers))} keep some neurons" if layers else ""
 
 

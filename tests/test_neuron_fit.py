@@ -302,3 +302,16 @@ def test_neurons_change_the_ffn_bypasses_and_nothing_else(family):
             checked["before" if unit.layer < first else "after"] += 1
     # llama: neurons at the first FFN and a linear one after them; gemma3: every FFN keeps its linear bypass
     assert checked == ({"before": 0, "after": 1} if family == "llama" else {"before": 4, "after": 0}), checked
+
+
+@pytest.mark.parametrize(("layers", "note"), [
+    ([19], "; the FFN bypass of layer 19 keeps some neurons"),
+    ([17, 19], "; the FFN bypasses of layers 17, 19 keep some neurons"),
+    ([], ""),
+])
+def test_the_summary_names_the_ffns_with_neurons_in_plain_english(layers, note):
+    from subfit_onnx.report import _neuron_note
+
+    removed = [{"layer": n, "kind": "mlp", "bypass": "neurons"} for n in layers]
+    removed.append({"layer": 3, "kind": "mlp", "bypass": "linear"})
+    assert _neuron_note({"removed": removed}) == note
