@@ -225,8 +225,8 @@ def _heldout_quality(run: _Run, job: CalibrationJob | None, dense: Path, compres
     if not run.config.heldout_windows:
         return {"measured": False, "why": "heldout_windows is 0"}
     if job.heldout is None:
-        return {"measured": False, "why": "the calibration windows use up the calibration text; give more text "
-                "to measure held-out quality"}
+        return {"measured": False, "why": "the calibration text is too short for the calibration and the "
+                "held-out windows; give more text to measure held-out quality"}
     from .evaluation.heldout import heldout_quality
 
     return {"measured": True, **heldout_quality(dense, compressed, job.heldout, job.bos, run.warn_ppl_ratio,
@@ -284,7 +284,7 @@ def optimize(source: str | Path, sparsity: float | None = None, *, config: SubFi
         return _compress(run, calibrated=reused)
     job = prepare_calibration(run.source, model, run.config, calibration_backend, run.facts)
     if run.config.budget == "max_ppl_ratio" and job.heldout is None:
-        raise SubFitError("--max-ppl-ratio measures quality on calibration text between the calibration windows, "
+        raise SubFitError("--max-ppl-ratio measures quality on calibration text that calibration does not read, "
                           "and there is none: give more calibration text, fewer --num-samples, or --heldout-windows "
                           "above 0")
     return _compress(run, job=job)

@@ -61,7 +61,7 @@ class CalibrationJob:
     unit_params: dict[tuple[int, str], int]
     info: dict[str, Any] = field(default_factory=dict)
     export: Path | None = None  # the model.onnx the onnx backend calibrates
-    heldout: np.ndarray | None = None  # windows of the calibration text between the calibration windows
+    heldout: np.ndarray | None = None  # windows at the end of the calibration text, clear of calibration's
     bos: int | None = None  # the BOS id every window starts with, when the tokenizer adds one
     budget: Any = None  # a calibration.budget.Budget replacing config.sparsity's parameter budget
     dense: Any = None  # pass 1 of an earlier run of this job (calibration.calibrate.DensePass), reused by the next
@@ -164,7 +164,7 @@ def is_dataset_spec(source: str) -> bool:
 
 
 def load_tokens(tokenizer: Any, source: str, num_samples: int, seq_len: int, heldout: int = 0) -> Any:
-    """The calibration windows and up to ``heldout`` windows between them (a ``CalibrationSplit``)."""
+    """The calibration windows and ``heldout`` windows of text they do not read (a ``CalibrationSplit``)."""
     from .calibration.text import calibration_split
 
     if is_dataset_spec(source):

@@ -220,8 +220,9 @@ def optimize(
     dtype: Annotated[DType, typer.Option(
         "--dtype", help="export precision when SOURCE is a model (fp32 or fp16)")] = DType.fp32,
     heldout_windows: Annotated[int | None, typer.Option(
-        "--heldout-windows", help="windows of the calibration text between the calibration windows on which the "
-        "held-out perplexity ratio to dense is measured (0: skip)", show_default="16")] = None,
+        "--heldout-windows", help="windows at the end of the calibration text, kept out of calibration, on which the "
+        "held-out perplexity ratio to dense is measured (0: skip, and calibrate on all of the text)",
+        show_default="16")] = None,
     warn_ppl_ratio: Annotated[float | None, typer.Option(
         "--warn-ppl-ratio", help="print a warning when the held-out perplexity ratio to dense is above this",
         show_default="2.0")] = None,

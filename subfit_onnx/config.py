@@ -31,6 +31,7 @@ DEFAULT_CALIBRATION = "Salesforce/wikitext:wikitext-2-raw-v1:train"
 """WikiText-2 (train split), the usual calibration set for layer-removal methods; it needs the Hugging Face Hub,
 so offline machines pass a local file (``--calibration assets/text/c4_first_half.txt``)."""
 DEFAULT_WARN_PPL_RATIO = 2.0
+DEFAULT_HELDOUT_WINDOWS = 16
 """Above 2x dense perplexity a model's text is visibly worse (SmolLM2 at 25% lands near 1.85x, at 37.5% near
 3.8x), so ``optimize`` warns there; ``--warn-ppl-ratio`` moves the line."""
 DEFAULT_CALIBRATION_HINT = "a .txt/.jsonl file or folder, or NAME[:CONFIG[:SPLIT[:COLUMN]]] for datasets"
@@ -73,8 +74,8 @@ class CalibrationData(BaseModel):
     seq_len: int = Field(256, ge=2, description="tokens per calibration sequence (L)")
     batch_size: int = Field(8, ge=1)
     heldout_windows: int = Field(
-        16, ge=0, description="windows of the calibration text, between the calibration windows, on which optimize "
-        "measures the held-out perplexity ratio to dense (0: do not measure)")
+        DEFAULT_HELDOUT_WINDOWS, ge=0, description="windows at the end of the calibration text, which no calibration "
+        "window reads, on which optimize measures the held-out perplexity ratio to dense (0: do not measure)")
 
 
 class MethodSettings(BaseModel):

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 import subfit_onnx
 from subfit_onnx import SubFitConfig
-from subfit_onnx.calibration.text import calibration_split, heldout_windows, token_windows
+from subfit_onnx.calibration.text import calibration_split, split_stream, token_windows
 from subfit_onnx.cli import app
 from subfit_onnx.evaluation.decoder import OnnxDecoder
 from subfit_onnx.evaluation.perplexity import TokenWindows, window_perplexity
@@ -22,26 +22,28 @@ def _starts(stream: np.ndarray, windows: np.ndarray, bos: int | None) -> list[in
 
 
 @pytest.mark.parametrize("bos", [None, 10_000])
-def test_heldout_windows_lie_wholly_between_the_calibration_windows(bos):
+def test_heldout_windows_come_after_every_calibration_window(bos):
     stream = np.arange(5_000, dtype=np.int64)
-    cal = token_windows(stream, 8, 64, bos)
-    held = heldout_windows(stream, 8, 64, bos, 5)
-    assert held is not None and held.shape == (5, 64)
+    cal, held = split_stream(stream, 8, 64, bos, 5)
+    assert cal.shape == (8, 64) and held is not None and held.shape == (5, 64)
     if bos is not None:
-        assert (held[:, 0] == bos).all()
-    seen = {int(t) for t in cal.ravel()} - {bos}
+        assert (held[:, 0] == bos).all() and (cal[:, 0] == bos).all()
+    cal_starts, held_starts = _starts(stream, cal, bos), _starts(stream, held, bos)
+    body = 64 - (bos is not None)
+    cut = 5_000 * 8 // 13  # each side's share of the text in proportion to its windows
+    assert cal_starts[-1] + body <= cut <= held_starts[0]  # no document a fit read is held out
+    assert cal_starts[-1] + body > cut - 10 and held_starts[-1] + body > 5_000 - 10  # each spreads over its share
     for w in held:
-        body = w[1:] if bos is not None else w
-        assert not seen & set(body.tolist())  # no token a fit saw
-        assert (np.diff(body) == 1).all()  # contiguous text
-    starts = _starts(stream, held, bos)
-    assert starts == sorted(starts) and starts[-1] - starts[0] > 2_500  # spread over the text, not bunched
+        body_tokens = w[1:] if bos is not None else w
+        assert (np.diff(body_tokens) == 1).all()  # contiguous text
 
 
-def test_no_heldout_windows_when_calibration_uses_up_the_text():
-    stream = np.arange(8 * 64 + 40, dtype=np.int64)  # gaps of 5 tokens: no window fits
-    assert heldout_windows(stream, 8, 64, None, 16) is None
-    assert heldout_windows(np.arange(5_000), 8, 64, None, 0) is None
+def test_all_text_calibrates_when_there_is_none_to_hold_out():
+    stream = np.arange(8 * 64 + 40, dtype=np.int64)
+    cal, held = split_stream(stream, 8, 64, None, 16)
+    assert held is None and np.array_equal(cal, token_windows(stream, 8, 64))
+    cal, held = split_stream(np.arange(5_000), 8, 64, None, 0)
+    assert held is None and np.array_equal(cal, token_windows(np.arange(5_000), 8, 64))
 
 
 @pytest.fixture(scope="module")

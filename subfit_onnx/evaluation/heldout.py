@@ -2,8 +2,9 @@
 
 A parameter count says nothing about what a user loses, and local fit errors do not add up to end-to-end damage
 (on Gemma-3-270m every removed unit's stream error was under 1%, together they cost 5x perplexity). So after the
-rewrite both graphs run in ONNX Runtime on windows of the calibration text that lie between the calibration
-windows: text of the user's own domain that no score or fit saw. Both go through ``window_perplexity``, the code
+rewrite both graphs run in ONNX Runtime on windows at the end of the calibration text, whose share of the text no
+calibration window reads (``calibration.text.split_stream``): the user's own domain, in documents no score or fit
+saw. Both go through ``window_perplexity``, the code
 ``subfit-onnx evaluate`` uses, so the figure means the same thing there and here.
 """
 
@@ -42,7 +43,7 @@ class HeldoutQuality:
         return {"heldout_ppl_ratio": round(self.ratio, 4), "dense_ppl": round(self.dense_ppl, 4),
                 "compressed_ppl": round(self.compressed_ppl, 4), "windows": self.num_windows,
                 "window_len": self.window_len, "bos_led": self.bos,
-                "text": "calibration text between the calibration windows (no fit saw it)",
+                "text": "the end of the calibration text, which no calibration window reads",
                 "warn_ppl_ratio": self.warn_above, "warning": self.warned}
 
 
