@@ -27,7 +27,8 @@ def fresh(tiny_checkpoint, tiny_calibration_text):
     """The calibration the format-1 files recorded, run again by this version."""
     config = SubFitConfig(sparsity=0.4, calibration=str(tiny_calibration_text), num_samples=8, seq_len=32,
                           batch_size=4, score="stream_error", weighting="stream", prior_samples=Portion(),
-                          ridge=0.1)  # what format 1 recorded
+                          ridge=0.1,  # what format 1 recorded
+                          heldout_windows=0)  # format 1's calibration windows spread over all of the text
     return subfit_onnx.calibrate(tiny_checkpoint("llama"), config=config)
 
 
