@@ -220,7 +220,8 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="where exports go (default: <assets>/bench[-gemma3])")
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.125, 0.25, 0.375])
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
-                    help="rows to build and measure (the other rows stay as saved), e.g. subfit after a default changed")
+                    help="rows to build and measure (the other rows stay as saved), e.g. subfit after a default "
+                    "changed")
     ap.add_argument("--num-samples", type=int, default=64)
     ap.add_argument("--windows", type=int, default=48)
     ap.add_argument("--mc-limit", type=int, default=200)

@@ -1,10 +1,10 @@
 """Which score, schedule, token weighting and bypass shape SubFit uses by default: measured, not guessed.
 
 SmolLM2-135M-Instruct (or ``--model gemma3``: Gemma-3-270m, fetched on first use as ``fetch-assets --gemma`` does) in
-PyTorch, calibrated on the first half of exllamav2's c4.utf8 (`--num-samples` x `--seq-len`, 64 x 256 tokens by default), perplexity on held-out windows of
-wiki.utf8 and of the second half of c4.utf8 (48 windows x 256 tokens each). Windows are cut as deployed: BOS-led
-when the tokenizer adds BOS (Gemma), plain text otherwise (SmolLM2). Writes
-benchmarks/results/method_variants[_gemma3].json and prints a table.
+PyTorch, calibrated on the first half of exllamav2's c4.utf8 (``--num-samples`` x ``--seq-len``, 64 x 256 tokens by
+default), perplexity on held-out windows of wiki.utf8 and of the second half of c4.utf8 (48 windows x 256 tokens
+each). Windows are cut as deployed: BOS-led when the tokenizer adds BOS (Gemma), plain text otherwise (SmolLM2).
+Writes benchmarks/results/method_variants[_gemma3].json and prints a table.
 
     python benchmarks/method_variants.py [--model smollm2|gemma3] [--assets assets] [--sparsities 0.25] [--variants ...]
 
@@ -105,7 +105,8 @@ def main() -> None:
     rows = json.loads(out_path.read_text())["rows"] if out_path.exists() else []
     setting = (args.eval_windows, args.eval_len, args.wiki_part, draw, args.num_samples, args.seq_len)
     done = {(r["variant"], r["sparsity"], (r.get("eval_windows", 48), r.get("eval_len", 256), r.get("wiki_part", "all"),
-                                           r.get("calibration_draw", "0/1"), r.get("num_samples", 64), r.get("seq_len", 256)))
+                                           r.get("calibration_draw", "0/1"), r.get("num_samples", 64),
+                                           r.get("seq_len", 256)))
             for r in rows}
     dense_cache: dict[tuple, object] = {}
     print(f"dense perplexity: {dense_ppl}")

@@ -31,9 +31,11 @@ DEFAULT_CALIBRATION = "Salesforce/wikitext:wikitext-2-raw-v1:train"
 """WikiText-2 (train split), the usual calibration set for layer-removal methods; it needs the Hugging Face Hub,
 so offline machines pass a local file (``--calibration assets/text/c4_first_half.txt``)."""
 DEFAULT_WARN_PPL_RATIO = 2.0
-DEFAULT_HELDOUT_WINDOWS = 16
 """Above 2x dense perplexity a model's text is visibly worse (SmolLM2 at 25% lands near 1.85x, at 37.5% near
 3.8x), so ``optimize`` warns there; ``--warn-ppl-ratio`` moves the line."""
+DEFAULT_HELDOUT_WINDOWS = 16
+"""Held-out windows ``optimize`` measures quality on, and whose share of the calibration text calibration leaves
+out (``calibration.text.split_stream``); ``calibration_tokens`` uses it too, so benchmarks cut what optimize cuts."""
 DEFAULT_CALIBRATION_HINT = "a .txt/.jsonl file or folder, or NAME[:CONFIG[:SPLIT[:COLUMN]]] for datasets"
 
 
