@@ -110,8 +110,8 @@ Score = Annotated[UnitScore | None, typer.Option(
     show_default="end_to_end")]
 FfnBypass = Annotated[FfnBypassShape | None, typer.Option(
     "--ffn-bypass", help="how a removed gated FFN is bypassed. linear: a d x d map; neurons: a rank d/8 map plus "
-    "d/4 of the FFN's own neurons, the same parameter count (PyTorch calibration only); auto: per FFN, the one "
-    "with less calibration fit error (linear with --calibration-backend onnx)", show_default="auto")]
+    "d/4 of the FFN's own neurons, the same parameter count; auto: per FFN, the one with less calibration fit "
+    "error", show_default="auto")]
 Output = Annotated[Path | None, typer.Option(
     "--output", "-o", help="output folder", show_default="<source folder>-subfit<percent>")]
 PlanOut = Annotated[Path | None, typer.Option(

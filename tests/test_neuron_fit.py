@@ -236,14 +236,15 @@ def test_the_onnx_backend_fits_linear_ffn_bypasses_under_the_default(tmp_path, t
     assert plan.removed_units("mlp") and {u.bypass.form for u in plan.removed_units("mlp")} == {"full"}
 
 
-def test_the_onnx_backend_refuses_neurons_in_one_line(tmp_path, tiny_export, tiny_calibration_text):
+def test_the_onnx_backend_calibrates_neurons_from_the_cli(tmp_path, tiny_export, tiny_calibration_text):
+    """An export alone (no checkpoint): the plan's FFN bypasses keep neurons, and the summary says so."""
     result = CliRunner().invoke(app, ["calibrate", str(tiny_export("llama")), "--calibration-backend", "onnx",
-                                      "--ffn-bypass", "neurons", "-c", str(tiny_calibration_text), "-n", "8",
-                                      "-l", "32", "-o", str(tmp_path / "plan")])
-    assert result.exit_code != 0
-    assert "needs the PyTorch calibration backend" in result.output
-    assert "Traceback" not in result.output
-    assert not (tmp_path / "plan").exists()
+                                      "--ffn-bypass", "neurons", "-s", "0.5", "-c", str(tiny_calibration_text),
+                                      "-n", "8", "-l", "32", "-o", str(tmp_path / "plan")])
+    assert result.exit_code == 0, result.output
+    plan, _ = load_plan(tmp_path / "plan")
+    assert plan.calibration["backend"] == "onnx"
+    assert plan.removed_units("mlp") and {u.bypass.form for u in plan.removed_units("mlp")} == {"neurons"}
 
 
 def test_optimize_with_neurons_matches_the_reference(tmp_path, tiny_checkpoint, tiny_calibration_text):

@@ -43,7 +43,7 @@ from tiny_models import FAMILY_CONFIGS, tiny_model
 
 TOKENS = np.random.default_rng(0).integers(3, 256, size=(8, 32))
 FP32_TOL = 1e-3
-# linear FFN bypasses on both backends: the ONNX backend cannot read the FFN's neurons (``auto`` falls back there)
+# linear FFN bypasses, so every family compares the same fits (bypasses with neurons: ``test_onnx_neurons``)
 CONFIG = SubFitConfig(sparsity=0.7, num_samples=8, seq_len=32, batch_size=4, attention_rank=Portion(count=8),
                       ffn_bypass="linear")
 

@@ -147,7 +147,7 @@ class Calibrator:
         # the first FFN that took neurons in pass 2 (its fit, for after pass 2); the refit starts after it
         self.first_neurons: tuple[int, UnitStats, UnitAssessment] | None = None
         if config.ffn_bypass == "neurons" and not runner.reads_ffn_neurons:
-            raise SubFitError(f"ffn_bypass 'neurons' needs the PyTorch calibration backend for now; the "
+            raise SubFitError(f"ffn_bypass 'neurons' needs a calibration backend that reads FFN weights; the "
                               f"{runner.backend} backend fits linear FFN bypasses only (auto falls back to them)")
         self.refits_neurons = config.refits_ffn_neurons(runner.reads_ffn_neurons)
 

@@ -11,7 +11,8 @@ the PyTorch backend's do.
 Installing a bypass applies ``InsertBypassPass`` to the private copy, the same rewrite the final export gets, and
 re-cuts only that layer, so later layers are measured on the compressed upstream as the deployed graph computes
 it (fp16 exports included: the bypass runs in the graph's own dtype). Statistics are float64 whatever the graph
-dtype, and bypass tensors leave as float32 in the plan.
+dtype, and bypass tensors leave as float32 in the plan. FFN bypasses that keep neurons read the FFN's matrices from
+the graph and its neurons from a tap on each layer's cut (``onnx_ffn``), as the PyTorch backend reads the module.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ..architectures import UnitKind
 from ..bypass import Bypass
 from ..config import SubFitConfig
 from ..errors import SubFitError
+from ..gated_ffn import GatedFFN
 from ..graph_checks import load_onnx, require_dense
 from ..identity import export_identity, structure_facts
 from ..model_config import config_value, model_type, read_config
@@ -44,7 +46,9 @@ from .activations import ActivationStore
 from .budget import Budget
 from .calibrate import CalibrationResult, DensePass, run_calibration
 from .dense_targets import DenseTargets
-from .onnx_cut import GraphCutter, LayerGraph
+from .neuron_fit import NeuronEnergy
+from .onnx_cut import NEURON_TAP, GraphCutter, LayerGraph
+from .onnx_ffn import activation_model, activation_probe, find_gated_ffn, identify_activation
 from .onnx_session import SessionFactory, prefill_inputs
 from .runner import RowBatches
 from .stats import AnyStats, Weightings
@@ -144,6 +148,7 @@ class OrtLayerRunner(RowBatches):
             self.structure = find_decoder_structure(self.model, model_type(config))
         require_dense(self.structure, self.path)
         self.identity, self.unit_params = export_identity(config, structure_facts(self.structure), self.path.parent)
+        self._activations: dict[int, str | None] = {}  # each gated FFN's activation, as its graph computes it
         self.batch_size = batch_size
         self.progress = progress
         with self.times.timed("build"):
@@ -171,6 +176,23 @@ class OrtLayerRunner(RowBatches):
     def dense_targets(self) -> DenseTargets:
         return DenseTargets(self.store)
 
+    reads_ffn_neurons = True
+
+    def gated_ffn(self, index: int) -> GatedFFN | None:
+        """Layer ``index``'s FFN weights from the graph (``onnx_ffn``); None where they cannot be read there or its
+        activation is none that SubFit builds (``gated_ffn.ACTIVATIONS``)."""
+        found = find_gated_ffn(self.structure.unit(index, "mlp"))
+        if found is None:
+            return None
+        if index not in self._activations:
+            with self.times.timed("graph"):
+                probe = activation_probe(found)
+                session = self.sessions.session(activation_model(self.model, found))
+                activated = session.run(None, {session.get_inputs()[0].name: probe})[0]
+            self._activations[index] = identify_activation(probe, activated)
+        activation = self._activations[index]
+        return None if activation is None else found.weights(activation)
+
     def install_bypass(self, index: int, kind: UnitKind, bypass: Bypass) -> BypassSwap:
         unit = self.structure.unit(index, kind)
         original = unit.residual_add.inputs[unit.unit_operand]
@@ -186,24 +208,28 @@ class OrtLayerRunner(RowBatches):
         graph = self.model.graph
         unit.residual_add.replace_input_with(unit.unit_operand, swap.original)
         graph.remove([n for n in graph if n.name and n.name.startswith(scope)], safe=True)
-        for role in ("weight", "down", "up", "bias"):
-            graph.initializers.pop(bypass_initializer_name(unit.layer, unit.kind, role), None)
+        prefix = bypass_initializer_name(unit.layer, unit.kind, "")  # neurons and activation constants included
+        for name in [name for name in graph.initializers if name.startswith(prefix)]:
+            graph.initializers.pop(name)
         self.structure.set_unit(unit)
         self._refresh(unit.layer)
 
     def sweep(self, index: int, collect: tuple[UnitKind, ...], weighting: Weightings, desc: str,
-              dense: DenseTargets | None = None, neurons: None = None) -> dict[UnitKind, AnyStats]:
+              dense: DenseTargets | None = None, neurons: NeuronEnergy | None = None) -> dict[UnitKind, AnyStats]:
         """Run layer ``index`` on every calibration batch, writing its outputs and collecting unit stats.
 
         With ``dense``, each unit's fit target restores the dense stream (``h_dense_after - h_in``), as in
-        ``TorchLayerRunner.sweep``. This runner does not read FFN neurons (``reads_ffn_neurons``): ``neurons`` must
-        be None.
+        ``TorchLayerRunner.sweep``. ``neurons`` sums the energies of the layer's gated FFN's neurons, fetched from
+        the graph's ``mlp.a`` tap (the FFN must run as itself, not as a bypass).
         """
-        assert neurons is None, "the ONNX Runtime runner does not read FFN neurons"
         layer = self._session(index)
         hidden = self.store.shape[2]
         stats = {kind: self.new_stats(hidden, weighting) for kind in collect}
         taps = self._tap_names(layer, collect)
+        if neurons is not None:
+            if NEURON_TAP not in layer.graph.taps:
+                raise SubFitError(f"layer {index}: its FFN's neurons cannot be read from the export")
+            taps.append(layer.graph.taps[NEURON_TAP])
         with progress_bar(self.progress, desc, self.active_rows) as bar:
             for rows in self.batches():
                 h = np.asarray(self.store.current[rows])
@@ -211,6 +237,10 @@ class OrtLayerRunner(RowBatches):
                 with self.times.timed("graph"):
                     out = layer.run(h, shared, [layer.graph.stream_out, *taps])
                 self.store.next[rows] = out[layer.graph.stream_out]
+                if neurons is not None:
+                    with self.times.timed("statistics"):
+                        self._add_neuron_energy(neurons, out[layer.graph.taps[NEURON_TAP]],
+                                                out[layer.graph.stream_out])
                 if collect:
                     with self.times.timed("statistics"):
                         arrays = self._tap_arrays(layer, out, h.shape)
@@ -286,7 +316,13 @@ class OrtLayerRunner(RowBatches):
         """The run's taps by unit name (``attention.y``, ``mlp.x``, ...), float32 and broadcast to the
         stream's shape, as the PyTorch backend hands them over."""
         return {key: np.broadcast_to(np.asarray(out[name], dtype=np.float32), shape)
-                for key, name in layer.graph.taps.items() if name in out}
+                for key, name in layer.graph.taps.items() if name in out and key != NEURON_TAP}
+
+    def _add_neuron_energy(self, neurons: NeuronEnergy, a: np.ndarray, out: np.ndarray) -> None:
+        """One batch's neuron energies, weighted by its layer outputs as ``TorchLayerRunner.sweep`` weights them."""
+        a = np.asarray(a, dtype=np.float32)
+        out = np.asarray(out, dtype=np.float32)
+        neurons.add(a.reshape(-1, a.shape[-1]), np.square(out).sum(-1), self.linalg.matmul)
 
     def _fill_embeddings(self) -> None:
         """Run the prelude on every batch: ``B_0`` into the store, shared values kept per batch size."""

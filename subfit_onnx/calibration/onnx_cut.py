@@ -26,17 +26,20 @@ from ..architectures import UnitKind
 from ..errors import UnsupportedModelError
 from ..passes.graph_tools import value_dtype
 from ..passes.structure import DecoderStructure
+from .onnx_ffn import find_gated_ffn
 
 SHAPE_OPS = ("Shape", "Size")
 PRELUDE = -1
+NEURON_TAP = "mlp.a"  # the key of a gated FFN's neurons in ``LayerGraph.taps``
 
 
 @dataclass(frozen=True)
 class Tap:
-    """Which graph value carries a unit's bypass input (``x``) or contribution (``y``)."""
+    """Which graph value carries a unit's bypass input (``x``), its contribution (``y``) or, for a gated FFN, its
+    neurons (``a``, ``onnx_ffn``; fetched only by sweeps that sum their energies)."""
 
     kind: UnitKind
-    role: str  # "x" | "y"
+    role: str  # "x" | "y" | "a"
     value: ir.Value
 
     @property
@@ -53,7 +56,7 @@ class LayerGraph:
     stream_in: str
     stream_out: str
     shared: list[str]  # names of shared values (prelude outputs or graph inputs) it reads
-    taps: dict[str, str]  # "attention.x" etc. -> output name
+    taps: dict[str, str]  # "attention.x", "mlp.a" etc. -> output name
 
 
 @dataclass
@@ -87,6 +90,9 @@ def unit_taps(structure: DecoderStructure, index: int) -> list[Tap]:
         y = unit.residual_add.inputs[unit.unit_operand]
         assert y is not None
         taps.append(Tap(kind, "y", y))  # type: ignore[arg-type]
+    ffn = find_gated_ffn(layer.mlp)
+    if ffn is not None:
+        taps.append(Tap("mlp", "a", ffn.neurons))
     return taps
 
 
