@@ -82,9 +82,8 @@ def stage_calibrate(args: argparse.Namespace) -> dict:
     from subfit_onnx.plan import save_plan
 
     tokens = _tokens(args)
-    # linear FFN bypasses: what the ONNX backend fits (``auto``, the default, falls back to them there)
     config = SubFitConfig(sparsity=args.sparsity, num_samples=args.num_samples, seq_len=args.seq_len,
-                          ffn_bypass="linear")
+                          ffn_bypass=args.ffn_bypass)
     before = _usage()
     start = time.perf_counter()
     extra: dict = {}
@@ -171,7 +170,12 @@ def agreement(torch_plan: Path, onnx_plan: Path) -> dict:
     common = [k for k in keys_a if k in keys_b]
     w = [rel(matrix(tb, k), matrix(ta, k)) for k in common]
     bias = [rel(tb[f"{k}.bias"], ta[f"{k}.bias"]) for k in common]
+    shared = [name for name in ta if name in tb and name.rsplit(".", 1)[0] in common]
+    every = [rel(tb[name], ta[name]) for name in shared if np.linalg.norm(ta[name]) > 0]
+    forms = {u.key: u.bypass.form for u in a.removed}
     return {"same_selection": keys_a == keys_b, "common_units": len(common),
+            "same_forms": all(forms.get(u.key) == u.bypass.form for u in b.removed if u.key in common),
+            "tensor_rel_err_max": max(every, default=0.0),
             "only_torch": sorted(set(keys_a) - set(keys_b)), "only_onnx": sorted(set(keys_b) - set(keys_a)),
             "weight_rel_err_max": max(w, default=0.0), "weight_rel_err_median": float(np.median(w)) if w else 0.0,
             "bias_rel_err_max": max(bias, default=0.0)}
@@ -187,7 +191,7 @@ def _median(values: list[float]) -> float:
 def _stage(args: argparse.Namespace, name: str, *extra: str) -> dict:
     cmd = [sys.executable, __file__, "--stage", name, "--assets", str(args.assets), "--num-samples",
            str(args.num_samples), "--seq-len", str(args.seq_len), "--windows", str(args.windows),
-           "--sparsity", str(args.sparsity), "--tokens", str(args.tokens), *extra]
+           "--sparsity", str(args.sparsity), "--ffn-bypass", args.ffn_bypass, "--tokens", str(args.tokens), *extra]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
         raise SystemExit(f"stage {name} failed:\n{proc.stderr[-3000:]}")
@@ -202,6 +206,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--windows", type=int, default=24)
     parser.add_argument("--sparsity", type=float, default=0.25)
+    parser.add_argument("--ffn-bypass", choices=("linear", "neurons", "auto"), default="auto",
+                        help="FFN bypass shape for every calibration (the default config's is auto)")
     parser.add_argument("--repeats", type=int, default=2, help="calibrations per backend (median reported)")
     parser.add_argument("--skip", nargs="*", default=[], choices=("fp16", "perplexity"))
     parser.add_argument("--run", choices=tuple(RUNS))
@@ -224,7 +230,8 @@ def main() -> None:
     fetch_assets(args.assets)
     runs = [r for r in RUNS if not (r == "onnx16" and "fp16" in args.skip)]
     result: dict = {"model": "SmolLM2-135M-Instruct", "num_samples": args.num_samples, "seq_len": args.seq_len,
-                    "sparsity": args.sparsity, "cpu_count": os.cpu_count(), "exports": {}, "calibration": {}}
+                    "sparsity": args.sparsity, "ffn_bypass": args.ffn_bypass, "cpu_count": os.cpu_count(),
+                    "exports": {}, "calibration": {}}
     with tempfile.TemporaryDirectory(prefix="subfit-onnx-backend-") as tmp:
         plans = {run: Path(tmp) / f"plan-{run}" for run in runs}
         args.tokens = Path(tmp) / "tokens.npy"
