@@ -410,9 +410,8 @@ MAX_RATIO_GAP = 0.02  # |ratio_onnx / ratio_torch - 1|; measured 0.0000 at 64 x 
 
 
 def _real_config(assets) -> SubFitConfig:
-    """Linear FFN bypasses, what the ONNX backend fits under the default ``auto``, so both backends run one method."""
-    return SubFitConfig(sparsity=0.25, num_samples=REAL_SAMPLES, seq_len=REAL_SEQ, calibration=str(assets.c4_calibration),
-                        ffn_bypass="linear")
+    """The default method (FFN bypasses under ``auto``, which both backends read neurons for)."""
+    return SubFitConfig(sparsity=0.25, num_samples=REAL_SAMPLES, seq_len=REAL_SEQ, calibration=str(assets.c4_calibration))
 
 
 @pytest.fixture(scope="module")
@@ -442,7 +441,7 @@ def onnx_fp32_run(smollm2_assets, smollm2_onnx, wiki_windows, tmp_path_factory):
 
 
 def _torch_plan(assets):
-    """The PyTorch plan at the same settings (not the session's ``smollm2_subfit25``: that one keeps neurons)."""
+    """The PyTorch plan at the same settings (not the session's ``smollm2_subfit25``: other calibration windows)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -473,6 +472,8 @@ def test_smollm2_onnx_backend_perplexity_matches_torch(smollm2_assets, smollm2_o
     assert abs(onnx_ratio / torch_ratio - 1) < MAX_RATIO_GAP, (onnx_ratio, torch_ratio, maps)
     differ = {u.key for u in result.plan.removed} ^ {u.key for u in plan.removed}
     assert len(differ) <= 2, maps
+    forms = {u.key: u.bypass.form for u in plan.removed}
+    assert all(forms[u.key] == u.bypass.form for u in result.plan.removed if u.key in forms), maps
 
 
 @pytest.fixture(scope="module")
