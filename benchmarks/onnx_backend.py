@@ -115,6 +115,7 @@ def stage_calibrate(args: argparse.Namespace) -> dict:
     after = _usage()
     return {"wall_s": round(wall, 1), "cpu_s": round(after["cpu_s"] - before["cpu_s"], 1),
             "peak_rss_mb": after["peak_rss_mb"], "depth_map": result.plan.depth_map(),
+            "ffns_with_neurons": [u.layer for u in result.plan.removed_units("mlp") if u.bypass.form == "neurons"],
             "removed": [u.key for u in result.plan.removed], "achieved": result.plan.sparsity.achieved, **extra}
 
 
