@@ -115,9 +115,8 @@ class MethodSettings(BaseModel):
     ffn_bypass: FfnBypass = Field(
         "auto", description="how a removed gated FFN is bypassed: linear (a d x d map), neurons (a rank d/8 map "
         "plus d/4 of the FFN's own neurons, the same parameter count; calibration.neuron_fit) or auto (per FFN, "
-        "the one that leaves less calibration fit error; linear where neurons cannot be read or fitted: a fused "
-        "gate_up or quantized FFN in an export, target dense_stream, no bypass); which units go does not change "
-        "with it. "
+        "the one that leaves less calibration fit error; linear where neurons cannot be read or fitted: a "
+        "quantized FFN in an export, target dense_stream, no bypass); which units go does not change with it. "
         "Non-gated FFNs (GPT-2) stay linear. Wiki perplexity ratio, linear / neurons / auto: SmolLM2 1.938 / "
         "1.810 / 1.832 at 25%, 3.847 / 3.154 / 3.474 at 37.5%; Gemma-3-270m 2.241 / 2.249 / 2.129 at 25%, "
         "4.518 / 4.450 / 4.331 at 37.5%")

@@ -29,8 +29,8 @@ from subfit_onnx.plan import bypass_from_tensors
 from subfit_onnx.torch_model import gated_ffn
 from tiny_models import FAMILY_CONFIGS, VOCAB, tiny_model
 
-READ_FROM_GRAPH = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
-NOT_READ = ("phi3", "gpt2")  # Phi-3's gate and up are one fused MatMul; GPT-2's FFN is not gated
+READ_FROM_GRAPH = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3")  # Phi-3: fused gate_up
+NOT_READ = ("gpt2",)  # its FFN is not gated
 TOKENS = np.random.default_rng(3).integers(3, VOCAB, (16, 32))
 TOL = 1e-3
 CONFIG = SubFitConfig(sparsity=0.35, num_samples=16, seq_len=32, batch_size=4, attention_rank=Portion(count=8),
@@ -48,17 +48,22 @@ def graph_structure(export):
 
 @pytest.mark.parametrize("family", READ_FROM_GRAPH)
 def test_the_ffn_read_from_the_export_is_the_modules(tiny_export, family):
-    """Gate, up and the down rows' weights read from the export's MatMuls equal the PyTorch module's."""
+    """Gate, up, the down rows' weights and the activation read from the export (Phi-3: the columns of its one
+    gate_up MatMul, read by running the graph's own Slices) equal the PyTorch module's."""
     model = tiny_model(family)
-    structure = graph_structure(tiny_export(family))
-    for i in range(structure.num_layers):
-        found = find_gated_ffn(structure.unit(i, "mlp"))
-        assert found is not None, (family, i)
-        mine, theirs = found.weights(gated_ffn(model, i).activation), gated_ffn(model, i)
-        np.testing.assert_allclose(mine.gate, theirs.gate, rtol=1e-6, atol=1e-7)
-        np.testing.assert_allclose(mine.up, theirs.up, rtol=1e-6, atol=1e-7)
-        np.testing.assert_allclose(mine.out_weight, theirs.out_weight, rtol=1e-6)
-        assert found.neurons.producer().op_type == "Mul"
+    runner = OrtLayerRunner(tiny_export(family), TOKENS[:2], batch_size=2)
+    try:
+        for i in range(runner.num_layers):
+            found = find_gated_ffn(runner.structure.unit(i, "mlp"))
+            assert found is not None and found.neurons.producer().op_type == "Mul", (family, i)
+            assert (found.fused is not None) == (family == "phi3")
+            mine, theirs = runner.gated_ffn(i), gated_ffn(model, i)
+            assert mine is not None and mine.activation == theirs.activation
+            np.testing.assert_allclose(mine.gate, theirs.gate, rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(mine.up, theirs.up, rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(mine.out_weight, theirs.out_weight, rtol=1e-6)
+    finally:
+        runner.close()
 
 
 @pytest.mark.parametrize("family", NOT_READ)
@@ -68,14 +73,32 @@ def test_ffns_the_graph_does_not_show_as_gate_and_up_are_not_read(tiny_export, f
     assert find_gated_ffn(structure.unit(0, "attention")) is None
 
 
-def test_an_fp16_export_gives_float32_weights(tiny_export):
-    structure = graph_structure(tiny_export("llama", "fp16"))
-    found = find_gated_ffn(structure.unit(1, "mlp"))
-    assert found is not None and found.gate.const_value.dtype == ir.DataType.FLOAT16
-    theirs = gated_ffn(tiny_model("llama"), 1)
-    mine = found.weights(theirs.activation)
-    assert mine.gate.dtype == np.float32
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_an_fp16_export_gives_float32_weights(tiny_export, family):
+    """Phi-3's columns come out exact although float16 cannot hold every column index (read in two digits)."""
+    runner = OrtLayerRunner(tiny_export(family, "fp16"), TOKENS[:2], batch_size=2)
+    try:
+        found = find_gated_ffn(runner.structure.unit(1, "mlp"))
+        assert found is not None and found.gate.const_value.dtype == ir.DataType.FLOAT16
+        mine, theirs = runner.gated_ffn(1), gated_ffn(tiny_model(family), 1)
+    finally:
+        runner.close()
+    assert mine.gate.dtype == np.float32 and mine.activation == theirs.activation
     np.testing.assert_allclose(mine.gate, theirs.gate, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(mine.up, theirs.up, rtol=1e-3, atol=1e-3)
+
+
+def test_column_indices_survive_float16():
+    """Indices up to 2 x 8192 columns, through float16 and back."""
+    from subfit_onnx.calibration.onnx_ffn import COLUMN_BASE, read_columns
+
+    width = 2 * 8192
+    index = np.arange(width)
+    high, low = (index // COLUMN_BASE).astype(np.float16), (index % COLUMN_BASE).astype(np.float16)
+    gate, up = read_columns([high[:8192], high[8192:]], [low[:8192], low[8192:]], 8192)
+    np.testing.assert_array_equal(gate, index[:8192])
+    np.testing.assert_array_equal(up, index[8192:])
+    assert read_columns([high[:8192], high[:8192]], [low[:8192], low[:8191]], 8192) is None
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
@@ -112,8 +135,8 @@ def test_a_bypass_with_neurons_is_removed_without_a_trace(tiny_export):
         runner.close()
 
 
-@pytest.fixture(scope="module", params=[("llama", "neurons"), ("gemma3", "neurons"), ("llama", "auto"),
-                                        ("qwen2", "auto")])
+@pytest.fixture(scope="module", params=[("llama", "neurons"), ("gemma3", "neurons"), ("phi3", "neurons"),
+                                        ("llama", "auto"), ("qwen2", "auto")])
 def both_backends(request, tiny_export):
     family, ffn_bypass = request.param
     config = CONFIG.model_copy(update={"ffn_bypass": ffn_bypass})

@@ -48,7 +48,16 @@ from .calibrate import CalibrationResult, DensePass, run_calibration
 from .dense_targets import DenseTargets
 from .neuron_fit import NeuronEnergy
 from .onnx_cut import NEURON_TAP, GraphCutter, LayerGraph
-from .onnx_ffn import activation_model, activation_probe, find_gated_ffn, identify_activation
+from .onnx_ffn import (
+    GraphFFN,
+    activation_model,
+    activation_probe,
+    column_probes,
+    find_gated_ffn,
+    identify_activation,
+    read_columns,
+    selection_model,
+)
 from .onnx_session import SessionFactory, prefill_inputs
 from .runner import RowBatches
 from .stats import AnyStats, Weightings
@@ -148,7 +157,7 @@ class OrtLayerRunner(RowBatches):
             self.structure = find_decoder_structure(self.model, model_type(config))
         require_dense(self.structure, self.path)
         self.identity, self.unit_params = export_identity(config, structure_facts(self.structure), self.path.parent)
-        self._activations: dict[int, str | None] = {}  # each gated FFN's activation, as its graph computes it
+        self._ffn_readings: dict[int, tuple[str, Any] | None] = {}  # ``_read_ffn``, per layer
         self.batch_size = batch_size
         self.progress = progress
         with self.times.timed("build"):
@@ -184,14 +193,27 @@ class OrtLayerRunner(RowBatches):
         found = find_gated_ffn(self.structure.unit(index, "mlp"))
         if found is None:
             return None
-        if index not in self._activations:
+        if index not in self._ffn_readings:
             with self.times.timed("graph"):
-                probe = activation_probe(found)
-                session = self.sessions.session(activation_model(self.model, found))
-                activated = session.run(None, {session.get_inputs()[0].name: probe})[0]
-            self._activations[index] = identify_activation(probe, activated)
-        activation = self._activations[index]
-        return None if activation is None else found.weights(activation)
+                self._ffn_readings[index] = self._read_ffn(found)
+        reading = self._ffn_readings[index]
+        return None if reading is None else found.weights(*reading)
+
+    def _read_ffn(self, found: GraphFFN) -> tuple[str, tuple[np.ndarray, np.ndarray] | None] | None:
+        """What running parts of the graph tells about an FFN: its activation and, when gate and up are one
+        MatMul, the columns each takes (``onnx_ffn``)."""
+        probe = activation_probe(found)
+        activation = identify_activation(probe, self._run_part(activation_model(self.model, found), [probe])[0])
+        if activation is None or found.fused is None:
+            return None if activation is None else (activation, None)
+        model = selection_model(self.model, found.fused)
+        high, low = column_probes(found.fused, found.gate.shape[1])
+        columns = read_columns(self._run_part(model, [high]), self._run_part(model, [low]), probe.shape[-1])
+        return None if columns is None else (activation, columns)
+
+    def _run_part(self, model: ir.Model, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        session = self.sessions.session(model)
+        return session.run(None, {i.name: x for i, x in zip(session.get_inputs(), inputs)})
 
     def install_bypass(self, index: int, kind: UnitKind, bypass: Bypass) -> BypassSwap:
         unit = self.structure.unit(index, kind)

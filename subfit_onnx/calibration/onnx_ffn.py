@@ -4,12 +4,12 @@
 the FFN's gate, up and down matrices and, while its layer runs, its neuron activations (the down projection's
 input). The PyTorch backend reads them from the module. In an export they are the constant operands of the
 unit's MatMuls, found here by dataflow rather than by name:
-- two MatMuls read the unit's input (gate and up);
+- two MatMuls read the unit's input (gate and up), or one whose columns the graph then cuts into both (Phi-3);
 - a Mul joins them, with the activation on the gate's side only;
 - one MatMul reads that product (down).
 Which activation the gate's side computes is found by running it on probe values. Any other FFN, or one whose
-activation SubFit cannot build, keeps the linear bypass, as FFNs the PyTorch backend cannot read do. That covers a fused gate_up
-projection, quantized ``MatMulNBits`` weights, biases and non-gated FFNs.
+activation SubFit cannot build, keeps the linear bypass, as FFNs the PyTorch backend cannot read do. That covers
+quantized ``MatMulNBits`` weights, biases and non-gated FFNs.
 """
 
 from __future__ import annotations
@@ -28,11 +28,27 @@ MAX_ACTIVATION_VALUES = 64  # values between the gate's MatMul and the Mul: an a
 PROBE_ROWS = 4  # rows of d_ff probe values
 ACTIVATION_TOLERANCE = 1e-4  # silu and gelu_tanh differ by up to 0.2 between -8 and 8; float32 rounding is ~1e-6
 FP16_SLACK = 100.0
+SELECTION_OPS = ("Slice", "Split", "Gather")  # how a fused gate_up product is cut into its gate and up parts
+COLUMN_BASE = 64
+
+
+@dataclass(frozen=True)
+class FusedParts:
+    """Gate and up computed by one MatMul (Phi-3's ``gate_up_proj``) and cut apart by the graph's own selections
+    (``Slice``, ``Split`` or ``Gather``); which columns each takes is read by running them (``column_probes``)."""
+
+    product: ir.Value  # x @ W, [..., 2 d_ff]
+    gate: ir.Value  # the gate's columns of it
+    up: ir.Value  # the up's columns of it
 
 
 @dataclass(frozen=True)
 class GraphFFN:
-    """The constant matrices of one gated FFN (ONNX layout: ``x @ W``) and the value that holds its neurons."""
+    """The constant matrices of one gated FFN (ONNX layout: ``x @ W``) and the values that hold its neurons.
+
+    With ``fused``, ``gate`` and ``up`` are both the fused ``[d, 2 d_ff]`` matrix, and ``weights`` needs the
+    columns each part takes.
+    """
 
     gate: ir.Value  # [d, d_ff]
     up: ir.Value  # [d, d_ff]
@@ -40,12 +56,16 @@ class GraphFFN:
     neurons: ir.Value  # act(x Wg) * (x Wu), the down projection's input
     gate_out: ir.Value  # x Wg
     activated: ir.Value  # act(x Wg), what the join multiplies by x Wu
+    fused: FusedParts | None = None
 
-    def weights(self, activation: str) -> GatedFFN:
+    def weights(self, activation: str, columns: tuple[np.ndarray, np.ndarray] | None = None) -> GatedFFN:
         """As float32 whatever the export's dtype, with ``out_weight`` from the down rows, as the PyTorch
-        backend's ``torch_model.gated_ffn`` gives them."""
+        backend's ``torch_model.gated_ffn`` gives them; ``columns``: the gate's and the up's, when fused."""
+        gate, up = _array(self.gate), _array(self.up)
+        if columns is not None:
+            gate, up = gate[:, columns[0]], up[:, columns[1]]
         down = _array(self.down).astype(np.float64)
-        return GatedFFN(gate=_array(self.gate), up=_array(self.up), out_weight=(down * down).sum(1),
+        return GatedFFN(gate=np.ascontiguousarray(gate), up=np.ascontiguousarray(up), out_weight=(down * down).sum(1),
                         activation=activation)
 
 
@@ -85,46 +105,101 @@ def _only_activation_of(value: ir.Value, source: ir.Value, scope: str) -> bool:
     return reached
 
 
+def _joined(up_value: ir.Value, gate_sources: list[ir.Value], scope: str,
+            shape: tuple[int, int]) -> tuple[ir.Node, ir.Value, ir.Value, ir.Value] | None:
+    """The Mul that joins ``up_value`` with an activation of one of ``gate_sources``, if the down projection
+    (``[d_ff, d]`` for ``shape`` = (d, d_ff)) alone reads it: (join, activated, gate source, down matrix)."""
+    uses = consumers(up_value)
+    if len(uses) != 1 or uses[0].op_type != "Mul" or len(uses[0].inputs) != 2:
+        return None
+    join = uses[0]
+    activated = join.inputs[1] if join.inputs[0] is up_value else join.inputs[0]
+    if activated is None:
+        return None
+    source = next((s for s in gate_sources if _only_activation_of(activated, s, scope)), None)
+    downs = consumers(join.outputs[0])
+    if source is None or len(downs) != 1 or downs[0].op_type != "MatMul" or downs[0].inputs[0] is not join.outputs[0] \
+            or _matrix_shape(downs[0].inputs[1]) != shape[::-1]:
+        return None
+    return join, activated, source, downs[0].inputs[1]  # type: ignore[return-value]
+
+
 def find_gated_ffn(unit: UnitBoundary) -> GraphFFN | None:
     """Unit ``unit``'s gated FFN, or None when it is not one this reads (or is already a bypass)."""
     if unit.kind != "mlp" or unit.bypassed or unit.norm_output is None:
         return None
     scope = unit.scope
     projections = [n for n in _projections(unit.norm_output, scope) if not in_scope(n, scope + BYPASS_SCOPE)]
-    if len(projections) != 2 or _matrix_shape(projections[0].inputs[1]) != _matrix_shape(projections[1].inputs[1]):
-        return None
-    d, d_ff = _matrix_shape(projections[0].inputs[1])  # type: ignore[misc]
-    for up, gate in (projections, projections[::-1]):
-        joins = [n for n in consumers(up.outputs[0]) if n.op_type == "Mul" and len(n.inputs) == 2]
-        if len(joins) != 1 or len(consumers(up.outputs[0])) != 1:
-            continue
-        join = joins[0]
-        other = join.inputs[1] if join.inputs[0] is up.outputs[0] else join.inputs[0]
-        if other is None or not _only_activation_of(other, gate.outputs[0], scope):
-            continue
-        downs = consumers(join.outputs[0])
-        if len(downs) == 1 and downs[0].op_type == "MatMul" and downs[0].inputs[0] is join.outputs[0] \
-                and _matrix_shape(downs[0].inputs[1]) == (d_ff, d):
-            return GraphFFN(gate=gate.inputs[1], up=up.inputs[1], down=downs[0].inputs[1],  # type: ignore[arg-type]
-                            neurons=join.outputs[0], gate_out=gate.outputs[0], activated=other)
+    shapes = {_matrix_shape(n.inputs[1]) for n in projections}
+    if len(projections) == 2 and len(shapes) == 1:
+        shape = shapes.pop()
+        for up, gate in (projections, projections[::-1]):
+            found = _joined(up.outputs[0], [gate.outputs[0]], scope, shape)  # type: ignore[arg-type]
+            if found is not None:
+                join, activated, source, down = found
+                return GraphFFN(gate=gate.inputs[1], up=up.inputs[1], down=down,  # type: ignore[arg-type]
+                                neurons=join.outputs[0], gate_out=source, activated=activated)
+    if len(projections) == 1 and shapes.pop()[1] % 2 == 0:  # type: ignore[index]
+        fused = projections[0]
+        d, width = _matrix_shape(fused.inputs[1])  # type: ignore[misc]
+        parts = [v for n in consumers(fused.outputs[0]) if n.op_type in SELECTION_OPS and n.inputs[0] is fused.outputs[0]
+                 for v in n.outputs]
+        for up_part in parts:
+            found = _joined(up_part, [p for p in parts if p is not up_part], scope, (d, width // 2))
+            if found is not None:
+                join, activated, source, down = found
+                return GraphFFN(gate=fused.inputs[1], up=fused.inputs[1], down=down,  # type: ignore[arg-type]
+                                neurons=join.outputs[0], gate_out=source, activated=activated,
+                                fused=FusedParts(product=fused.outputs[0], gate=source, up=up_part))
     return None
+
+
+def _sub_model(model: ir.Model, inputs: list[ir.Value], outputs: list[ir.Value]) -> ir.Model:
+    for value in (*inputs, *outputs):
+        if value.dtype is None:
+            value.dtype = value_dtype(value)
+    graph = ir.convenience.extract(model.graph, inputs, outputs)
+    graph.opset_imports.update(model.graph.opset_imports)
+    return ir.Model(graph, ir_version=model.ir_version, producer_name="subfit-onnx")
 
 
 def activation_model(model: ir.Model, ffn: GraphFFN) -> ir.Model:
     """The FFN's activation alone, ``x Wg`` in and ``act(x Wg)`` out, to run on probe values
     (``identify_activation``): which activation a graph computes is read from what it computes, not from a
     config (a model builder's genai_config.json names none)."""
-    for value in (ffn.gate_out, ffn.activated):
-        if value.dtype is None:
-            value.dtype = value_dtype(value)
-    graph = ir.convenience.extract(model.graph, [ffn.gate_out], [ffn.activated])
-    graph.opset_imports.update(model.graph.opset_imports)
-    return ir.Model(graph, ir_version=model.ir_version, producer_name="subfit-onnx")
+    return _sub_model(model, [ffn.gate_out], [ffn.activated])
+
+
+def selection_model(model: ir.Model, fused: FusedParts) -> ir.Model:
+    """A fused projection's selections alone: its product in, the gate's and the up's parts out."""
+    return _sub_model(model, [fused.product], [fused.gate, fused.up])
+
+
+def column_probes(fused: FusedParts, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each column's index, as its high and low base-64 digits: a selection of the probes gives each part's
+    columns, exactly even in float16 (integers above 2048 are not)."""
+    index = np.arange(width)
+    dtype = (fused.product.dtype or ir.DataType.FLOAT).numpy()
+    rank = len(fused.product.shape) if fused.product.shape is not None else 3
+    shape = (1,) * (rank - 1) + (width,)
+    return (index // COLUMN_BASE).reshape(shape).astype(dtype), (index % COLUMN_BASE).reshape(shape).astype(dtype)
+
+
+def read_columns(high: list[np.ndarray], low: list[np.ndarray], d_ff: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The gate's and the up's columns from the selections of ``column_probes``; None unless each part is d_ff
+    distinct columns."""
+    if len(high) != 2 or len(low) != 2 or any(h.shape != lo.shape for h, lo in zip(high, low)):
+        return None
+    columns = [(np.rint(h).astype(np.int64) * COLUMN_BASE + np.rint(lo).astype(np.int64)).reshape(-1)
+               for h, lo in zip(high, low)]
+    if any(c.size != d_ff or np.unique(c).size != d_ff for c in columns):
+        return None
+    return columns[0], columns[1]
 
 
 def activation_probe(ffn: GraphFFN) -> np.ndarray:
     """Values from -8 to 8, shaped like ``x Wg`` ([batch, seq, d_ff]) in its dtype."""
-    d_ff = _matrix_shape(ffn.gate)[1]  # type: ignore[index]
+    d_ff = _matrix_shape(ffn.down)[0]  # type: ignore[index]
     rank = len(ffn.gate_out.shape) if ffn.gate_out.shape is not None else 3
     dtype = (ffn.gate_out.dtype or ir.DataType.FLOAT).numpy()
     values = np.linspace(-8.0, 8.0, PROBE_ROWS * d_ff).reshape(PROBE_ROWS, d_ff)
