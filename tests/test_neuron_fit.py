@@ -226,14 +226,34 @@ def test_auto_is_the_default_and_keeps_linear_bypasses_where_neurons_cannot_be_f
     assert removed and {u.bypass.form for u in removed} == {"full"}
 
 
-def test_the_onnx_backend_fits_linear_ffn_bypasses_under_the_default(tmp_path, tiny_export, tiny_calibration_text):
+def test_both_backends_shape_ffn_bypasses_alike_under_the_default(tmp_path, tiny_checkpoint, tiny_export,
+                                                                  tiny_calibration_text):
+    """``auto`` on an export alone (ONNX Runtime) keeps the units and FFN bypass shapes of the PyTorch backend on
+    the checkpoint it was exported from."""
+    forms = {}
+    for backend, source in (("onnx", tiny_export("llama")), ("torch", tiny_checkpoint("llama"))):
+        result = CliRunner().invoke(app, ["calibrate", str(source), "--calibration-backend", backend, "-s", "0.5",
+                                          "-c", str(tiny_calibration_text), "-n", "8", "-l", "32",
+                                          "-o", str(tmp_path / backend)])
+        assert result.exit_code == 0, result.output
+        plan, _ = load_plan(tmp_path / backend)
+        assert plan.method.ffn_bypass == "auto" and plan.calibration["backend"] == backend
+        forms[backend] = [(u.key, u.bypass.form) for u in plan.removed]
+    assert forms["onnx"] == forms["torch"] and any(key.endswith(".mlp") for key, _ in forms["torch"])
+
+
+def test_a_backend_that_cannot_read_ffns_refuses_neurons_in_one_line(tmp_path, tiny_export, tiny_calibration_text,
+                                                                     monkeypatch):
+    from subfit_onnx.calibration.onnx_backend import OrtLayerRunner
+
+    monkeypatch.setattr(OrtLayerRunner, "reads_ffn_neurons", False)
     result = CliRunner().invoke(app, ["calibrate", str(tiny_export("llama")), "--calibration-backend", "onnx",
-                                      "-s", "0.5", "-c", str(tiny_calibration_text), "-n", "8", "-l", "32",
-                                      "-o", str(tmp_path / "plan")])
-    assert result.exit_code == 0, result.output
-    plan, _ = load_plan(tmp_path / "plan")
-    assert plan.method.ffn_bypass == "auto"
-    assert plan.removed_units("mlp") and {u.bypass.form for u in plan.removed_units("mlp")} == {"full"}
+                                      "--ffn-bypass", "neurons", "-c", str(tiny_calibration_text), "-n", "8",
+                                      "-l", "32", "-o", str(tmp_path / "plan")])
+    assert result.exit_code != 0
+    assert "needs a calibration backend that reads FFN weights" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "plan").exists()
 
 
 def test_the_onnx_backend_calibrates_neurons_from_the_cli(tmp_path, tiny_export, tiny_calibration_text):

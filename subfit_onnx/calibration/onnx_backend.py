@@ -47,16 +47,14 @@ from .budget import Budget
 from .calibrate import CalibrationResult, DensePass, run_calibration
 from .dense_targets import DenseTargets
 from .neuron_fit import NeuronEnergy
-from .onnx_cut import NEURON_TAP, GraphCutter, LayerGraph
+from .onnx_cut import NEURON_TAP, GraphCutter, LayerGraph, extract_model
 from .onnx_ffn import (
     GraphFFN,
-    activation_model,
     activation_probe,
     column_probes,
     find_gated_ffn,
     identify_activation,
     read_columns,
-    selection_model,
 )
 from .onnx_session import SessionFactory, prefill_inputs
 from .runner import RowBatches
@@ -202,13 +200,16 @@ class OrtLayerRunner(RowBatches):
     def _read_ffn(self, found: GraphFFN) -> tuple[str, tuple[np.ndarray, np.ndarray] | None] | None:
         """What running parts of the graph tells about an FFN: its activation and, when gate and up are one
         MatMul, the columns each takes (``onnx_ffn``)."""
+        activation_part = extract_model(self.model, [found.gate_out], [found.activated])  # types gate_out
         probe = activation_probe(found)
-        activation = identify_activation(probe, self._run_part(activation_model(self.model, found), [probe])[0])
-        if activation is None or found.fused is None:
-            return None if activation is None else (activation, None)
-        model = selection_model(self.model, found.fused)
+        activation = identify_activation(probe, self._run_part(activation_part, [probe])[0])
+        if activation is None:
+            return None
+        if found.fused is None:
+            return activation, None
+        selections = extract_model(self.model, [found.fused.product], [found.fused.gate, found.fused.up])
         high, low = column_probes(found.fused, found.gate.shape[1])
-        columns = read_columns(self._run_part(model, [high]), self._run_part(model, [low]), probe.shape[-1])
+        columns = read_columns(self._run_part(selections, [high]), self._run_part(selections, [low]), probe.shape[-1])
         return None if columns is None else (activation, columns)
 
     def _run_part(self, model: ir.Model, inputs: list[np.ndarray]) -> list[np.ndarray]:

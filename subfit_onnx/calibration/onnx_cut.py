@@ -173,6 +173,13 @@ def _named_model(source: ir.Model, graph: ir.Graph) -> ir.Model:
     return ir.Model(graph, ir_version=source.ir_version, producer_name="subfit-onnx")
 
 
+def extract_model(source: ir.Model, inputs: list[ir.Value], outputs: list[ir.Value]) -> ir.Model:
+    """The values of ``source`` between ``inputs`` and ``outputs`` as a standalone model (a layer, or the part of
+    one that ``onnx_ffn`` runs on probe values)."""
+    _type(inputs)
+    return _named_model(source, ir.convenience.extract(source.graph, inputs, outputs))
+
+
 def _drop_unused_inputs(graph: ir.Graph) -> None:
     for value in [v for v in graph.inputs if not v.uses()]:
         graph.inputs.remove(value)
@@ -214,10 +221,8 @@ class GraphCutter:
         stream_in = self.boundaries[index]
         shared = self.shared_values(index)
         outputs = _unique([out, *(t.value for t in taps)])
-        _type([stream_in, *shared])
-        graph = ir.convenience.extract(self.model.graph, [stream_in, *shared], outputs)
-        return LayerGraph(index=index, model=_named_model(self.model, graph), stream_in=stream_in.name,
-                          stream_out=out.name, shared=[v.name for v in shared],
+        return LayerGraph(index=index, model=extract_model(self.model, [stream_in, *shared], outputs),
+                          stream_in=stream_in.name, stream_out=out.name, shared=[v.name for v in shared],
                           taps={t.key: t.value.name for t in taps})
 
     def prelude(self) -> PreludeGraph:

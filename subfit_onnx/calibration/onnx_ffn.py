@@ -7,9 +7,10 @@ unit's MatMuls, found here by dataflow rather than by name:
 - two MatMuls read the unit's input (gate and up), or one whose columns the graph then cuts into both (Phi-3);
 - a Mul joins them, with the activation on the gate's side only;
 - one MatMul reads that product (down).
-Which activation the gate's side computes is found by running it on probe values. Any other FFN, or one whose
-activation SubFit cannot build, keeps the linear bypass, as FFNs the PyTorch backend cannot read do. That covers
-quantized ``MatMulNBits`` weights, biases and non-gated FFNs.
+Which activation the gate's side computes is found by running that part of the graph on probe values (the runner
+cuts it out with ``onnx_cut.extract_model``), not from a config: a model builder's genai_config.json names none.
+Any other FFN, or one whose activation SubFit cannot build, keeps the linear bypass, as FFNs the PyTorch backend
+cannot read do. That covers quantized ``MatMulNBits`` weights, biases and non-gated FFNs.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..gated_ffn import ACTIVATIONS, GatedFFN
-from ..passes.graph_tools import consumers, in_scope, value_dtype
+from ..passes.graph_tools import consumers, in_scope
 from ..passes.structure import BYPASS_SCOPE, UnitBoundary
 
 WEIGHT_OPS = ("MatMul", "Gemm", "MatMulNBits")  # ops that would mean a second projection on the gate's side
@@ -152,27 +153,6 @@ def find_gated_ffn(unit: UnitBoundary) -> GraphFFN | None:
                                 neurons=join.outputs[0], gate_out=source, activated=activated,
                                 fused=FusedParts(product=fused.outputs[0], gate=source, up=up_part))
     return None
-
-
-def _sub_model(model: ir.Model, inputs: list[ir.Value], outputs: list[ir.Value]) -> ir.Model:
-    for value in (*inputs, *outputs):
-        if value.dtype is None:
-            value.dtype = value_dtype(value)
-    graph = ir.convenience.extract(model.graph, inputs, outputs)
-    graph.opset_imports.update(model.graph.opset_imports)
-    return ir.Model(graph, ir_version=model.ir_version, producer_name="subfit-onnx")
-
-
-def activation_model(model: ir.Model, ffn: GraphFFN) -> ir.Model:
-    """The FFN's activation alone, ``x Wg`` in and ``act(x Wg)`` out, to run on probe values
-    (``identify_activation``): which activation a graph computes is read from what it computes, not from a
-    config (a model builder's genai_config.json names none)."""
-    return _sub_model(model, [ffn.gate_out], [ffn.activated])
-
-
-def selection_model(model: ir.Model, fused: FusedParts) -> ir.Model:
-    """A fused projection's selections alone: its product in, the gate's and the up's parts out."""
-    return _sub_model(model, [fused.product], [fused.gate, fused.up])
 
 
 def column_probes(fused: FusedParts, width: int) -> tuple[np.ndarray, np.ndarray]:
