@@ -1,4 +1,4 @@
-"""The ONNX Runtime calibration backend against the PyTorch one on SmolLM2-135M-Instruct: cost, agreement, quality.
+"""The ONNX Runtime calibration backend against the PyTorch one on a real model: cost, agreement, quality.
 
 Each calibration runs in its own subprocess so its wall time, CPU time and peak RSS (``ru_maxrss``) are its own:
 
@@ -14,6 +14,7 @@ Runtime: each plan rewrites the export it was made for (the torch plan rewrites 
 
     python benchmarks/onnx_backend.py                     # 64 x 256, 24 windows; writes results/onnx_backend.json
     python benchmarks/onnx_backend.py --num-samples 32 --skip fp16
+    python benchmarks/onnx_backend.py --model gemma3 --skip fp16 --save benchmarks/results/onnx_backend_gemma3.json
 
 Machines shared with other jobs inflate wall time: each calibration runs ``--repeats`` times, interleaved across
 backends, and the median is reported with every run; CPU seconds (user + system, all threads) are reported too.
@@ -34,6 +35,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "onnx_backend.json"
 RUNS = {"torch": "fp32", "onnx": "fp32", "onnx16": "fp16"}
+MODELS = {  # --model: (checkpoint folder, export prefix under assets/onnx, name in the results)
+    "smollm2": ("smollm2-135m-instruct", "smollm2", "SmolLM2-135M-Instruct"),
+    "gemma3": ("gemma-3-270m", "gemma3", "Gemma-3-270m"),
+}
+
+
+def _checkpoint(args: argparse.Namespace) -> Path:
+    return args.assets / MODELS[args.model][0]
 
 
 def _usage() -> dict:
@@ -49,7 +58,7 @@ def write_tokens(args: argparse.Namespace, path: Path) -> None:
 
     from subfit_onnx.calibration.text import calibration_tokens
 
-    tokenizer = AutoTokenizer.from_pretrained(str(args.assets / "smollm2-135m-instruct"))
+    tokenizer = AutoTokenizer.from_pretrained(str(_checkpoint(args)))
     np.save(path, calibration_tokens(tokenizer, args.assets / "text" / "c4_first_half.txt", args.num_samples,
                                      args.seq_len))
 
@@ -61,7 +70,7 @@ def _tokens(args: argparse.Namespace):
 
 
 def _export_dir(args: argparse.Namespace, dtype: str) -> Path:
-    return args.assets / "onnx" / f"smollm2-{dtype}"
+    return args.assets / "onnx" / f"{MODELS[args.model][1]}-{dtype}"
 
 
 # ---- stages (each in a fresh interpreter) ---------------------------------------------------------------------
@@ -72,7 +81,7 @@ def stage_export(args: argparse.Namespace) -> dict:
     if (folder / "model.onnx").is_file():
         return {"reused": str(folder)}
     start = time.perf_counter()
-    export_decoder(args.assets / "smollm2-135m-instruct", folder, dtype=args.dtype)
+    export_decoder(_checkpoint(args), folder, dtype=args.dtype)
     return {"exported": str(folder), "seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -93,7 +102,7 @@ def stage_calibrate(args: argparse.Namespace) -> dict:
 
         from subfit_onnx.calibration.calibrate import calibrate_model
 
-        model = AutoModelForCausalLM.from_pretrained(str(args.assets / "smollm2-135m-instruct"), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(_checkpoint(args)), dtype=torch.float32)
         result = calibrate_model(model.eval(), tokens, config)
         extra["torch_threads"] = torch.get_num_threads()
     else:  # what calibrate_export does, keeping the runner to read its time split
@@ -190,7 +199,7 @@ def _median(values: list[float]) -> float:
 
 # ---- driver -------------------------------------------------------------------------------------------------------
 def _stage(args: argparse.Namespace, name: str, *extra: str) -> dict:
-    cmd = [sys.executable, __file__, "--stage", name, "--assets", str(args.assets), "--num-samples",
+    cmd = [sys.executable, __file__, "--stage", name, "--assets", str(args.assets), "--model", args.model, "--num-samples",
            str(args.num_samples), "--seq-len", str(args.seq_len), "--windows", str(args.windows),
            "--sparsity", str(args.sparsity), "--ffn-bypass", args.ffn_bypass, "--tokens", str(args.tokens), *extra]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=REPO)
@@ -203,6 +212,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stage", choices=("export", "calibrate", "forward", "perplexity"))
     parser.add_argument("--assets", type=Path, default=Path(os.environ.get("SUBFIT_ASSETS", REPO / "assets")))
+    parser.add_argument("--model", choices=tuple(MODELS), default="smollm2")
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--windows", type=int, default=24)
@@ -228,9 +238,9 @@ def main() -> None:
 
     from subfit_onnx.assets import fetch_assets
 
-    fetch_assets(args.assets)
+    fetch_assets(args.assets, gemma=args.model == "gemma3")
     runs = [r for r in RUNS if not (r == "onnx16" and "fp16" in args.skip)]
-    result: dict = {"model": "SmolLM2-135M-Instruct", "num_samples": args.num_samples, "seq_len": args.seq_len,
+    result: dict = {"model": MODELS[args.model][2], "num_samples": args.num_samples, "seq_len": args.seq_len,
                     "sparsity": args.sparsity, "ffn_bypass": args.ffn_bypass, "cpu_count": os.cpu_count(),
                     "exports": {}, "calibration": {}}
     with tempfile.TemporaryDirectory(prefix="subfit-onnx-backend-") as tmp:
