@@ -382,13 +382,7 @@ class OrtLayerRunner(RowBatches):
         if self._prelude is not None:  # shared values that depend on the token ids: recompute per batch
             with self.times.timed("graph"):
                 return self._prelude.run(self.tokens[rows])[1]
-        size = rows.stop - rows.start
-        if size not in self._shared:  # not cached by ``_keep_or_cache`` (a batch size over ``batch_size``)
-            with self.times.timed("build"):
-                prelude = _Prelude(self.cutter, self.sessions, self.structure)
-            with self.times.timed("graph"):
-                self._shared[size] = prelude.run(self.tokens[rows])[1]
-        return self._shared[size]
+        return self._shared[rows.stop - rows.start]  # every size ``batches`` yields (``_keep_or_cache``)
 
 
 class _Prelude:
