@@ -376,27 +376,53 @@ class Calibrator:
             if selector.done:  # nothing later can go: the fit rows need not run on
                 self._finish_held_out_rows(i, label)
                 return
-            if dense is not None:
-                self.runner.dense_sweep(i, dense, f"dense layer {i + 1}/{n}")
-            tap = self._neuron_tap(i, w)
-            stats = self.runner.sweep(i, UNIT_KINDS, w, f"fitting layer {i + 1}/{n}{label}", dense,
-                                      neurons=tap[1] if tap else None)
-            changed = False
-            for kind in UNIT_KINDS:
-                if kind == "mlp" and changed:  # the FFN now sees the attention's bypass: measure again
-                    tap = self._neuron_tap(i, w)
-                    stats = self.runner.sweep(i, ("mlp",), w, f"fitting layer {i + 1}/{n} (FFN){label}", dense,
-                                              neurons=tap[1] if tap else None)
-                    changed = False
-                assessment, fresh = self.fresh(i, kind, stats[kind])
-                if selector.decide((i, kind), fresh):
-                    bypass = self._remove(i, kind, stats[kind], assessment, fresh, tap if kind == "mlp" else None)
-                    changed = True
-            if changed:  # only when the FFN just went: its bypass, not the FFN, makes the layer's outputs
-                self._outputs_with_mlp_bypass(bypass)
+            if dense is None and self.runner.splits_layers:
+                self._compress_layer_in_halves(selector, i, w, label)
+            else:
+                self._compress_layer(selector, dense, i, w, label)
             self.runner.store.advance()
             if dense is not None:
                 dense.store.advance()
+
+    def _compress_layer(self, selector: SequentialSelector, dense: Any, i: int, w: TokenWeighting,
+                        label: str) -> None:
+        """Pass 2 on layer ``i`` run whole: both units measured in one run, the FFN again if the attention went."""
+        n = self.runner.num_layers
+        if dense is not None:
+            self.runner.dense_sweep(i, dense, f"dense layer {i + 1}/{n}")
+        tap = self._neuron_tap(i, w)
+        stats = self.runner.sweep(i, UNIT_KINDS, w, f"fitting layer {i + 1}/{n}{label}", dense,
+                                  neurons=tap[1] if tap else None)
+        changed = False
+        for kind in UNIT_KINDS:
+            if kind == "mlp" and changed:  # the FFN now sees the attention's bypass: measure again
+                tap = self._neuron_tap(i, w)
+                stats = self.runner.sweep(i, ("mlp",), w, f"fitting layer {i + 1}/{n} (FFN){label}", dense,
+                                          neurons=tap[1] if tap else None)
+                changed = False
+            assessment, fresh = self.fresh(i, kind, stats[kind])
+            if selector.decide((i, kind), fresh):
+                bypass = self._remove(i, kind, stats[kind], assessment, fresh, tap if kind == "mlp" else None)
+                changed = True
+        if changed:  # only when the FFN just went: its bypass, not the FFN, makes the layer's outputs
+            self._outputs_with_mlp_bypass(bypass)
+
+    def _compress_layer_in_halves(self, selector: SequentialSelector, i: int, w: TokenWeighting, label: str) -> None:
+        """Pass 2 on layer ``i`` as two sub-blocks: the attention is decided before the FFN runs, so a layer that
+        loses its attention runs its FFN once, not a second time on the bypassed stream (``splits_layers``).
+        Same decisions and fits as ``_compress_layer``, in the same order (bit-identical plans on SmolLM2 and
+        Gemma-3-270m at 25%, where it saved 4-7 s of 55-60 s calibration)."""
+        n, runner = self.runner.num_layers, self.runner
+        stats = runner.sweep_attention(i, True, w, f"fitting layer {i + 1}/{n} (attention){label}")
+        assessment, fresh = self.fresh(i, "attention", stats["attention"])
+        if selector.decide((i, "attention"), fresh):
+            self._remove(i, "attention", stats["attention"], assessment, fresh)
+            runner.sweep_attention(i, False, w, f"fitting layer {i + 1}/{n} (attention bypass){label}")
+        tap = self._neuron_tap(i, w)
+        stats = runner.sweep_mlp(i, w, f"fitting layer {i + 1}/{n} (FFN){label}", neurons=tap[1] if tap else None)
+        assessment, fresh = self.fresh(i, "mlp", stats["mlp"])
+        if selector.decide((i, "mlp"), fresh):
+            self._outputs_with_mlp_bypass(self._remove(i, "mlp", stats["mlp"], assessment, fresh, tap))
 
     def _finish_held_out_rows(self, start_layer: int, label: str) -> None:
         """Run the weighting check's held-out rows (if any) through the layers pass 2 no longer needs.

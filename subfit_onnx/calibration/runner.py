@@ -48,6 +48,8 @@ class RowBatches:
     keep_held_out_stats: bool = False
     linalg: LinearAlgebra = NUMPY_LINALG
     reads_ffn_neurons = False  # whether ``gated_ffn`` gives FFN weights (bypasses with neurons, ``neuron_fit``)
+    # whether the runner runs a layer's attention and FFN sub-blocks apart (``sweep_attention``, ``sweep_mlp``)
+    splits_layers = False
 
     def gated_ffn(self, index: int) -> GatedFFN | None:
         """Layer ``index``'s FFN weights for a bypass that keeps some of its neurons; None: it keeps a linear one."""
@@ -93,7 +95,7 @@ class RowBatches:
 
     def collect_batch(self, stats: dict[UnitKind, UnitStats], rows: slice, h: np.ndarray,
                       taps: dict[str, np.ndarray], dense_after: dict[UnitKind, np.ndarray] | None) -> None:
-        """Add one batch to the unit statistics and, in pass 2, keep the FFN's inputs.
+        """Add one batch of a whole-layer run to the unit statistics and, in pass 2, keep the FFN's inputs.
 
         ``taps`` holds float32 arrays shaped like ``h``: ``attention.y`` and each collected unit's ``x`` and
         ``y``. The kept FFN inputs let a layer whose FFN is then bypassed skip a re-run (``Calibrator``). With
@@ -101,9 +103,20 @@ class RowBatches:
         """
         h_in = {"attention": h, "mlp": h + taps["attention.y"]}
         if "mlp" in stats and self.keep_mlp_inputs:
-            mid, x = self.store.mlp_inputs()
-            mid[rows] = h_in["mlp"]
-            x[rows] = taps["mlp.x"]
+            self.keep_ffn_inputs(rows, h_in["mlp"], taps["mlp.x"])
+        self.add_batch(stats, rows, h_in, taps, dense_after)
+
+    def keep_ffn_inputs(self, rows: slice, mid: np.ndarray | None, x: np.ndarray) -> None:
+        """The stream entering the FFN's sub-block (``mid``; None: already stored) and the FFN's input x."""
+        stored_mid, stored_x = self.store.mlp_inputs()
+        if mid is not None:
+            stored_mid[rows] = mid
+        stored_x[rows] = x
+
+    def add_batch(self, stats: dict[UnitKind, UnitStats], rows: slice, h_in: dict[UnitKind, np.ndarray],
+                  taps: dict[str, np.ndarray], dense_after: dict[UnitKind, np.ndarray] | None) -> None:
+        """Add one batch to each collected unit's statistics; ``h_in`` is the stream entering each unit's
+        sub-block. Rows from ``stat_rows`` on are left out, or summed apart with ``keep_held_out_stats``."""
         n = rows.stop - rows.start
         fitted = n if self.stat_rows is None else max(0, min(rows.stop, self.stat_rows) - rows.start)
         parts = [(slice(0, fitted), stats)] if fitted else []
@@ -143,6 +156,17 @@ class LayerRunner(Protocol):
         ...
 
     def dense_sweep(self, index: int, dense: Any, desc: str) -> None: ...
+
+    splits_layers: bool
+
+    def sweep_attention(self, index: int, collect: bool, weighting: Weightings, desc: str) -> dict[UnitKind, AnyStats]:
+        """Layer ``index`` up to its FFN's sub-block, where ``splits_layers``: the stream there is kept for
+        ``sweep_mlp`` (``ActivationStore.mlp_inputs``), and with ``collect`` the attention's statistics returned."""
+        ...
+
+    def sweep_mlp(self, index: int, weighting: Weightings, desc: str, neurons: Any = None) -> dict[UnitKind, AnyStats]:
+        """The rest of layer ``index`` from the kept stream: its outputs written, the FFN's statistics returned."""
+        ...
 
     def dense_targets(self) -> Any: ...
 

@@ -80,6 +80,14 @@ def _output_tensor(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _add_neuron_energy(neurons: NeuronEnergy, a: torch.Tensor, out: torch.Tensor) -> None:
+    """One batch's FFN neuron energies, weighted by the layer's outputs; summed in torch: every layer pass 2 runs
+    is tapped, so it must be cheap."""
+    a = a.reshape(-1, a.shape[-1]).float()
+    w = torch.from_numpy(neurons.weights(_as_numpy(out.float().square().sum(-1)))).to(a.device)
+    neurons.add_sums(_as_numpy(w @ a.square()))
+
+
 class TorchLayerRunner(RowBatches):
     """Owns the activation store and runs one layer over all calibration tokens at a time."""
 
@@ -228,14 +236,86 @@ class TorchLayerRunner(RowBatches):
                 h = torch.from_numpy(np.asarray(self.store.current[rows])).to(self.device, self.dtype)
                 out = _output_tensor(layer(h, *args, **kwargs))
                 self.store.next[rows] = out.float().cpu().numpy()
-                if neurons is not None:  # summed in torch: every layer pass 2 runs is tapped, so it must be cheap
-                    a = tapped["a"].reshape(-1, tapped["a"].shape[-1]).float()
-                    w = torch.from_numpy(neurons.weights(_as_numpy(out.float().square().sum(-1)))).to(a.device)
-                    neurons.add_sums(_as_numpy(w @ a.square()))
+                if neurons is not None:
+                    _add_neuron_energy(neurons, tapped["a"], out)
                 if collect:
                     taps = {name: _as_numpy(t) for name, t in seen.items()}
                     self.collect_batch(stats, rows, _as_numpy(h), taps,
                                        dense.batch(rows) if dense else None)
+                bar.update(rows.stop - rows.start)
+        return stats
+
+    @contextmanager
+    def _stop_at_ffn(self, layer: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+        """A hook that ends the layer's forward where its FFN's sub-block starts, leaving the stream there."""
+        seen: dict[str, torch.Tensor] = {}
+
+        def stop(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            seen["mid"] = _hidden_of(args, kwargs)
+            raise _StopForward
+
+        handle = getattr(layer, self.family.mlp.pre_norm).register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            yield seen
+        finally:
+            handle.remove()
+
+    splits_layers = True
+
+    @torch.no_grad()
+    def sweep_attention(self, index: int, collect: bool, weighting: Weightings,
+                        desc: str) -> dict[UnitKind, AnyStats]:
+        """Layer ``index`` up to its FFN's pre-norm, run by the layer's own forward (so masks, rotary tables and
+        the attention's call are the model's), stopped there: the stream after attention goes to the store.
+
+        Pass 2 decides a layer's attention before its FFN runs: when the attention goes, the FFN then runs once,
+        on the bypassed stream, not also on the one the removal discarded.
+        """
+        layer = self.layers[index]
+        args, kwargs = self.layer_args[index]
+        stats = {"attention": self.new_stats(self.store.shape[2], weighting)} if collect else {}
+        mid_store, _ = self.store.mlp_inputs()
+        with progress_bar(self.progress, desc, self.active_rows) as bar, \
+                self._unit_taps(layer, ("attention",)) as seen, self._stop_at_ffn(layer) as stopped:
+            for rows in self.batches():
+                h = torch.from_numpy(np.asarray(self.store.current[rows])).to(self.device, self.dtype)
+                try:
+                    layer(h, *args, **kwargs)
+                except _StopForward:
+                    pass
+                mid_store[rows] = _as_numpy(stopped.pop("mid"))
+                if collect:
+                    taps = {name: _as_numpy(t) for name, t in seen.items()}
+                    self.add_batch(stats, rows, {"attention": _as_numpy(h)}, taps, None)
+                bar.update(rows.stop - rows.start)
+        return stats
+
+    @torch.no_grad()
+    def sweep_mlp(self, index: int, weighting: Weightings, desc: str,
+                  neurons: NeuronEnergy | None = None) -> dict[UnitKind, AnyStats]:
+        """The FFN's sub-block of layer ``index`` (pre-norm, FFN, post-norm, residual add) on the stream
+        ``sweep_attention`` kept; the layer's outputs go to the store."""
+        layer = self.layers[index]
+        layout = self.family.mlp
+        norm, ffn = getattr(layer, layout.pre_norm), getattr(layer, layout.module)
+        post = getattr(layer, layout.post_norm) if layout.post_norm else None
+        stats = {"mlp": self.new_stats(self.store.shape[2], weighting)}
+        mid_store, _ = self.store.mlp_inputs()
+        with progress_bar(self.progress, desc, self.active_rows) as bar, self._neuron_tap(layer, neurons) as tapped:
+            for rows in self.batches():
+                mid = torch.from_numpy(np.asarray(mid_store[rows])).to(self.device, self.dtype)
+                x = norm(mid)
+                y = _output_tensor(ffn(x))
+                if post is not None:
+                    y = post(y)
+                out = mid + y
+                self.store.next[rows] = out.float().cpu().numpy()
+                if neurons is not None:
+                    _add_neuron_energy(neurons, tapped["a"], out)
+                x_np = _as_numpy(x)
+                if self.keep_mlp_inputs:
+                    self.keep_ffn_inputs(rows, None, x_np)
+                self.add_batch(stats, rows, {"mlp": _as_numpy(mid)}, {"mlp.x": x_np, "mlp.y": _as_numpy(y)}, None)
                 bar.update(rows.stop - rows.start)
         return stats
 
