@@ -65,6 +65,7 @@ class ExportFacts:
     onnx_file: Path
     config: dict[str, Any]  # its config.json
     facts: dict[str, Any]  # identity.graph_facts
+    weights_dtype: str | None = None  # of its weights (``DecoderStructure.dtype``): "FLOAT" for an fp32 export
 
     def check_matches(self, identity: Any, what: str) -> None:
         """Refuse a checkpoint or plan (``what``) whose identity differs from this graph's."""
@@ -80,4 +81,5 @@ def inspect_export(onnx_file: Path) -> ExportFacts:
     """Load the graph once, run the cheap checks and the structural pass, keep only the facts."""
     _, config, structure = load_decoder_structure(onnx_file)
     require_dense(structure, onnx_file)
-    return ExportFacts(onnx_file, config, graph_facts(config, structure))
+    dtype = structure.dtype.name if structure.dtype is not None else None
+    return ExportFacts(onnx_file, config, graph_facts(config, structure), dtype)

@@ -12,6 +12,7 @@ from subfit_onnx import SubFitConfig
 from subfit_onnx.calibration.text import calibration_split, split_stream, token_windows
 from subfit_onnx.cli import app
 from subfit_onnx.evaluation.decoder import OnnxDecoder
+from subfit_onnx.evaluation.heldout import DENSE_FROM_CHECKPOINT, DENSE_FROM_EXPORT
 from subfit_onnx.evaluation.perplexity import TokenWindows, window_perplexity
 from subfit_onnx.report import format_summary
 
@@ -65,9 +66,26 @@ def test_optimize_reports_the_ratio_evaluate_gives_on_the_same_windows(tmp_path,
     dense, compressed = (window_perplexity(OnnxDecoder(d), cut).perplexity for d in (export, result.output))
     assert quality["heldout_ppl_ratio"] == pytest.approx(compressed / dense, rel=1e-4)
     assert quality["dense_ppl"] == pytest.approx(dense, rel=1e-4)
+    assert quality["dense_measured_on"] == DENSE_FROM_CHECKPOINT  # the fp32 checkpoint calibration loaded
     assert not quality["warning"] and "WARNING" not in format_summary(result.report)
     assert "held-out perplexity" in format_summary(result.report)
     assert result.report["seconds"]["quality"] > 0
+
+
+@pytest.mark.parametrize("dtype, backend", [("fp16", "torch"), ("fp32", "onnx")])
+def test_the_dense_export_is_measured_where_no_fp32_checkpoint_computes_it(tmp_path, tiny_export, tiny_checkpoint,
+                                                                           config, dtype, backend):
+    """An fp16 export computes something else than the fp32 checkpoint, and the onnx backend loads none: the dense
+    side of the ratio is then the dense export itself, run as evaluate runs it."""
+    export = tiny_export("llama", dtype)
+    result = subfit_onnx.optimize(export, model=tiny_checkpoint("llama"), config=config, output=tmp_path / "out",
+                                  warn_ppl_ratio=None, calibration_backend=backend)
+    quality = result.report["quality"]
+    assert quality["dense_measured_on"] == DENSE_FROM_EXPORT
+    split = calibration_split(AutoTokenizer.from_pretrained(tiny_checkpoint("llama")), config.calibration,
+                             config.num_samples, config.seq_len, config.heldout_windows)
+    cut = TokenWindows("held out", split.heldout, int(split.heldout.size), 0, split.bos)
+    assert quality["dense_ppl"] == pytest.approx(window_perplexity(OnnxDecoder(export), cut).perplexity, rel=1e-6)
 
 
 def test_a_ratio_above_the_threshold_is_a_warning_line(tmp_path, tiny_export, tiny_checkpoint, config):

@@ -4,8 +4,11 @@ A parameter count says nothing about what a user loses, and local fit errors do 
 (on Gemma-3-270m every removed unit's stream error was under 1%, together they cost 5x perplexity). So after the
 rewrite both graphs run in ONNX Runtime on windows at the end of the calibration text, whose share of the text no
 calibration window reads (``calibration.text.split_stream``): the user's own domain, in documents no score or fit
-saw. Both go through ``window_perplexity``, the code
-``subfit-onnx evaluate`` uses, so the figure means the same thing there and here.
+saw. The compressed export goes through ``window_perplexity``, the code ``subfit-onnx evaluate`` uses, so the
+figure means the same thing there and here. The dense export does too, unless the caller already has its
+perplexity on these windows: a quality search measures it once, and ``optimize`` takes it from the fp32 PyTorch
+checkpoint calibration ran (``DENSE_FROM_CHECKPOINT``), which computes what an fp32 export computes (4e-8 apart
+on SmolLM2) in less time than an ONNX Runtime session takes to load and run.
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ from .decoder import OnnxDecoder
 from .perplexity import TokenWindows, window_perplexity
 
 
+DENSE_FROM_EXPORT = "the dense export in ONNX Runtime"
+DENSE_FROM_CHECKPOINT = "the fp32 PyTorch checkpoint calibration ran"
+
+
 @dataclass(frozen=True)
 class HeldoutQuality:
     dense_ppl: float
@@ -30,6 +37,7 @@ class HeldoutQuality:
     window_len: int
     bos: bool
     warn_above: float | None = None
+    dense_from: str = DENSE_FROM_EXPORT
 
     @property
     def ratio(self) -> float:
@@ -44,19 +52,21 @@ class HeldoutQuality:
                 "compressed_ppl": round(self.compressed_ppl, 4), "windows": self.num_windows,
                 "window_len": self.window_len, "bos_led": self.bos,
                 "text": "the end of the calibration text, which no calibration window reads",
-                "warn_ppl_ratio": self.warn_above, "warning": self.warned}
+                "dense_measured_on": self.dense_from, "warn_ppl_ratio": self.warn_above, "warning": self.warned}
 
 
 def heldout_quality(dense_dir: str | os.PathLike, compressed_dir: str | os.PathLike, windows: np.ndarray,
                     bos: int | None, warn_above: float | None = DEFAULT_WARN_PPL_RATIO,
-                    progress: ProgressFactory = silent, dense_ppl: float | None = None) -> HeldoutQuality:
+                    progress: ProgressFactory = silent, dense_ppl: float | None = None,
+                    dense_from: str = DENSE_FROM_EXPORT) -> HeldoutQuality:
     """Perplexity of both exports on the same held-out ``windows`` (one prefill each, as ``evaluate`` runs them).
 
-    ``dense_ppl`` is the dense export's, when already measured on these windows (a search compares many models).
+    ``dense_ppl`` is the dense model's, when already measured on these windows, ``dense_from`` says on what.
     """
     cut = TokenWindows(source="calibration text (held out)", windows=windows, stream_tokens=int(windows.size),
                        stride=0, bos=bos)
     if dense_ppl is None:
         dense_ppl = window_perplexity(OnnxDecoder(dense_dir), cut, progress).perplexity
     compressed = window_perplexity(OnnxDecoder(compressed_dir), cut, progress).perplexity
-    return HeldoutQuality(dense_ppl, compressed, cut.num_windows, cut.window_len, bos is not None, warn_above)
+    return HeldoutQuality(dense_ppl, compressed, cut.num_windows, cut.window_len, bos is not None, warn_above,
+                          dense_from)
