@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from subfit_onnx.baselines import drop_bypasses, layer_drop_plan, replaceme_plan
-from subfit_onnx.calibration.calibrate import calibrate_model
+from subfit_onnx.calibration.calibrate import _block_influence, calibrate_model
 from subfit_onnx.config import SubFitConfig
 from subfit_onnx.reference import apply_plan
 from tiny_models import LAYERS, tiny_model
@@ -16,6 +16,18 @@ TOKENS = np.random.default_rng(0).integers(0, 256, size=(8, 32))
 @pytest.fixture(scope="module")
 def subfit():
     return calibrate_model(tiny_model("llama"), TOKENS, SubFitConfig(sparsity=0.3, num_samples=8, seq_len=32))
+
+
+def test_block_influence_is_one_minus_the_mean_token_cosine():
+    """Products in float32, with a first token of massive norm (~25,000, as SmolLM2's), agree with float64."""
+    rng = np.random.default_rng(5)
+    before = rng.standard_normal((12, 16, 64)).astype(np.float32)
+    before[:, 0] *= 2.5e4 / np.linalg.norm(before[:, 0], axis=-1, keepdims=True)
+    after = (before + 0.3 * rng.standard_normal(before.shape)).astype(np.float32)
+    a, b = before.astype(np.float64), after.astype(np.float64)
+    cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+    assert _block_influence(before, after) == pytest.approx(1.0 - cos.mean(), abs=1e-8)
+    assert _block_influence(before, before) == pytest.approx(0.0, abs=1e-7)
 
 
 def test_layer_drop_removes_whole_layers_of_lowest_influence(subfit):

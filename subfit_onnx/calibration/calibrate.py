@@ -553,12 +553,16 @@ def probe_units(cal: Calibrator, dense: DensePass) -> None:
 
 
 def _block_influence(before: np.ndarray, after: np.ndarray) -> float:
-    """ShortGPT's BI: 1 - mean cosine between a layer's input and output hidden states."""
+    """ShortGPT's BI: 1 - mean cosine between a layer's input and output hidden states.
+
+    Each token's products are taken in the stream's float32 and the rest in float64: a token's cosine moves by
+    about 1e-6 and the mean by 1e-9 (measured), while float64 copies of both streams took 0.9 s of SmolLM2's pass 1.
+    """
     total, count = 0.0, 0
     for s in range(0, before.shape[0], 8):
-        a = np.asarray(before[s : s + 8], dtype=np.float64)
-        b = np.asarray(after[s : s + 8], dtype=np.float64)
-        cos = np.einsum("bsd,bsd->bs", a, b) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
+        a, b = np.asarray(before[s : s + 8]), np.asarray(after[s : s + 8])
+        dot, aa, bb = (np.einsum("bsd,bsd->bs", x, y).astype(np.float64) for x, y in ((a, b), (a, a), (b, b)))
+        cos = dot / np.maximum(np.sqrt(aa * bb), 1e-30)
         total += float(cos.sum())
         count += cos.size
     return 1.0 - total / count
