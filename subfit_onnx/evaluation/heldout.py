@@ -2,13 +2,13 @@
 
 A parameter count says nothing about what a user loses, and local fit errors do not add up to end-to-end damage
 (on Gemma-3-270m every removed unit's stream error was under 1%, together they cost 5x perplexity). So after the
-rewrite both graphs run in ONNX Runtime on windows at the end of the calibration text, whose share of the text no
-calibration window reads (``calibration.text.split_stream``): the user's own domain, in documents no score or fit
-saw. The compressed export goes through ``window_perplexity``, the code ``subfit-onnx evaluate`` uses, so the
-figure means the same thing there and here. The dense export does too, unless the caller already has its
-perplexity on these windows: a quality search measures it once, and ``optimize`` takes it from the fp32 PyTorch
-checkpoint calibration ran (``DENSE_FROM_CHECKPOINT``), which computes what an fp32 export computes (4e-8 apart
-on SmolLM2) in less time than an ONNX Runtime session takes to load and run.
+rewrite the compressed graph runs in ONNX Runtime on windows at the end of the calibration text, whose share of
+the text no calibration window reads (``calibration.text.split_stream``): the user's own domain, in documents no
+score or fit saw. The compressed export goes through ``window_perplexity``, the code ``subfit-onnx evaluate``
+uses, so the figure means the same thing there and here. The dense export does too, unless the caller already has
+its perplexity on these windows: a quality search measures it once, and ``optimize`` takes it from the fp32
+PyTorch checkpoint calibration ran (``DENSE_FROM_CHECKPOINT``), which computes what an fp32 export computes (4e-8
+apart on SmolLM2) in less time than an ONNX Runtime session takes to load and run.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from ..config import DEFAULT_WARN_PPL_RATIO
 from ..progress import ProgressFactory, silent
 from .decoder import OnnxDecoder
 from .perplexity import TokenWindows, window_perplexity
-
 
 DENSE_FROM_EXPORT = "the dense export in ONNX Runtime"
 DENSE_FROM_CHECKPOINT = "the fp32 PyTorch checkpoint calibration ran"
@@ -59,7 +58,8 @@ def heldout_quality(dense_dir: str | os.PathLike, compressed_dir: str | os.PathL
                     bos: int | None, warn_above: float | None = DEFAULT_WARN_PPL_RATIO,
                     progress: ProgressFactory = silent, dense_ppl: float | None = None,
                     dense_from: str = DENSE_FROM_EXPORT) -> HeldoutQuality:
-    """Perplexity of both exports on the same held-out ``windows`` (one prefill each, as ``evaluate`` runs them).
+    """Perplexity of the compressed export, and of the dense one unless given, on the same held-out ``windows``
+    (one prefill each, as ``evaluate`` runs them).
 
     ``dense_ppl`` is the dense model's, when already measured on these windows, ``dense_from`` says on what.
     """
