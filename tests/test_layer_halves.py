@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from progress_recorder import Recorder
 from subfit_onnx.calibration.calibrate import calibrate_model
 from subfit_onnx.calibration.torch_backend import TorchLayerRunner
 from subfit_onnx.config import SubFitConfig
-from tests.progress_recorder import Recorder
-from tests.tiny_models import tiny_model
+from tiny_models import tiny_model
 
 TOKENS = np.random.default_rng(7).integers(0, 256, size=(8, 32))
 
