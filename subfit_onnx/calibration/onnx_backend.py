@@ -252,11 +252,7 @@ class OrtLayerRunner(RowBatches):
         layer = self._session(index)
         hidden = self.store.shape[2]
         stats = {kind: self.new_stats(hidden, weighting) for kind in collect}
-        taps = self._tap_names(layer, collect)
-        if neurons is not None:
-            if NEURON_TAP not in layer.graph.taps:
-                raise SubFitError(f"layer {index}: its FFN's neurons cannot be read from the export")
-            taps.append(layer.graph.taps[NEURON_TAP])
+        taps = self._tap_names(layer, collect, neurons is not None)
         with progress_bar(self.progress, desc, self.active_rows) as bar:
             for rows in self.batches():
                 h = np.asarray(self.store.current[rows])
@@ -306,13 +302,7 @@ class OrtLayerRunner(RowBatches):
         store, the FFN's statistics come back (and its neurons' energies into ``neurons``)."""
         half = self._session(index, "mlp")
         stats = {"mlp": self.new_stats(self.store.shape[2], weighting)}
-        if "mlp.x" not in half.graph.taps:
-            raise SubFitError(f"layer {index} mlp is a constant bypass; it has no input to measure")
-        taps = [half.graph.taps["mlp.x"], half.graph.taps["mlp.y"]]
-        if neurons is not None:
-            if NEURON_TAP not in half.graph.taps:
-                raise SubFitError(f"layer {index}: its FFN's neurons cannot be read from the export")
-            taps.append(half.graph.taps[NEURON_TAP])
+        taps = self._tap_names(half, ("mlp",), neurons is not None)
         mid_store, _ = self.store.mlp_inputs()
         with progress_bar(self.progress, desc, self.active_rows) as bar:
             for rows in self.batches():
@@ -397,10 +387,18 @@ class OrtLayerRunner(RowBatches):
         return self._layer
 
     @staticmethod
-    def _tap_names(layer: _LayerSession, collect: tuple[UnitKind, ...]) -> list[str]:
+    def _tap_names(layer: _LayerSession, collect: tuple[UnitKind, ...], neurons: bool = False) -> list[str]:
+        """The outputs a run fetches: the collected units' x and y (and on a whole layer ``attention.y``, which
+        gives its FFN's input stream), and with ``neurons`` the FFN's neurons."""
+        names = []
+        if neurons:
+            if NEURON_TAP not in layer.graph.taps:
+                raise SubFitError(f"layer {layer.index}: its FFN's neurons cannot be read from the export")
+            names.append(layer.graph.taps[NEURON_TAP])
         if not collect:
-            return []
-        names = [layer.graph.taps["attention.y"]]
+            return names
+        if layer.part == "layer":
+            names.append(layer.graph.taps["attention.y"])
         for kind in collect:
             key = f"{kind}.x"
             if key not in layer.graph.taps:

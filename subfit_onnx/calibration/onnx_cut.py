@@ -25,7 +25,7 @@ import onnx_ir as ir
 from ..architectures import UnitKind
 from ..errors import UnsupportedModelError
 from ..passes.graph_tools import value_dtype
-from ..passes.structure import DecoderStructure
+from ..passes.structure import DecoderStructure, UnitBoundary
 from .onnx_ffn import find_gated_ffn
 
 SHAPE_OPS = ("Shape", "Size")
@@ -67,16 +67,17 @@ class PreludeGraph:
     inputs: list[str]
 
 
+def stream_into(unit: UnitBoundary) -> ir.Value:
+    """The residual stream a unit's output is added to: the other operand of its residual Add."""
+    stream = unit.residual_add.inputs[1 - unit.unit_operand]
+    assert stream is not None
+    return stream
+
+
 def stream_boundaries(structure: DecoderStructure) -> list[ir.Value]:
     """``B_0 .. B_n``: the residual stream entering each layer, and leaving the last one."""
-    values = []
-    for layer in structure.layers:
-        add = layer.attention.residual_add
-        stream = add.inputs[1 - layer.attention.unit_operand]
-        assert stream is not None
-        values.append(stream)
-    last = structure.layers[-1].mlp.residual_add
-    values.append(last.outputs[0])
+    values = [stream_into(layer.attention) for layer in structure.layers]
+    values.append(structure.layers[-1].mlp.residual_add.outputs[0])
     return values
 
 
@@ -218,30 +219,23 @@ class GraphCutter:
 
     def layer(self, index: int) -> LayerGraph:
         out, taps = self.layer_outputs(index)
-        stream_in = self.boundaries[index]
-        shared = self.shared_values(index)
-        outputs = _unique([out, *(t.value for t in taps)])
-        return LayerGraph(index=index, model=extract_model(self.model, [stream_in, *shared], outputs),
-                          stream_in=stream_in.name, stream_out=out.name, shared=[v.name for v in shared],
-                          taps={t.key: t.value.name for t in taps})
-
-    def ffn_stream(self, index: int) -> ir.Value:
-        """The stream entering layer ``index``'s FFN sub-block: the stream operand of its FFN residual Add."""
-        unit = self.structure.layers[index].mlp
-        value = unit.residual_add.inputs[1 - unit.unit_operand]
-        assert value is not None
-        return value
+        return self._cut(index, self.boundaries[index], out, taps, self.shared_values(index))
 
     def half(self, index: int, part: UnitKind) -> LayerGraph:
         """Layer ``index``'s attention sub-block (its stream in, the FFN's stream out) or its FFN sub-block (that
         stream in, the layer's stream out), each with its own unit's taps; run in turn they compute the layer."""
+        ffn_stream = stream_into(self.structure.layers[index].mlp)
         if part == "attention":
-            stream_in, out = self.boundaries[index], self.ffn_stream(index)
+            stream_in, out = self.boundaries[index], ffn_stream
         else:
-            stream_in, out = self.ffn_stream(index), self.boundaries[index + 1]
+            stream_in, out = ffn_stream, self.boundaries[index + 1]
         taps = [t for t in unit_taps(self.structure, index) if t.kind == part]
+        shared = _walk_layer(index, _unique([out, *(t.value for t in taps)]), stream_in, out, self.tags)
+        return self._cut(index, stream_in, out, taps, shared)
+
+    def _cut(self, index: int, stream_in: ir.Value, out: ir.Value, taps: list[Tap],
+             shared: list[ir.Value]) -> LayerGraph:
         outputs = _unique([out, *(t.value for t in taps)])
-        shared = _walk_layer(index, outputs, stream_in, out, self.tags)
         return LayerGraph(index=index, model=extract_model(self.model, [stream_in, *shared], outputs),
                           stream_in=stream_in.name, stream_out=out.name, shared=[v.name for v in shared],
                           taps={t.key: t.value.name for t in taps})
