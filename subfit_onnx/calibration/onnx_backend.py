@@ -43,6 +43,7 @@ from ..model_config import config_value, model_type, read_config
 from ..onnx_files import export_file
 from ..passes.builder_unfuse import UnfuseSkipNormsPass, WidenSlidingWindowsPass
 from ..passes.bypass import InsertBypassPass, bypass_initializer_name
+from ..passes.nan_guard import DropSoftmaxNanGuardPass
 from ..passes.structure import BYPASS_SCOPE, DecoderStructure, UnitBoundary, find_decoder_structure
 from ..progress import ProgressFactory, progress_bar, silent
 from .activations import ActivationStore
@@ -155,6 +156,7 @@ class OrtLayerRunner(RowBatches):
             self.model = load_onnx(self.path)  # external data checked before anything is read
             UnfuseSkipNormsPass()(self.model)  # model-builder graphs: a cut point per layer (no-op elsewhere)
             WidenSlidingWindowsPass(int(self.tokens.shape[1]))(self.model)
+            DropSoftmaxNanGuardPass()(self.model)  # no masked-out rows in a calibration prefill
             ShapeInferencePass(strict_mode=False)(self.model)  # element types for the values the cuts expose
             self.structure = find_decoder_structure(self.model, model_type(config))
         require_dense(self.structure, self.path)
