@@ -11,6 +11,7 @@ import onnx_ir as ir
 import pytest
 
 from rewrite_helpers import ort_prefill_decode, session
+from subfit_onnx.calibration.onnx_session import prefill_inputs
 from subfit_onnx.passes.nan_guard import DropSoftmaxNanGuardPass
 from tiny_models import FAMILY_CONFIGS
 
@@ -45,17 +46,11 @@ def test_every_layer_loses_its_guard_and_logits_stay_bit_identical(family, tiny_
 
 def _padded_logits(path) -> np.ndarray:
     """A left-padded prefill: the first row's first three positions see no key at all."""
-    sess = session(path)
     batch, seq = IDS.shape
-    mask = np.ones((batch, seq), dtype=np.int64)
-    mask[0, :3] = 0
-    feed = {"input_ids": IDS, "attention_mask": mask}
-    for i in sess.get_inputs():
-        if i.name == "position_ids":
-            feed[i.name] = np.tile(np.arange(seq, dtype=np.int64), (batch, 1))
-        elif i.name.startswith("past_key_values."):
-            feed[i.name] = np.zeros((batch, i.shape[1], 0, i.shape[3]), dtype=np.float32)
-    return sess.run(["logits"], feed)[0]
+    feed = prefill_inputs(list(ir.load(path).graph.inputs), batch, seq, None, None)
+    feed["attention_mask"][0, :3] = 0
+    feed["input_ids"] = IDS
+    return session(path).run(["logits"], feed)[0]
 
 
 def test_fully_masked_rows_are_where_the_guard_mattered(tiny_export, tmp_path):
